@@ -1,0 +1,168 @@
+package v1alpha1
+
+import metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+// LBPool condition reasons.
+const (
+	ReasonPoolReady       = "Ready"
+	ReasonPoolDisabled    = "Disabled"
+	ReasonPoolInvalid     = "Invalid"
+	ReasonPoolOverlaps    = "Overlaps"
+	ReasonPoolNoConflict  = "NoConflict"
+	ReasonPoolNoAddresses = "NoAddresses"
+)
+
+// IPBlock is a contiguous set of addresses: either a CIDR or an inclusive start/stop range.
+// Both forms work for IPv4 and IPv6; a range stays within one family.
+//
+// +kubebuilder:validation:XValidation:rule="has(self.cidr) != (has(self.start) || has(self.stop))",message="a block is either a cidr or a start/stop range, not both and not neither"
+// +kubebuilder:validation:XValidation:rule="has(self.start) == has(self.stop)",message="a range needs both start and stop"
+// +kubebuilder:validation:XValidation:rule="!has(self.start) || !has(self.stop) || !isIP(self.start) || !isIP(self.stop) || ip(self.start).family() == ip(self.stop).family()",message="start and stop must be of the same IP family"
+// +kubebuilder:validation:XValidation:rule="!has(self.start) || !has(self.stop) || !isIP(self.start) || !isIP(self.stop) || ip(self.start).family() != ip(self.stop).family() || ip(self.start) == ip(self.stop) || [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127].exists(l, l < (ip(self.start).family() == 4 ? 32 : 128) && cidr(self.stop + '/' + string(l)).containsIP(self.start) && !cidr(self.stop + '/' + string(l + 1)).containsIP(self.start) && cidr(self.start + '/' + string(l + 1)).masked().ip() == cidr(self.start + '/' + string(l)).masked().ip())",message="start must not be greater than stop"
+type IPBlock struct {
+	// CIDR is a network in prefix notation, such as 192.0.2.0/24 or 2001:db8::/120.
+	// +kubebuilder:validation:MaxLength=49
+	// +kubebuilder:validation:XValidation:rule="isCIDR(self)",message="cidr must be a network in prefix notation, such as 192.0.2.0/24 or 2001:db8::/120"
+	// +kubebuilder:validation:XValidation:rule="!isCIDR(self) || cidr(self) == cidr(self).masked()",messageExpression="'cidr ' + self + ' has host bits set; the network is ' + string(cidr(self).masked())"
+	// +optional
+	CIDR string `json:"cidr,omitempty"`
+	// Start is the first address of a range, such as 192.0.2.10.
+	// +kubebuilder:validation:MaxLength=39
+	// +kubebuilder:validation:XValidation:rule="isIP(self)",message="start must be an IP address, such as 192.0.2.10 or 2001:db8::10"
+	// +optional
+	Start string `json:"start,omitempty"`
+	// Stop is the last address of a range, inclusive.
+	// +kubebuilder:validation:MaxLength=39
+	// +kubebuilder:validation:XValidation:rule="isIP(self)",message="stop must be an IP address, such as 192.0.2.20 or 2001:db8::20"
+	// +optional
+	Stop string `json:"stop,omitempty"`
+}
+
+// L2Announcement makes a pool's addresses reachable on the nodes' L2 segment: one node per
+// address answers ARP (IPv4) and NDP (IPv6) for it.
+type L2Announcement struct {
+	// Enabled turns L2 announcement of this pool's addresses on or off.
+	// +kubebuilder:default=true
+	// +optional
+	Enabled *bool `json:"enabled,omitempty"`
+	// Interfaces are regular expressions (RE2, matched against the whole name) for the node
+	// interfaces that may announce. Empty means every interface that is up, except loopback.
+	// +kubebuilder:validation:MaxItems=16
+	// +kubebuilder:validation:items:MinLength=1
+	// +kubebuilder:validation:items:MaxLength=256
+	// +listType=atomic
+	// +optional
+	Interfaces []string `json:"interfaces,omitempty"`
+	// NodeSelector limits the nodes that may announce. Empty means every node.
+	// +optional
+	NodeSelector *LabelSelector `json:"nodeSelector,omitempty"`
+}
+
+// Announcement says how a pool's addresses are made reachable.
+type Announcement struct {
+	// L2 announces with ARP and NDP on the local segment.
+	// +optional
+	L2 *L2Announcement `json:"l2,omitempty"`
+}
+
+// LBPoolSpec defines the addresses a pool hands out and to which Services.
+type LBPoolSpec struct {
+	// Blocks are the addresses of the pool. Blocks of one pool may touch or overlap; an address
+	// that another, older pool already holds is not handed out (see the Conflict condition).
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:XValidation:rule="size(self) > 0",message="a pool needs at least one block (a cidr or a start/stop range)"
+	// +listType=atomic
+	Blocks []IPBlock `json:"blocks"`
+	// AutoAssign lets the pool give addresses to Services that did not ask for it by name
+	// (annotation lb.portico.dev/pool) or by address. Turning it off keeps the addresses already
+	// handed out: it is the way to drain a pool without moving any Service.
+	// +kubebuilder:default=true
+	// +optional
+	AutoAssign *bool `json:"autoAssign,omitempty"`
+	// Disabled withdraws the pool: its addresses are taken back from every Service, which then
+	// get addresses from other pools if any select them.
+	// +optional
+	Disabled bool `json:"disabled,omitempty"`
+	// AvoidBuggyIPs skips IPv4 addresses ending in .0 and .255, which some old clients and
+	// routers mishandle.
+	// +optional
+	AvoidBuggyIPs bool `json:"avoidBuggyIPs,omitempty"`
+	// Priority orders the pools that may serve a Service: a lower value is tried first; pools of
+	// equal priority are tried by name.
+	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1000
+	// +optional
+	Priority int32 `json:"priority,omitempty"`
+	// ServiceSelector limits the pool to Services whose labels match. Empty means every Service.
+	// +optional
+	ServiceSelector *LabelSelector `json:"serviceSelector,omitempty"`
+	// NamespaceSelector limits the pool to Services in namespaces whose labels match. Empty
+	// means every namespace.
+	// +optional
+	NamespaceSelector *LabelSelector `json:"namespaceSelector,omitempty"`
+	// Announce says how the addresses are made reachable.
+	// +optional
+	Announce *Announcement `json:"announce,omitempty"`
+}
+
+// AddressCounts counts one family's addresses of a pool.
+type AddressCounts struct {
+	// Allocated is how many addresses Services hold.
+	Allocated int64 `json:"allocated"`
+	// Available is how many addresses are still free, in decimal: an IPv6 pool can hold more
+	// than a 64-bit integer counts.
+	Available string `json:"available"`
+}
+
+// LBPoolStatus is what the operator observed of a pool.
+type LBPoolStatus struct {
+	// Conditions: Ready (the pool hands out addresses) and Conflict (some of its blocks
+	// overlap an older pool, whose addresses they stay).
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// Blocks lists the pool's blocks as text, for kubectl get.
+	// +optional
+	Blocks string `json:"blocks,omitempty"`
+	// IPv4 counts the pool's IPv4 addresses; absent when the pool has none.
+	// +optional
+	IPv4 *AddressCounts `json:"ipv4,omitempty"`
+	// IPv6 counts the pool's IPv6 addresses; absent when the pool has none.
+	// +optional
+	IPv6 *AddressCounts `json:"ipv6,omitempty"`
+}
+
+// LBPool is a pool of addresses that Services of type LoadBalancer get their IPs from.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,shortName=lbp,categories=portico
+// +kubebuilder:printcolumn:name="Blocks",type=string,JSONPath=".status.blocks"
+// +kubebuilder:printcolumn:name="V4 Allocated",type=integer,JSONPath=".status.ipv4.allocated"
+// +kubebuilder:printcolumn:name="V4 Available",type=string,JSONPath=".status.ipv4.available"
+// +kubebuilder:printcolumn:name="V6 Allocated",type=integer,JSONPath=".status.ipv6.allocated"
+// +kubebuilder:printcolumn:name="V6 Available",type=string,JSONPath=".status.ipv6.available"
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=".status.conditions[?(@.type==\"Ready\")].status"
+// +kubebuilder:printcolumn:name="Conflict",type=string,JSONPath=".status.conditions[?(@.type==\"Conflict\")].status",priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=".metadata.creationTimestamp"
+type LBPool struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec   LBPoolSpec   `json:"spec"`
+	Status LBPoolStatus `json:"status,omitempty"`
+}
+
+// LBPoolList is a list of LBPools.
+//
+// +kubebuilder:object:root=true
+type LBPoolList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []LBPool `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&LBPool{}, &LBPoolList{})
+}
