@@ -1,0 +1,41 @@
+// Command operator runs Portico's control plane: it allocates LoadBalancer addresses from
+// LBPools and reports pool state. Only wiring lives here.
+package main
+
+import (
+	"flag"
+	"os"
+
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/operator"
+)
+
+func main() {
+	var o operator.Options
+	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":8080", "Address of the Prometheus metrics endpoint; 0 turns it off.")
+	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":8081", "Address of the /healthz and /readyz endpoints.")
+	flag.BoolVar(&o.LeaderElect, "leader-elect", false, "Elect a leader, so that several replicas can run and one acts.")
+	flag.StringVar(&o.LeaderNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the pod's namespace).")
+	flag.StringVar(&o.Class.Name, "load-balancer-class", lbv1.LoadBalancerClass, "The spec.loadBalancerClass Portico serves.")
+	flag.BoolVar(&o.Class.ClaimClassless, "claim-classless-services", false, "Also serve LoadBalancer Services that set no loadBalancerClass.")
+	flag.IntVar(&o.Workers, "workers", 4, "Services reconciled at once (allocation itself is serialised).")
+	zo := zap.Options{}
+	zo.BindFlags(flag.CommandLine)
+	flag.Parse()
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zo)))
+	log := ctrl.Log.WithName("setup")
+
+	mgr, err := operator.NewManager(ctrl.GetConfigOrDie(), o)
+	if err != nil {
+		log.Error(err, "Failed to set up the operator")
+		os.Exit(1)
+	}
+	log.Info("Starting the operator", "class", o.Class.Name, "claimClassless", o.Class.ClaimClassless, "leaderElect", o.LeaderElect)
+	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
+		log.Error(err, "The manager stopped with an error")
+		os.Exit(1)
+	}
+}
