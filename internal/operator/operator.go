@@ -16,6 +16,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/lbpool"
+	"github.com/portico-dev/portico/internal/controller/policystatus"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
 )
 
@@ -78,6 +79,11 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	}
 	if err := (&lbpool.Reconciler{Client: mgr.GetClient(), Recorder: recorder}).SetupWithManager(mgr); err != nil {
 		return nil, fmt.Errorf("set up the LBPool controller: %w", err)
+	}
+	for _, kind := range []policystatus.Kind{policystatus.ServicePolicies, policystatus.L7Policies} {
+		if err := (&policystatus.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Kind: kind}).SetupWithManager(mgr); err != nil {
+			return nil, fmt.Errorf("set up the %s controller: %w", kind.Name, err)
+		}
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
 		return nil, fmt.Errorf("add health check: %w", err)

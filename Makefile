@@ -1,0 +1,83 @@
+# Portico. `make help` lists the targets.
+
+SHELL := /usr/bin/env bash -o pipefail
+.SHELLFLAGS := -ec
+
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+LOCALBIN ?= $(CURDIR)/bin
+CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/portico
+
+# The Kubernetes release the tests run against follows go.mod's k8s.io/api (v0.32.3 -> 1.32.3).
+K8S_VERSION ?= $(shell $(GO) list -m -f '{{.Version}}' k8s.io/api | sed 's/^v0\./1./')
+ENVTEST_ASSETS ?= $(CACHE)/k8s-$(K8S_VERSION)
+CONTROLLER_TOOLS_VERSION ?= v0.19.0
+CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen-$(CONTROLLER_TOOLS_VERSION)
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z_-]+:.*##/ {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: manifests
+manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and markers.
+	$(CONTROLLER_GEN) rbac:roleName=operator crd paths="./..." \
+		output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+
+.PHONY: generate
+generate: $(CONTROLLER_GEN) ## Generate deepcopy functions.
+	$(CONTROLLER_GEN) object paths="./apis/..."
+
+.PHONY: verify-generated
+verify-generated: manifests generate ## Fail when generated files differ from what is committed.
+	@if [ -n "$$(git status --porcelain -- apis config)" ]; then \
+		echo "Generated files drifted; run 'make manifests generate' and commit:"; \
+		git status --porcelain -- apis config; git --no-pager diff --stat -- apis config; exit 1; fi
+
+.PHONY: fmt
+fmt: ## Format the Go code.
+	$(GO) fmt ./...
+
+.PHONY: vet
+vet: ## Vet the Go code, and fail on unformatted files.
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+
+.PHONY: envtest
+envtest: ## Provide kube-apiserver and etcd for the tests (setup-envtest, else built from the module proxy).
+	@test/tools/k8s-binaries.sh $(K8S_VERSION) $(ENVTEST_ASSETS) >/dev/null
+	@mkdir -p $(LOCALBIN) && ln -sfn $(ENVTEST_ASSETS) $(LOCALBIN)/k8s
+
+.PHONY: test
+test: verify-generated vet envtest ## Run every test: unit, property, fuzz seeds, envtest suites.
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./... -count=1
+
+.PHONY: fuzz
+fuzz: ## Fuzz the allocator and the annotation parser for a while (FUZZTIME, default 30s each).
+	$(GO) test ./internal/allocator -run '^$$' -fuzz FuzzSteps -fuzztime $(or $(FUZZTIME),30s)
+	$(GO) test ./internal/controller/servicelb -run '^$$' -fuzz FuzzRequest -fuzztime $(or $(FUZZTIME),30s)
+
+.PHONY: bench
+bench: envtest ## Run the benchmarks and print their numbers (see docs/benchmarks.md).
+	$(GO) test ./internal/allocator -run '^$$' -bench . -benchmem -count 5
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/bench -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m
+
+##@ Run
+
+.PHONY: build
+build: ## Build the operator binary into bin/.
+	$(GO) build -o $(LOCALBIN)/operator ./cmd/operator
+
+.PHONY: demo
+demo: envtest ## Start a real API server with the operator, apply config/samples, show what happens.
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) run ./test/demo $(DEMO_ARGS)
+
+.PHONY: run
+run: ## Run the operator against the cluster of the current kubeconfig.
+	$(GO) run ./cmd/operator --claim-classless-services
+
+$(CONTROLLER_GEN):
+	@mkdir -p $(LOCALBIN)
+	GOBIN=$(LOCALBIN) $(GO) install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_TOOLS_VERSION)
+	mv $(LOCALBIN)/controller-gen $(CONTROLLER_GEN)

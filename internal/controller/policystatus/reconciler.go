@@ -1,0 +1,230 @@
+// Package policystatus tells, on each ServicePolicy and L7Policy, what it applies to: the
+// Accepted and Conflict conditions and the number of attached Services. Which policy wins a
+// contested Service is decided by internal/policy; the datapath effects come from the agents.
+package policystatus
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/policy"
+	"github.com/portico-dev/portico/internal/poolconfig"
+)
+
+// Condition reasons of policies.
+const (
+	ReasonAccepted       = "Accepted"
+	ReasonInvalid        = "Invalid"
+	ReasonTargetNotFound = "TargetNotFound"
+	ReasonOverridden     = "Overridden"
+	ReasonNoConflict     = "NoConflict"
+)
+
+// entry is one policy object seen through what every kind has in common.
+type entry struct {
+	obj     client.Object
+	status  *lbv1.PolicyStatus
+	policy  policy.Policy
+	invalid error
+}
+
+// Kind adapts one policy kind.
+type Kind struct {
+	// Name names the controller.
+	Name string
+	// Object is an empty object of the kind, for watches.
+	Object client.Object
+	// PerPort resolves conflicts per Service port rather than per Service.
+	PerPort bool
+	list    func(ctx context.Context, c client.Client, namespace string) ([]entry, error)
+}
+
+// ServicePolicies is the ServicePolicy kind.
+var ServicePolicies = Kind{Name: "servicepolicy", Object: &lbv1.ServicePolicy{}, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
+	var l lbv1.ServicePolicyList
+	if err := c.List(ctx, &l, client.InNamespace(ns)); err != nil {
+		return nil, fmt.Errorf("list ServicePolicies: %w", err)
+	}
+	out := make([]entry, len(l.Items))
+	for i := range l.Items {
+		p := &l.Items[i]
+		sel, err := poolconfig.Selector(p.Spec.Selector)
+		if err == nil && sel == nil && p.Spec.Selector != nil {
+			sel = labels.Everything() // an empty selector selects every Service
+		}
+		out[i] = entry{obj: p, status: &p.Status, invalid: err, policy: policy.Policy{
+			Name: p.Name, Created: p.CreationTimestamp.Time, Targets: serviceTargets(p.Spec.TargetRefs), Selector: sel,
+		}}
+	}
+	return out, nil
+}}
+
+// L7Policies is the L7Policy kind.
+var L7Policies = Kind{Name: "l7policy", Object: &lbv1.L7Policy{}, PerPort: true, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
+	var l lbv1.L7PolicyList
+	if err := c.List(ctx, &l, client.InNamespace(ns)); err != nil {
+		return nil, fmt.Errorf("list L7Policies: %w", err)
+	}
+	out := make([]entry, len(l.Items))
+	for i := range l.Items {
+		p := &l.Items[i]
+		var targets []policy.Target
+		for _, t := range p.Spec.TargetRefs {
+			targets = append(targets, policy.Target{Service: t.Name, Port: t.SectionName})
+		}
+		out[i] = entry{obj: p, status: &p.Status, policy: policy.Policy{Name: p.Name, Created: p.CreationTimestamp.Time, Targets: targets}}
+	}
+	return out, nil
+}}
+
+func serviceTargets(refs []lbv1.ServiceTargetReference) []policy.Target {
+	out := make([]policy.Target, len(refs))
+	for i, r := range refs {
+		out[i] = policy.Target{Service: r.Name}
+	}
+	return out
+}
+
+// Reconciler writes the status of one policy kind.
+type Reconciler struct {
+	Client   client.Client
+	Recorder record.EventRecorder
+	Kind     Kind
+}
+
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies;l7policies,verbs=get;list;watch
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies/status;l7policies/status,verbs=get;update;patch
+
+// SetupWithManager registers the reconciler. A change to any policy of the kind or to any
+// Service re-queues every policy of the kind in that namespace: conflicts cross policies.
+func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
+	inNamespace := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+		entries, err := r.Kind.list(ctx, r.Client, o.GetNamespace())
+		if err != nil {
+			logf.FromContext(ctx).Error(err, "Failed to list policies to re-queue")
+			return nil
+		}
+		out := make([]reconcile.Request, len(entries))
+		for i, e := range entries {
+			out[i] = reconcile.Request{NamespacedName: client.ObjectKeyFromObject(e.obj)}
+		}
+		return out
+	})
+	return ctrl.NewControllerManagedBy(mgr).
+		Named(r.Kind.Name).
+		For(r.Kind.Object).
+		Watches(r.Kind.Object, inNamespace).
+		Watches(&corev1.Service{}, inNamespace).
+		Complete(r)
+}
+
+// Reconcile writes one policy's status.
+func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	entries, err := r.Kind.list(ctx, r.Client, req.Namespace)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	var svcs corev1.ServiceList
+	if err := r.Client.List(ctx, &svcs, client.InNamespace(req.Namespace)); err != nil {
+		return ctrl.Result{}, fmt.Errorf("list Services: %w", err)
+	}
+	services := make([]policy.Service, 0, len(svcs.Items))
+	for _, s := range svcs.Items {
+		ps := policy.Service{Name: s.Name, Labels: labels.Set(s.Labels)}
+		for _, p := range s.Spec.Ports {
+			ps.Ports = append(ps.Ports, p.Name)
+		}
+		services = append(services, ps)
+	}
+	var valid []policy.Policy
+	var self *entry
+	for i := range entries {
+		if entries[i].invalid == nil {
+			valid = append(valid, entries[i].policy)
+		}
+		if entries[i].obj.GetName() == req.Name {
+			self = &entries[i]
+		}
+	}
+	if self == nil {
+		return ctrl.Result{}, nil
+	}
+	result := policy.Resolve(valid, services, r.Kind.PerPort)[req.Name]
+	orig := self.obj.DeepCopyObject().(client.Object)
+	prev := meta.FindStatusCondition(self.status.Conditions, lbv1.ConditionAccepted)
+	var prevAccepted metav1.Condition
+	if prev != nil {
+		prevAccepted = *prev
+	}
+	accepted, conflict, attached := conditions(self, result)
+	gen := self.obj.GetGeneration()
+	accepted.ObservedGeneration, conflict.ObservedGeneration = gen, gen
+	meta.SetStatusCondition(&self.status.Conditions, accepted)
+	meta.SetStatusCondition(&self.status.Conditions, conflict)
+	self.status.AttachedServices = attached
+	if equality.Semantic.DeepEqual(orig, self.obj) {
+		return ctrl.Result{}, nil
+	}
+	if err := r.Client.Status().Patch(ctx, self.obj, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})); err != nil {
+		switch {
+		case apierrors.IsNotFound(err):
+			return ctrl.Result{}, nil
+		case apierrors.IsConflict(err):
+			return ctrl.Result{Requeue: true}, nil
+		}
+		return ctrl.Result{}, fmt.Errorf("write status of %s %s: %w", r.Kind.Name, req, err)
+	}
+	if accepted.Status == metav1.ConditionFalse && prevAccepted.Message != accepted.Message {
+		r.Recorder.Event(self.obj, corev1.EventTypeWarning, accepted.Reason, accepted.Message)
+	}
+	return ctrl.Result{}, nil
+}
+
+func conditions(e *entry, r *policy.Result) (accepted, conflict metav1.Condition, attached int32) {
+	accepted = metav1.Condition{Type: lbv1.ConditionAccepted, Status: metav1.ConditionTrue, Reason: ReasonAccepted}
+	conflict = metav1.Condition{Type: lbv1.ConditionConflict, Status: metav1.ConditionFalse, Reason: ReasonNoConflict, Message: "no other policy competes for these targets"}
+	if e.invalid != nil {
+		accepted.Status, accepted.Reason, accepted.Message = metav1.ConditionFalse, ReasonInvalid, e.invalid.Error()
+		return accepted, conflict, 0
+	}
+	services := map[string]bool{}
+	for _, a := range r.Attached {
+		svc, _, _ := strings.Cut(a, "/")
+		services[svc] = true
+	}
+	attached = int32(len(services))
+	switch {
+	case len(r.Attached) > 0:
+		accepted.Message = "applies to " + strings.Join(r.Attached, ", ")
+	case len(r.Overridden) > 0:
+		accepted.Message = "every target is taken by another policy"
+	default:
+		accepted.Status, accepted.Reason, accepted.Message = metav1.ConditionFalse, ReasonTargetNotFound, "no Service matches the policy"
+	}
+	if len(r.Missing) > 0 {
+		accepted.Message += "; not found: " + strings.Join(r.Missing, ", ")
+		if len(r.Attached) == 0 && len(r.Overridden) == 0 {
+			accepted.Message = "not found: " + strings.Join(r.Missing, ", ")
+		}
+	}
+	if len(r.Overridden) > 0 {
+		conflict.Status, conflict.Reason = metav1.ConditionTrue, ReasonOverridden
+		conflict.Message = "another policy applies to " + strings.Join(r.Overridden, "; ")
+	}
+	return accepted, conflict, attached
+}

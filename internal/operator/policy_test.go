@@ -1,0 +1,71 @@
+package operator_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/operator"
+)
+
+func TestPolicyStatusSaysWhatApplies(t *testing.T) {
+	startOperator(t, operator.Options{})
+	f := newFixture(t)
+	f.service("web", func(s *corev1.Service) {
+		s.Spec.Type = corev1.ServiceTypeClusterIP
+		s.Labels = map[string]string{"tier": "front"}
+		s.Spec.Ports = append(s.Spec.Ports, corev1.ServicePort{Name: "grpc", Port: 9000})
+	})
+	create := func(o client.Object) {
+		t.Helper()
+		if err := env.Client.Create(context.Background(), o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	meta0 := func(name string) metav1.ObjectMeta { return metav1.ObjectMeta{Namespace: f.ns, Name: name} }
+	create(&lbv1.ServicePolicy{ObjectMeta: meta0("by-name"), Spec: lbv1.ServicePolicySpec{TargetRefs: []lbv1.ServiceTargetReference{{Name: "web"}}}})
+	time.Sleep(1100 * time.Millisecond) // creation timestamps have one-second resolution
+	create(&lbv1.ServicePolicy{ObjectMeta: meta0("by-label"), Spec: lbv1.ServicePolicySpec{
+		Selector: &lbv1.LabelSelector{MatchLabels: map[string]lbv1.LabelValue{"tier": "front"}}}})
+	create(&lbv1.ServicePolicy{ObjectMeta: meta0("dangling"), Spec: lbv1.ServicePolicySpec{TargetRefs: []lbv1.ServiceTargetReference{{Name: "nope"}}}})
+	create(&lbv1.L7Policy{ObjectMeta: meta0("grpc"), Spec: lbv1.L7PolicySpec{Protocol: "GRPC",
+		TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "web"}, SectionName: "grpc"}}}})
+
+	waitPolicy := func(obj client.Object, status func() *lbv1.PolicyStatus, accepted metav1.ConditionStatus, reason, conflict, text string, attached int32) {
+		t.Helper()
+		eventually(t, func() error {
+			if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(obj), obj); err != nil {
+				return err
+			}
+			st := status()
+			a := meta.FindStatusCondition(st.Conditions, lbv1.ConditionAccepted)
+			c := meta.FindStatusCondition(st.Conditions, lbv1.ConditionConflict)
+			if a == nil || c == nil || a.Status != accepted || a.Reason != reason || string(c.Status) != conflict || st.AttachedServices != attached ||
+				!strings.Contains(a.Message+" | "+c.Message, text) || a.ObservedGeneration != obj.GetGeneration() {
+				return fmt.Errorf("%s: status %+v", obj.GetName(), st)
+			}
+			return nil
+		})
+	}
+	byName, byLabel, dangling := &lbv1.ServicePolicy{ObjectMeta: meta0("by-name")}, &lbv1.ServicePolicy{ObjectMeta: meta0("by-label")}, &lbv1.ServicePolicy{ObjectMeta: meta0("dangling")}
+	grpc := &lbv1.L7Policy{ObjectMeta: meta0("grpc")}
+	waitPolicy(byName, func() *lbv1.PolicyStatus { return &byName.Status }, metav1.ConditionTrue, "Accepted", "False", "applies to web", 1)
+	waitPolicy(byLabel, func() *lbv1.PolicyStatus { return &byLabel.Status }, metav1.ConditionTrue, "Accepted", "True", "web (by by-name, which names it in targetRefs)", 0)
+	waitPolicy(dangling, func() *lbv1.PolicyStatus { return &dangling.Status }, metav1.ConditionFalse, "TargetNotFound", "False", "not found: Service nope", 0)
+	waitPolicy(grpc, func() *lbv1.PolicyStatus { return &grpc.Status }, metav1.ConditionTrue, "Accepted", "False", "applies to web/grpc", 1)
+	f.waitEvent(f.ns, "dangling", "TargetNotFound", "Service nope")
+
+	// Deleting the winner hands the Service to the policy that lost it.
+	if err := env.Client.Delete(context.Background(), byName); err != nil {
+		t.Fatal(err)
+	}
+	waitPolicy(byLabel, func() *lbv1.PolicyStatus { return &byLabel.Status }, metav1.ConditionTrue, "Accepted", "False", "applies to web", 1)
+}
