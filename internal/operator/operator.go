@@ -10,6 +10,7 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -25,6 +26,10 @@ type Options struct {
 	MetricsAddr, ProbeAddr string
 	Class                  servicelb.Class
 	Workers                int
+	// QPS and Burst limit the operator's API requests (client-go's defaults, 20 and 30,
+	// cap status writes at 20 per second: minutes for thousands of Services).
+	QPS   float32
+	Burst int
 	// SeveralPerProcess allows more than one manager in a process (tests, benchmarks), which
 	// otherwise refuses duplicate controller names because they share metrics.
 	SeveralPerProcess bool
@@ -54,8 +59,14 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	if err != nil {
 		return nil, err
 	}
+	cfg = rest.CopyConfig(cfg)
+	if o.QPS > 0 {
+		cfg.QPS, cfg.Burst = o.QPS, o.Burst
+	}
 	opts := ctrl.Options{
-		Scheme:                  scheme,
+		Scheme: scheme,
+		// managedFields are most of a Service's size and nothing here reads them.
+		Cache:                   cache.Options{DefaultTransform: cache.TransformStripManagedFields()},
 		Metrics:                 metricsserver.Options{BindAddress: o.MetricsAddr},
 		HealthProbeBindAddress:  o.ProbeAddr,
 		LeaderElection:          o.LeaderElect,

@@ -8,6 +8,7 @@ import (
 	"math/big"
 	"net/netip"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
@@ -15,8 +16,10 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -36,10 +39,14 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools,verbs=get;list;watch
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools/status,verbs=get;update;patch
 
-// SetupWithManager registers the reconciler: any pool or Service change re-queues every
-// pool, since overlaps and counts cross pools.
+// countDelay gathers the Service changes of a burst into one recount per pool: a recount
+// lists every Service, and thousands of Services may change in a second.
+const countDelay = time.Second
+
+// SetupWithManager registers the reconciler: any pool change re-queues every pool, since
+// overlaps cross pools; Service changes re-queue them after countDelay.
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
-	all := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, _ client.Object) []reconcile.Request {
+	pools := func(ctx context.Context) []reconcile.Request {
 		var pools lbv1.LBPoolList
 		if err := r.Client.List(ctx, &pools); err != nil {
 			logf.FromContext(ctx).Error(err, "Failed to list LBPools to re-queue")
@@ -50,12 +57,27 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 			out[i] = reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&pools.Items[i])}
 		}
 		return out
-	})
+	}
+	later := func(ctx context.Context, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+		for _, req := range pools(ctx) {
+			q.AddAfter(req, countDelay)
+		}
+	}
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("lbpool").
 		For(&lbv1.LBPool{}).
-		Watches(&lbv1.LBPool{}, all).
-		Watches(&corev1.Service{}, all).
+		Watches(&lbv1.LBPool{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, _ client.Object) []reconcile.Request { return pools(ctx) })).
+		Watches(&corev1.Service{}, handler.TypedFuncs[client.Object, reconcile.Request]{
+			CreateFunc: func(ctx context.Context, _ event.TypedCreateEvent[client.Object], q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+				later(ctx, q)
+			},
+			UpdateFunc: func(ctx context.Context, _ event.TypedUpdateEvent[client.Object], q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+				later(ctx, q)
+			},
+			DeleteFunc: func(ctx context.Context, _ event.TypedDeleteEvent[client.Object], q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+				later(ctx, q)
+			},
+		}).
 		Complete(r)
 }
 

@@ -1,0 +1,204 @@
+// Package bench holds end-to-end benchmarks of Portico against a real API server. They print
+// their numbers beside a baseline measured in the same run; docs/benchmarks.md records them.
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/test/testenv"
+)
+
+// services is how many Services the benchmark creates; BENCH_SERVICES overrides it.
+var services = envInt("BENCH_SERVICES", 5000)
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+// BenchmarkCreationToIP creates 5,000 LoadBalancer Services as fast as the API server takes
+// them (16 writers) while the operator runs as its own process, and reports how long each
+// waited for its address. The baseline is the API server's own round trip for the create.
+func BenchmarkCreationToIP(b *testing.B) {
+	if testenv.Assets() == "" {
+		b.Skip("needs kube-apiserver and etcd: run `make bench`")
+	}
+	env, err := testenv.Start()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = env.Stop() }()
+	ctx := context.Background()
+
+	dir := b.TempDir()
+	operatorBin := filepath.Join(dir, "operator")
+	if out, err := exec.Command("go", "build", "-o", operatorBin, filepath.Join(testenv.Root(), "cmd", "operator")).CombinedOutput(); err != nil {
+		b.Fatalf("build operator: %v\n%s", err, out)
+	}
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := writeKubeconfig(env.Config, kubeconfig); err != nil {
+		b.Fatal(err)
+	}
+	op := exec.Command(operatorBin, "--claim-classless-services", "--metrics-bind-address=0", "--health-probe-bind-address=0", "--zap-log-level=error")
+	op.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig)
+	op.Stderr = os.Stderr
+	if err := op.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = op.Process.Kill(); _ = op.Wait() }()
+
+	pool := &lbv1.LBPool{ObjectMeta: metav1.ObjectMeta{Name: "bench"}, Spec: lbv1.LBPoolSpec{Blocks: []lbv1.IPBlock{{CIDR: "10.200.0.0/16"}}}}
+	if err := env.Client.Create(ctx, pool); err != nil {
+		b.Fatal(err)
+	}
+	cs := kubernetes.NewForConfigOrDie(env.Config)
+	ns := "bench"
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+
+	// Watch for addresses before creating anything, so no status update is missed.
+	list, err := cs.CoreV1().Services(ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	w, err := cs.CoreV1().Services(ns).Watch(ctx, metav1.ListOptions{ResourceVersion: list.ResourceVersion})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var mu sync.Mutex
+	created := map[string]time.Time{}
+	createRTT := make([]time.Duration, 0, services)
+	gotIP := map[string]time.Time{}
+	allDone := make(chan struct{})
+	go func() {
+		for ev := range w.ResultChan() {
+			svc, ok := ev.Object.(*corev1.Service)
+			if !ok || ev.Type == watch.Deleted || len(svc.Status.LoadBalancer.Ingress) == 0 {
+				continue
+			}
+			mu.Lock()
+			if _, seen := gotIP[svc.Name]; !seen {
+				gotIP[svc.Name] = time.Now()
+				if len(gotIP) == services {
+					close(allDone)
+				}
+			}
+			mu.Unlock()
+		}
+	}()
+
+	start := time.Now()
+	var wg sync.WaitGroup
+	names := make(chan int)
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range names {
+				name := "svc-" + strconv.Itoa(i)
+				svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.ServiceSpec{
+					Type: corev1.ServiceTypeLoadBalancer, Selector: map[string]string{"app": name},
+					Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(8080)}},
+				}}
+				t0 := time.Now()
+				if _, err := cs.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+					b.Error(err)
+					continue
+				}
+				mu.Lock()
+				created[name] = t0
+				createRTT = append(createRTT, time.Since(t0))
+				mu.Unlock()
+			}
+		}()
+	}
+	for i := range services {
+		names <- i
+	}
+	close(names)
+	wg.Wait()
+	createdAll := time.Since(start)
+	select {
+	case <-allDone:
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("only %d of %d Services got an address in 5 minutes", len(gotIP), services)
+	}
+	total := time.Since(start)
+	w.Stop()
+
+	mu.Lock()
+	lat := make([]time.Duration, 0, services)
+	for name, t := range gotIP {
+		lat = append(lat, t.Sub(created[name]))
+	}
+	mu.Unlock()
+	rss := rssMiB(op.Process.Pid)
+	p50, p99 := pct(lat, 50), pct(lat, 99)
+	b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms")
+	b.ReportMetric(total.Seconds(), "all-s")
+	b.ReportMetric(rss, "operator-RSS-MiB")
+	fmt.Printf("\n%d LoadBalancer Services, 16 writers, operator as a process (4 workers)\n", services)
+	fmt.Printf("  %-40s %10s %10s\n", "", "p50", "p99")
+	fmt.Printf("  %-40s %10s %10s\n", "baseline: API create round trip", pct(createRTT, 50).Round(10*time.Microsecond), pct(createRTT, 99).Round(10*time.Microsecond))
+	fmt.Printf("  %-40s %10s %10s\n", "Portico: creation -> IP in status", p50.Round(10*time.Microsecond), p99.Round(10*time.Microsecond))
+	fmt.Printf("  all created in %s (%.0f/s); all with an IP after %s; operator RSS %.0f MiB\n\n",
+		createdAll.Round(time.Millisecond), float64(services)/createdAll.Seconds(), total.Round(time.Millisecond), rss)
+}
+
+func pct(d []time.Duration, p int) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+func rssMiB(pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+// writeKubeconfig writes a kubeconfig for a rest.Config that authenticates with a client
+// certificate, as envtest's admin user does.
+func writeKubeconfig(cfg *rest.Config, path string) error {
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["envtest"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: cfg.CertData, ClientKeyData: cfg.KeyData, Token: cfg.BearerToken}
+	kc.Contexts["envtest"] = &clientcmdapi.Context{Cluster: "envtest", AuthInfo: "admin"}
+	kc.CurrentContext = "envtest"
+	return clientcmd.WriteToFile(*kc, path)
+}
