@@ -20,9 +20,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/test/testenv"
@@ -58,7 +55,7 @@ func BenchmarkCreationToIP(b *testing.B) {
 		b.Fatalf("build operator: %v\n%s", err, out)
 	}
 	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := writeKubeconfig(env.Config, kubeconfig); err != nil {
+	if err := env.WriteKubeconfig(kubeconfig); err != nil {
 		b.Fatal(err)
 	}
 	op := exec.Command(operatorBin, "--claim-classless-services", "--metrics-bind-address=0", "--health-probe-bind-address=0", "--zap-log-level=error")
@@ -190,15 +187,4 @@ func rssMiB(pid int) float64 {
 		}
 	}
 	return 0
-}
-
-// writeKubeconfig writes a kubeconfig for a rest.Config that authenticates with a client
-// certificate, as envtest's admin user does.
-func writeKubeconfig(cfg *rest.Config, path string) error {
-	kc := clientcmdapi.NewConfig()
-	kc.Clusters["envtest"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData}
-	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: cfg.CertData, ClientKeyData: cfg.KeyData, Token: cfg.BearerToken}
-	kc.Contexts["envtest"] = &clientcmdapi.Context{Cluster: "envtest", AuthInfo: "admin"}
-	kc.CurrentContext = "envtest"
-	return clientcmd.WriteToFile(*kc, path)
 }

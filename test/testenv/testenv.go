@@ -9,6 +9,8 @@ import (
 	"runtime"
 
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
@@ -74,6 +76,20 @@ func Start() (*Env, error) {
 		return nil, fmt.Errorf("create client: %w", err)
 	}
 	return &Env{Config: cfg, Client: c, env: e}, nil
+}
+
+// WriteKubeconfig writes a kubeconfig for the API server's admin user, for kubectl and for
+// an operator run as its own process.
+func (e *Env) WriteKubeconfig(path string) error {
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["portico"] = &clientcmdapi.Cluster{Server: e.Config.Host, CertificateAuthorityData: e.Config.CAData}
+	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: e.Config.CertData, ClientKeyData: e.Config.KeyData, Token: e.Config.BearerToken}
+	kc.Contexts["portico"] = &clientcmdapi.Context{Cluster: "portico", AuthInfo: "admin"}
+	kc.CurrentContext = "portico"
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
+		return fmt.Errorf("write kubeconfig: %w", err)
+	}
+	return nil
 }
 
 // Stop stops the API server and etcd.
