@@ -2,18 +2,13 @@ package operator_test
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
-
-	"k8s.io/apimachinery/pkg/runtime/serializer"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/operator"
 	"github.com/portico-dev/portico/test/testenv"
 )
 
@@ -118,29 +113,13 @@ func TestAdmissionAcceptsGoodPools(t *testing.T) {
 
 // Every sample a user may copy is accepted by the API server as it is.
 func TestSamplesAreAccepted(t *testing.T) {
-	files, err := filepath.Glob(filepath.Join(testenv.Root(), "config", "samples", "*.yaml"))
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no samples found: %v", err)
-	}
-	scheme, err := operator.Scheme()
+	samples, err := testenv.Samples()
 	if err != nil {
 		t.Fatal(err)
 	}
-	decode := serializer.NewCodecFactory(scheme).UniversalDeserializer().Decode
-	for _, file := range files {
-		if filepath.Base(file) == "kustomization.yaml" {
-			continue
-		}
-		data, err := os.ReadFile(file)
-		if err != nil {
-			t.Fatal(err)
-		}
-		obj, _, err := decode(data, nil, nil)
-		if err != nil {
-			t.Fatalf("%s: %v", file, err)
-		}
-		if err := env.Client.Create(context.Background(), obj.(client.Object), client.DryRunAll); err != nil {
-			t.Errorf("%s rejected: %v", filepath.Base(file), err)
+	for _, obj := range samples {
+		if err := env.Client.Create(context.Background(), obj, client.DryRunAll); err != nil {
+			t.Errorf("%s %s rejected: %v", obj.GetObjectKind().GroupVersionKind().Kind, obj.GetName(), err)
 		}
 	}
 }

@@ -21,7 +21,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -103,29 +102,13 @@ func run(keep bool) error {
 func step(s string) { fmt.Printf("==> %s\n", s) }
 
 func applySamples(ctx context.Context, c client.Client) error {
-	files, err := filepath.Glob(filepath.Join(testenv.Root(), "config", "samples", "*.yaml"))
-	if err != nil {
-		return fmt.Errorf("find samples: %w", err)
-	}
-	scheme, err := operator.Scheme()
+	samples, err := testenv.Samples()
 	if err != nil {
 		return err
 	}
-	decode := serializer.NewCodecFactory(scheme).UniversalDeserializer().Decode
-	for _, f := range files {
-		if filepath.Base(f) == "kustomization.yaml" {
-			continue
-		}
-		data, err := os.ReadFile(f)
-		if err != nil {
-			return fmt.Errorf("read sample: %w", err)
-		}
-		obj, _, err := decode(data, nil, nil)
-		if err != nil {
-			return fmt.Errorf("decode %s: %w", f, err)
-		}
-		if err := c.Create(ctx, obj.(client.Object)); err != nil {
-			return fmt.Errorf("apply %s: %w", filepath.Base(f), err)
+	for _, obj := range samples {
+		if err := c.Create(ctx, obj); err != nil {
+			return fmt.Errorf("apply %s %s: %w", obj.GetObjectKind().GroupVersionKind().Kind, obj.GetName(), err)
 		}
 	}
 	return nil

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 
+	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
@@ -90,6 +91,35 @@ func (e *Env) WriteKubeconfig(path string) error {
 		return fmt.Errorf("write kubeconfig: %w", err)
 	}
 	return nil
+}
+
+// Samples decodes every object in config/samples.
+func Samples() ([]client.Object, error) {
+	files, err := filepath.Glob(filepath.Join(Root(), "config", "samples", "*.yaml"))
+	if err != nil || len(files) == 0 {
+		return nil, fmt.Errorf("find samples: none found (%v)", err)
+	}
+	scheme, err := operator.Scheme()
+	if err != nil {
+		return nil, err
+	}
+	decode := serializer.NewCodecFactory(scheme).UniversalDeserializer().Decode
+	var out []client.Object
+	for _, f := range files {
+		if filepath.Base(f) == "kustomization.yaml" {
+			continue
+		}
+		data, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("read sample: %w", err)
+		}
+		obj, _, err := decode(data, nil, nil)
+		if err != nil {
+			return nil, fmt.Errorf("decode %s: %w", filepath.Base(f), err)
+		}
+		out = append(out, obj.(client.Object))
+	}
+	return out, nil
 }
 
 // Stop stops the API server and etcd.

@@ -12,7 +12,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/record"
@@ -26,6 +25,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/allocator"
+	"github.com/portico-dev/portico/internal/controller/statuspatch"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
@@ -130,14 +130,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	if equality.Semantic.DeepEqual(orig.Status, pool.Status) {
 		return ctrl.Result{}, nil
 	}
-	if err := r.Client.Status().Patch(ctx, pool, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})); err != nil {
-		switch {
-		case apierrors.IsNotFound(err):
-			return ctrl.Result{}, nil
-		case apierrors.IsConflict(err):
-			return ctrl.Result{Requeue: true}, nil
-		}
-		return ctrl.Result{}, fmt.Errorf("write status of LBPool %s: %w", pool.Name, err)
+	if res, err := statuspatch.Patch(ctx, r.Client, pool, orig); err != nil || res.Requeue {
+		return res, err
 	}
 	if ready.Status == metav1.ConditionFalse && (prevReady == nil || prevReady.Message != ready.Message) {
 		r.Recorder.Event(pool, corev1.EventTypeWarning, ready.Reason, ready.Message)

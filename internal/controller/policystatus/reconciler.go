@@ -10,7 +10,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -22,6 +21,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/controller/statuspatch"
 	"github.com/portico-dev/portico/internal/policy"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
@@ -180,14 +180,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	if equality.Semantic.DeepEqual(orig, self.obj) {
 		return ctrl.Result{}, nil
 	}
-	if err := r.Client.Status().Patch(ctx, self.obj, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})); err != nil {
-		switch {
-		case apierrors.IsNotFound(err):
-			return ctrl.Result{}, nil
-		case apierrors.IsConflict(err):
-			return ctrl.Result{Requeue: true}, nil
-		}
-		return ctrl.Result{}, fmt.Errorf("write status of %s %s: %w", r.Kind.Name, req, err)
+	if res, err := statuspatch.Patch(ctx, r.Client, self.obj, orig); err != nil || res.Requeue {
+		return res, err
 	}
 	if accepted.Status == metav1.ConditionFalse && prevAccepted.Message != accepted.Message {
 		r.Recorder.Event(self.obj, corev1.EventTypeWarning, accepted.Reason, accepted.Message)

@@ -28,6 +28,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/allocator"
+	"github.com/portico-dev/portico/internal/controller/statuspatch"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
@@ -100,7 +101,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		return ctrl.Result{}, fmt.Errorf("get Service %s: %w", req, err)
 	}
 	if !r.Class.Serves(&svc) {
-		return requeueOnConflict(r.forget(ctx, &svc))
+		return r.forget(ctx, &svc)
 	}
 	nsLabels, err := r.namespaceLabels(ctx, svc.Namespace)
 	if err != nil {
@@ -132,16 +133,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 			cond.Message += "; the Service has " + describe(got)
 		}
 	}
-	return requeueOnConflict(r.writeStatus(ctx, &svc, got.IPs, cond, got))
-}
-
-// requeueOnConflict turns an optimistic-lock conflict (someone wrote the object since it was
-// read) into a quiet retry; other errors go to the controller's backoff and log.
-func requeueOnConflict(err error) (ctrl.Result, error) {
-	if apierrors.IsConflict(err) {
-		return ctrl.Result{Requeue: true}, nil
-	}
-	return ctrl.Result{}, err
+	return r.writeStatus(ctx, &svc, got.IPs, cond, got)
 }
 
 // prepare gives the allocator the current pools and, the first time, every address the
@@ -209,14 +201,14 @@ func (r *Reconciler) namespaceLabels(ctx context.Context, name string) (map[stri
 
 // forget releases a Service Portico no longer serves (its type changed) and removes what
 // Portico wrote to its status.
-func (r *Reconciler) forget(ctx context.Context, svc *corev1.Service) error {
+func (r *Reconciler) forget(ctx context.Context, svc *corev1.Service) (ctrl.Result, error) {
 	key := svc.Namespace + "/" + svc.Name
 	r.mu.Lock()
 	held := r.alloc.Assigned(key)
 	r.alloc.Release(key)
 	r.mu.Unlock()
 	if !hasOurCondition(svc) {
-		return nil
+		return ctrl.Result{}, nil
 	}
 	orig := svc.DeepCopy()
 	meta.RemoveStatusCondition(&svc.Status.Conditions, lbv1.ServiceConditionIPAllocated)
@@ -224,17 +216,17 @@ func (r *Reconciler) forget(ctx context.Context, svc *corev1.Service) error {
 		ip, err := netip.ParseAddr(in.IP)
 		return err == nil && slices.Contains(held.IPs, ip)
 	})
-	if err := r.Client.Status().Patch(ctx, svc, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})); err != nil {
-		return fmt.Errorf("clear status of Service %s: %w", key, err)
+	if res, err := statuspatch.Patch(ctx, r.Client, svc, orig); err != nil || res.Requeue {
+		return res, err
 	}
 	if len(held.IPs) > 0 {
 		r.Recorder.Eventf(svc, corev1.EventTypeNormal, "IPReleased", "Released %s: the Service is no longer a LoadBalancer Portico serves", ipList(held.IPs))
 	}
-	return nil
+	return ctrl.Result{}, nil
 }
 
 // writeStatus writes addresses and condition, and tells what changed in Events.
-func (r *Reconciler) writeStatus(ctx context.Context, svc *corev1.Service, ips []netip.Addr, cond metav1.Condition, got allocator.Assignment) error {
+func (r *Reconciler) writeStatus(ctx context.Context, svc *corev1.Service, ips []netip.Addr, cond metav1.Condition, got allocator.Assignment) (ctrl.Result, error) {
 	before := statusIPs(svc)
 	orig := svc.DeepCopy()
 	prevCond := meta.FindStatusCondition(orig.Status.Conditions, cond.Type)
@@ -247,10 +239,10 @@ func (r *Reconciler) writeStatus(ctx context.Context, svc *corev1.Service, ips [
 	cond.ObservedGeneration = svc.Generation
 	meta.SetStatusCondition(&svc.Status.Conditions, cond)
 	if equalStatus(orig, svc) {
-		return nil
+		return ctrl.Result{}, nil
 	}
-	if err := r.Client.Status().Patch(ctx, svc, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{})); err != nil {
-		return fmt.Errorf("write status of Service %s/%s: %w", svc.Namespace, svc.Name, err)
+	if res, err := statuspatch.Patch(ctx, r.Client, svc, orig); err != nil || res.Requeue {
+		return res, err
 	}
 	added, removed := diff(before, ips)
 	if len(removed) > 0 {
@@ -262,7 +254,7 @@ func (r *Reconciler) writeStatus(ctx context.Context, svc *corev1.Service, ips [
 	if cond.Status == metav1.ConditionFalse && (prevCond == nil || prevCond.Reason != cond.Reason || prevCond.Message != cond.Message) {
 		r.Recorder.Event(svc, corev1.EventTypeWarning, cond.Reason, cond.Message)
 	}
-	return nil
+	return ctrl.Result{}, nil
 }
 
 func equalStatus(a, b *corev1.Service) bool {
