@@ -21,7 +21,7 @@ func main() {
 	flag.StringVar(&o.LeaderNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: the pod's namespace).")
 	flag.StringVar(&o.Class.Name, "load-balancer-class", lbv1.LoadBalancerClass, "The spec.loadBalancerClass Portico serves.")
 	flag.BoolVar(&o.Class.ClaimClassless, "claim-classless-services", false, "Also serve LoadBalancer Services that set no loadBalancerClass.")
-	flag.IntVar(&o.Workers, "workers", 8, "Services reconciled at once (allocation itself is serialised).")
+	flag.IntVar(&o.Workers, "workers", 16, "Services reconciled at once (allocation itself is serialised).")
 	qps := flag.Float64("kube-api-qps", 200, "Requests per second the operator may send to the API server.")
 	flag.IntVar(&o.Burst, "kube-api-burst", 400, "Requests the operator may send at once above kube-api-qps.")
 	zo := zap.Options{}
