@@ -60,7 +60,7 @@ fuzz: ## Fuzz the allocator and the annotation parser for a while (FUZZTIME, def
 
 .PHONY: bench
 bench: envtest ## Run the benchmarks and print their numbers (see docs/benchmarks.md).
-	$(GO) test ./internal/allocator -run '^$$' -bench . -benchmem -count 5
+	$(GO) test ./internal/allocator ./internal/maglev -run '^$$' -bench . -benchmem -count 5
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/bench -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m
 
 ##@ Run
