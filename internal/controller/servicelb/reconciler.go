@@ -20,10 +20,12 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
@@ -53,13 +55,14 @@ type Reconciler struct {
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools,verbs=get;list;watch
 
 // SetupWithManager registers the reconciler. Pool and namespace changes re-queue the Services
-// they may affect.
+// they may affect. Only a pool's spec matters here: its status changes every time a count
+// does, and re-queueing every Service for each would flood the queue.
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 	r.alloc = allocator.New()
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("servicelb").
 		For(&corev1.Service{}).
-		Watches(&lbv1.LBPool{}, handler.EnqueueRequestsFromMapFunc(r.servicesIn(""))).
+		Watches(&lbv1.LBPool{}, handler.EnqueueRequestsFromMapFunc(r.servicesIn("")), builder.WithPredicates(predicate.GenerationChangedPredicate{})).
 		Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
 			return r.servicesIn(o.GetName())(ctx, o)
 		})).
