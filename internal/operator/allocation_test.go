@@ -146,7 +146,7 @@ func TestPoolExhaustionThenFreeing(t *testing.T) {
 	v6 := func(s *corev1.Service) { s.Spec.IPFamilies = []corev1.IPFamily{corev1.IPv6Protocol} }
 	f.service("a", v6)
 	f.service("b", v6)
-	f.waitAllocated("a", 1)
+	freedByTypeChange := f.waitAllocated("a", 1)[0]
 	freed := f.waitAllocated("b", 1)[0]
 	f.service("c", v6)
 	f.waitCondition("c", metav1.ConditionFalse, "PoolExhausted")
@@ -157,9 +157,19 @@ func TestPoolExhaustionThenFreeing(t *testing.T) {
 		}
 		return nil
 	})
+	// A deletion frees an address, and the waiting Service gets it without any other event.
 	f.remove("b")
 	f.waitIPs("c", freed)
 	f.waitCondition("c", metav1.ConditionTrue, lbv1.ReasonAllocated)
+
+	// So does a type change away from LoadBalancer.
+	f.service("d", v6)
+	f.waitCondition("d", metav1.ConditionFalse, "PoolExhausted")
+	f.update("a", func(s *corev1.Service) {
+		s.Spec.Type = corev1.ServiceTypeClusterIP
+		s.Spec.Ports[0].NodePort = 0
+	})
+	f.waitIPs("d", freedByTypeChange)
 }
 
 func TestDualStack(t *testing.T) {

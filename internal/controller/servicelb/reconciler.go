@@ -23,10 +23,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/allocator"
@@ -46,6 +48,10 @@ type Reconciler struct {
 	alloc     *allocator.Allocator
 	poolsSeen string // fingerprint of the LBPools the allocator was last given
 	restored  bool
+	// waiting holds the Services that lack an address they want; when another Service gives
+	// addresses back they are re-queued through retry.
+	waiting map[types.NamespacedName]struct{}
+	retry   chan event.GenericEvent
 }
 
 // +kubebuilder:rbac:groups="",resources=services,verbs=get;list;watch
@@ -59,9 +65,12 @@ type Reconciler struct {
 // does, and re-queueing every Service for each would flood the queue.
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 	r.alloc = allocator.New()
+	r.waiting = map[types.NamespacedName]struct{}{}
+	r.retry = make(chan event.GenericEvent, 1024)
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("servicelb").
 		For(&corev1.Service{}).
+		WatchesRawSource(source.Channel(r.retry, &handler.EnqueueRequestForObject{})).
 		Watches(&lbv1.LBPool{}, handler.EnqueueRequestsFromMapFunc(r.servicesIn("")), builder.WithPredicates(predicate.GenerationChangedPredicate{})).
 		Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
 			return r.servicesIn(o.GetName())(ctx, o)
@@ -96,9 +105,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	var svc corev1.Service
 	if err := r.Client.Get(ctx, req.NamespacedName, &svc); err != nil {
 		if apierrors.IsNotFound(err) {
-			r.mu.Lock()
-			r.alloc.Release(req.String())
-			r.mu.Unlock()
+			r.release(ctx, req.NamespacedName)
 			return ctrl.Result{}, nil
 		}
 		return ctrl.Result{}, fmt.Errorf("get Service %s: %w", req, err)
@@ -115,14 +122,23 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	r.mu.Lock()
 	var got allocator.Assignment
 	var allocErr error
-	r.alloc.Claim(request, statusIPs(&svc))
+	held := len(r.alloc.Claim(request, statusIPs(&svc)))
 	if parseErr != nil {
 		// Keep what the Service has; a typo must not cost it its address.
 		got = r.alloc.Assigned(request.Key)
 	} else {
 		got, allocErr = r.alloc.Assign(request)
 	}
+	if allocErr != nil {
+		r.waiting[req.NamespacedName] = struct{}{}
+	} else {
+		delete(r.waiting, req.NamespacedName)
+	}
+	gaveBack := len(got.IPs) < held
 	r.mu.Unlock()
+	if gaveBack {
+		r.retryWaiting(ctx)
+	}
 
 	cond := metav1.Condition{Type: lbv1.ServiceConditionIPAllocated, Status: metav1.ConditionTrue, Reason: lbv1.ReasonAllocated, Message: describe(got)}
 	switch {
@@ -205,11 +221,7 @@ func (r *Reconciler) namespaceLabels(ctx context.Context, name string) (map[stri
 // forget releases a Service Portico no longer serves (its type changed) and removes what
 // Portico wrote to its status.
 func (r *Reconciler) forget(ctx context.Context, svc *corev1.Service) (ctrl.Result, error) {
-	key := svc.Namespace + "/" + svc.Name
-	r.mu.Lock()
-	held := r.alloc.Assigned(key)
-	r.alloc.Release(key)
-	r.mu.Unlock()
+	held := r.release(ctx, client.ObjectKeyFromObject(svc))
 	if !hasOurCondition(svc) {
 		return ctrl.Result{}, nil
 	}
@@ -226,6 +238,38 @@ func (r *Reconciler) forget(ctx context.Context, svc *corev1.Service) (ctrl.Resu
 		r.Recorder.Eventf(svc, corev1.EventTypeNormal, "IPReleased", "Released %s: the Service is no longer a LoadBalancer Portico serves", ipList(held.IPs))
 	}
 	return ctrl.Result{}, nil
+}
+
+// release takes back every address of a Service and, if that freed any, re-queues the
+// Services waiting for one. It returns what the Service held.
+func (r *Reconciler) release(ctx context.Context, name types.NamespacedName) allocator.Assignment {
+	r.mu.Lock()
+	held := r.alloc.Assigned(name.String())
+	r.alloc.Release(name.String())
+	delete(r.waiting, name)
+	r.mu.Unlock()
+	if len(held.IPs) > 0 {
+		r.retryWaiting(ctx)
+	}
+	return held
+}
+
+// retryWaiting re-queues every Service that lacks an address. It must not hold r.mu: the
+// channel may be full until the controller drains it.
+func (r *Reconciler) retryWaiting(ctx context.Context) {
+	r.mu.Lock()
+	names := make([]types.NamespacedName, 0, len(r.waiting))
+	for n := range r.waiting {
+		names = append(names, n)
+	}
+	r.mu.Unlock()
+	for _, n := range names {
+		select {
+		case r.retry <- event.GenericEvent{Object: &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: n.Namespace, Name: n.Name}}}:
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // writeStatus writes addresses and condition, and tells what changed in Events.
