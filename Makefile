@@ -29,11 +29,23 @@ manifests: $(CONTROLLER_GEN) ## Generate CRDs and RBAC from the API types and ma
 generate: $(CONTROLLER_GEN) ## Generate deepcopy functions.
 	$(CONTROLLER_GEN) object paths="./apis/..."
 
+.PHONY: bpf-toolchain
+bpf-toolchain: ## Install clang, llvm and libbpf headers from Debian when missing (needs root).
+	@command -v clang >/dev/null && command -v llvm-strip >/dev/null && test -f /usr/include/bpf/bpf_helpers.h || { \
+		echo "installing clang, llvm and libbpf-dev"; apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang llvm libbpf-dev >/dev/null; }
+
+.PHONY: generate-bpf
+generate-bpf: bpf-toolchain ## Compile bpf/ into the committed bpf2go objects in internal/datapath.
+	$(GO) generate ./internal/datapath/...
+
+GENERATED := apis config internal/datapath
+
 .PHONY: verify-generated
-verify-generated: manifests generate ## Fail when generated files differ from what is committed.
-	@if [ -n "$$(git status --porcelain -- apis config)" ]; then \
-		echo "Generated files drifted; run 'make manifests generate' and commit:"; \
-		git status --porcelain -- apis config; git --no-pager diff --stat -- apis config; exit 1; fi
+verify-generated: manifests generate generate-bpf ## Fail when generated files differ from what is committed.
+	@if [ -n "$$(git status --porcelain -- $(GENERATED))" ]; then \
+		echo "Generated files drifted; run 'make manifests generate generate-bpf' and commit:"; \
+		git status --porcelain -- $(GENERATED); git --no-pager diff --stat -- $(GENERATED); exit 1; fi
 
 .PHONY: fmt
 fmt: ## Format the Go code.
@@ -50,7 +62,7 @@ envtest: ## Provide kube-apiserver and etcd for the tests (setup-envtest, else b
 	@mkdir -p $(LOCALBIN) && ln -sfn $(ENVTEST_ASSETS) $(LOCALBIN)/k8s
 
 .PHONY: test
-test: verify-generated vet envtest ## Run every test: unit, property, fuzz seeds, envtest suites.
+test: verify-generated vet envtest ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root).
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./... -count=1
 
 .PHONY: fuzz
