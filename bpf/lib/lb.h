@@ -25,6 +25,15 @@ struct svc4_key {
 	__u16 pad;
 };
 
+struct svc6_key {
+	__be32 address[4];
+	__be16 port;
+	__u8 proto;
+	__u8 scope;
+	__u16 slot;
+	__u16 pad;
+};
+
 /* Slot 0: the frontend, with its backend count. Slot n: backend_id of the n-th backend. */
 struct svc_value {
 	__u32 backend_id;
@@ -41,6 +50,13 @@ struct backend4 {
 	__u8 flags;
 };
 
+struct backend6 {
+	__be32 address[4];
+	__be16 port;
+	__u8 proto;
+	__u8 flags;
+};
+
 /* Which frontend a translated socket was opened to, so that getpeername can say so. */
 struct sock4_key {
 	__u64 cookie;
@@ -51,6 +67,19 @@ struct sock4_key {
 
 struct sock4_value {
 	__be32 address;
+	__be16 port;
+	__u16 rev_nat_id;
+};
+
+struct sock6_key {
+	__u64 cookie;
+	__be32 address[4];
+	__be16 port;
+	__u16 pad[3];
+};
+
+struct sock6_value {
+	__be32 address[4];
 	__be16 port;
 	__u16 rev_nat_id;
 };
@@ -75,6 +104,27 @@ struct {
 	__type(value, struct sock4_value);
 	__uint(max_entries, LB_MAX_SOCKETS);
 } portico_sock4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct svc6_key);
+	__type(value, struct svc_value);
+	__uint(max_entries, LB_MAX_SERVICE_ENTRIES);
+} portico_svc6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct backend6);
+	__uint(max_entries, LB_MAX_BACKENDS);
+} portico_be6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sock6_key);
+	__type(value, struct sock6_value);
+	__uint(max_entries, LB_MAX_SOCKETS);
+} portico_sock6 SEC(".maps");
 
 /* lb4_lookup_frontend returns the frontend of addr:port/proto in a scope, or NULL. */
 static __always_inline struct svc_value *
@@ -102,6 +152,35 @@ lb4_pick_backend(struct svc4_key *key, const struct svc_value *frontend)
 	if (!slot)
 		return NULL;
 	return bpf_map_lookup_elem(&portico_be4, &slot->backend_id);
+}
+
+static __always_inline struct svc_value *
+lb6_lookup_frontend(struct svc6_key *key, const __be32 addr[4], __be16 port, __u8 proto, __u8 scope)
+{
+	key->address[0] = addr[0];
+	key->address[1] = addr[1];
+	key->address[2] = addr[2];
+	key->address[3] = addr[3];
+	key->port = port;
+	key->proto = proto;
+	key->scope = scope;
+	key->slot = 0;
+	key->pad = 0;
+	return bpf_map_lookup_elem(&portico_svc6, key);
+}
+
+static __always_inline struct backend6 *
+lb6_pick_backend(struct svc6_key *key, const struct svc_value *frontend)
+{
+	struct svc_value *slot;
+
+	if (frontend->count == 0)
+		return NULL;
+	key->slot = (bpf_get_prandom_u32() % frontend->count) + 1;
+	slot = bpf_map_lookup_elem(&portico_svc6, key);
+	if (!slot)
+		return NULL;
+	return bpf_map_lookup_elem(&portico_be6, &slot->backend_id);
 }
 
 #endif /* PORTICO_LB_H */

@@ -31,11 +31,12 @@ type Frontend struct {
 
 // SocketLB translates connections of the processes in one cgroup (and below) at the socket
 // layer: connect() to a frontend goes to one of its backends, getpeername() shows the
-// frontend. Only IPv4 frontends so far.
+// frontend. IPv4 and IPv6, TCP and connected UDP.
 type SocketLB struct {
 	objs  sockLBObjects
 	links []link.Link
-	// ids numbers the backends in the maps; an id is reused once its backend is gone.
+	// ids numbers the backends in the maps (one numbering for both families); an id is
+	// reused once its backend is gone.
 	ids    map[backendRef]uint32
 	free   []uint32
 	nextID uint32
@@ -58,6 +59,8 @@ func AttachSocketLB(cgroupPath string) (*SocketLB, error) {
 	}{
 		{s.objs.PorticoConnect4, ebpf.AttachCGroupInet4Connect},
 		{s.objs.PorticoGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{s.objs.PorticoConnect6, ebpf.AttachCGroupInet6Connect},
+		{s.objs.PorticoGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 	} {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: p.attach, Program: p.prog})
 		if err != nil {
@@ -78,60 +81,120 @@ func (s *SocketLB) Close() error {
 	return errors.Join(errs...)
 }
 
+// family describes one IP family's maps and how its keys and backends are laid out.
+type family[K comparable, B any] struct {
+	svc, be *ebpf.Map
+	is      func(netip.Addr) bool
+	key     func(f netip.AddrPort, proto Protocol, slot uint16) K
+	slot    func(K) uint16
+	backend func(b netip.AddrPort, proto Protocol) B
+}
+
+var (
+	ipv4 = family[sockLBSvc4Key, sockLBBackend4]{
+		is: netip.Addr.Is4,
+		key: func(f netip.AddrPort, proto Protocol, slot uint16) sockLBSvc4Key {
+			return sockLBSvc4Key{Address: addr4(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: scopeInternal, Slot: slot}
+		},
+		slot: func(k sockLBSvc4Key) uint16 { return k.Slot },
+		backend: func(b netip.AddrPort, proto Protocol) sockLBBackend4 {
+			return sockLBBackend4{Address: addr4(b.Addr()), Port: port(b.Port()), Proto: uint8(proto)}
+		},
+	}
+	ipv6 = family[sockLBSvc6Key, sockLBBackend6]{
+		is: func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() },
+		key: func(f netip.AddrPort, proto Protocol, slot uint16) sockLBSvc6Key {
+			return sockLBSvc6Key{Address: addr6(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: scopeInternal, Slot: slot}
+		},
+		slot: func(k sockLBSvc6Key) uint16 { return k.Slot },
+		backend: func(b netip.AddrPort, proto Protocol) sockLBBackend6 {
+			return sockLBBackend6{Address: addr6(b.Addr()), Port: port(b.Port()), Proto: uint8(proto)}
+		},
+	}
+)
+
 // Apply makes the maps hold exactly these frontends. It writes in an order that never lets a
 // reader see a frontend without its backends: backends, then the slots, then the frontend
 // entry with its count (one atomic update), and removes what is left over last.
 func (s *SocketLB) Apply(frontends []Frontend) error {
-	wantSvc := map[sockLBSvc4Key]sockLBSvcValue{}
-	wantBe := map[uint32]sockLBBackend4{}
-	used := map[backendRef]bool{}
-	var heads []sockLBSvc4Key
 	for _, f := range frontends {
-		if !f.Address.Addr().Is4() {
-			return fmt.Errorf("frontend %s: only IPv4 frontends are supported so far", f.Address)
-		}
-		key := sockLBSvc4Key{Address: addr4(f.Address.Addr()), Port: port(f.Address.Port()), Proto: uint8(f.Protocol), Scope: scopeInternal}
-		for i, b := range f.Backends {
-			if !b.Addr().Is4() {
-				return fmt.Errorf("frontend %s: backend %s is not IPv4", f.Address, b)
+		for _, b := range f.Backends {
+			if b.Addr().Is4() != f.Address.Addr().Is4() {
+				return fmt.Errorf("frontend %s: backend %s is of the other IP family", f.Address, b)
 			}
-			ref := backendRef{b, f.Protocol}
-			id := s.id(ref)
-			used[ref] = true
-			wantBe[id] = sockLBBackend4{Address: addr4(b.Addr()), Port: port(b.Port()), Proto: uint8(f.Protocol)}
-			slot := key
-			slot.Slot = uint16(i + 1)
-			wantSvc[slot] = sockLBSvcValue{BackendId: id}
 		}
-		wantSvc[key] = sockLBSvcValue{Count: uint16(len(f.Backends))}
-		heads = append(heads, key)
-	}
-
-	for id, be := range wantBe {
-		if err := s.objs.PorticoBe4.Put(id, be); err != nil {
-			return fmt.Errorf("write backend %d: %w", id, err)
+		if f.Address.Addr().Is4In6() || f.Address.Addr().Zone() != "" {
+			return fmt.Errorf("frontend %s: IPv4-mapped and zoned addresses are not frontends", f.Address)
 		}
 	}
-	for k, v := range wantSvc {
-		if k.Slot == 0 {
+	used := map[backendRef]bool{}
+	v4 := ipv4
+	v4.svc, v4.be = s.objs.PorticoSvc4, s.objs.PorticoBe4
+	v6 := ipv6
+	v6.svc, v6.be = s.objs.PorticoSvc6, s.objs.PorticoBe6
+	if err := apply(s, v4, frontends, used); err != nil {
+		return fmt.Errorf("apply IPv4 frontends: %w", err)
+	}
+	if err := apply(s, v6, frontends, used); err != nil {
+		return fmt.Errorf("apply IPv6 frontends: %w", err)
+	}
+	for ref, id := range s.ids {
+		if used[ref] {
 			continue
 		}
-		if err := s.objs.PorticoSvc4.Put(k, v); err != nil {
-			return fmt.Errorf("write service slot: %w", err)
+		m := s.objs.PorticoBe4
+		if !ref.addr.Addr().Is4() {
+			m = s.objs.PorticoBe6
 		}
+		if err := m.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete backend %d: %w", id, err)
+		}
+		delete(s.ids, ref)
+		s.free = append(s.free, id)
+	}
+	return nil
+}
+
+// apply writes one family's frontends and removes its stale service entries; backends no
+// longer used are left for the caller to remove, after both families are done.
+func apply[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Frontend, used map[backendRef]bool) error {
+	want := map[K]sockLBSvcValue{}
+	var heads []K
+	for _, f := range frontends {
+		if !fam.is(f.Address.Addr()) {
+			continue
+		}
+		for i, b := range f.Backends {
+			ref := backendRef{b, f.Protocol}
+			id := s.id(ref)
+			if !used[ref] {
+				if err := fam.be.Put(id, fam.backend(b, f.Protocol)); err != nil {
+					return fmt.Errorf("write backend %s: %w", b, err)
+				}
+				used[ref] = true
+			}
+			slot := fam.key(f.Address, f.Protocol, uint16(i+1))
+			want[slot] = sockLBSvcValue{BackendId: id}
+			if err := fam.svc.Put(slot, want[slot]); err != nil {
+				return fmt.Errorf("write slot %d of %s: %w", i+1, f.Address, err)
+			}
+		}
+		head := fam.key(f.Address, f.Protocol, 0)
+		want[head] = sockLBSvcValue{Count: uint16(len(f.Backends))}
+		heads = append(heads, head)
 	}
 	for _, k := range heads {
-		if err := s.objs.PorticoSvc4.Put(k, wantSvc[k]); err != nil {
+		if err := fam.svc.Put(k, want[k]); err != nil {
 			return fmt.Errorf("write frontend: %w", err)
 		}
 	}
 
-	var stale []sockLBSvc4Key
-	var k sockLBSvc4Key
+	var stale []K
+	var k K
 	var v sockLBSvcValue
-	it := s.objs.PorticoSvc4.Iterate()
+	it := fam.svc.Iterate()
 	for it.Next(&k, &v) {
-		if _, ok := wantSvc[k]; !ok {
+		if _, ok := want[k]; !ok {
 			stale = append(stale, k)
 		}
 	}
@@ -139,21 +202,11 @@ func (s *SocketLB) Apply(frontends []Frontend) error {
 		return fmt.Errorf("read service map: %w", err)
 	}
 	// Frontends first, so that no reader follows a frontend to a slot that is gone.
-	slices.SortFunc(stale, func(a, b sockLBSvc4Key) int { return int(a.Slot) - int(b.Slot) })
+	slices.SortFunc(stale, func(a, b K) int { return int(fam.slot(a)) - int(fam.slot(b)) })
 	for _, k := range stale {
-		if err := s.objs.PorticoSvc4.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete service entry: %w", err)
 		}
-	}
-	for ref, id := range s.ids {
-		if used[ref] {
-			continue
-		}
-		if err := s.objs.PorticoBe4.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete backend %d: %w", id, err)
-		}
-		delete(s.ids, ref)
-		s.free = append(s.free, id)
 	}
 	return nil
 }
@@ -176,11 +229,20 @@ func (s *SocketLB) id(ref backendRef) uint32 {
 // scopeInternal is LB_SCOPE_INTERNAL: socket-level translation serves clients on the node.
 const scopeInternal = 1
 
-// addr4 and port lay out an address and a port in network byte order in the host-order
+// addr4, addr6 and port lay out addresses and ports in network byte order in the host-order
 // integers that bpf2go generates.
 func addr4(a netip.Addr) uint32 {
 	b := a.As4()
 	return binary.NativeEndian.Uint32(b[:])
+}
+
+func addr6(a netip.Addr) [4]uint32 {
+	b := a.As16()
+	var out [4]uint32
+	for i := range out {
+		out[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return out
 }
 
 func port(p uint16) uint16 {

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
@@ -57,11 +58,11 @@ func client(target string) {
 // the client. The client namespace has no default route: an untranslated frontend address
 // goes nowhere.
 type topology struct {
-	t                 *testing.T
-	client, backend   string
-	cgroup            string
-	clientIP, backIP  netip.Addr
-	backendListenAddr string
+	t                  *testing.T
+	client, backend    string
+	cgroup             string
+	clientIP, backIP   netip.Addr
+	clientIP6, backIP6 netip.Addr
 }
 
 func newTopology(t *testing.T) *topology {
@@ -75,13 +76,16 @@ func newTopology(t *testing.T) *topology {
 	}
 	id := fmt.Sprintf("%d", os.Getpid()%100000)
 	top := &topology{t: t, client: "ptc-c" + id, backend: "ptc-b" + id, cgroup: filepath.Join(root, "portico-test-"+id),
-		clientIP: netip.MustParseAddr("10.250.0.1"), backIP: netip.MustParseAddr("10.250.0.2")}
+		clientIP: netip.MustParseAddr("10.250.0.1"), backIP: netip.MustParseAddr("10.250.0.2"),
+		clientIP6: netip.MustParseAddr("fd00:250::1"), backIP6: netip.MustParseAddr("fd00:250::2")}
 	t.Cleanup(top.teardown)
 	top.run("ip", "netns", "add", top.client)
 	top.run("ip", "netns", "add", top.backend)
 	top.run("ip", "link", "add", "ptc-v"+id, "netns", top.client, "type", "veth", "peer", "name", "ptc-p"+id, "netns", top.backend)
 	top.run("ip", "-n", top.client, "addr", "add", top.clientIP.String()+"/30", "dev", "ptc-v"+id)
 	top.run("ip", "-n", top.backend, "addr", "add", top.backIP.String()+"/30", "dev", "ptc-p"+id)
+	top.run("ip", "-n", top.client, "addr", "add", top.clientIP6.String()+"/64", "dev", "ptc-v"+id, "nodad")
+	top.run("ip", "-n", top.backend, "addr", "add", top.backIP6.String()+"/64", "dev", "ptc-p"+id, "nodad")
 	for _, ns := range []string{top.client, top.backend} {
 		top.run("ip", "-n", ns, "link", "set", "lo", "up")
 	}
@@ -114,10 +118,17 @@ func (top *topology) teardown() {
 	top.t.Errorf("could not remove cgroup %s", top.cgroup)
 }
 
-// serve starts TCP and UDP echo servers on port in the backend namespace that answer with
-// their own address. The sockets stay in that namespace; the thread that made them is
-// discarded.
+// serve starts TCP and UDP echo servers on port, on both backend addresses, in the backend
+// namespace; they answer with their own address.
 func (top *topology) serve(port uint16) {
+	top.t.Helper()
+	top.serveOn(netip.AddrPortFrom(top.backIP, port))
+	top.serveOn(netip.AddrPortFrom(top.backIP6, port))
+}
+
+// serveOn listens in the backend namespace. The sockets stay in that namespace; the thread
+// that made them is discarded.
+func (top *topology) serveOn(addr netip.AddrPort) {
 	top.t.Helper()
 	type result struct {
 		tcp net.Listener
@@ -137,13 +148,12 @@ func (top *topology) serve(port uint16) {
 			done <- result{err: err}
 			return
 		}
-		addr := netip.AddrPortFrom(top.backIP, port).String()
-		tcp, err := net.Listen("tcp4", addr)
+		tcp, err := net.Listen("tcp", addr.String())
 		if err != nil {
 			done <- result{err: err}
 			return
 		}
-		udp, err := net.ListenPacket("udp4", addr)
+		udp, err := net.ListenPacket("udp", addr.String())
 		done <- result{tcp, udp, err}
 	}()
 	r := <-done
@@ -204,54 +214,81 @@ func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = lb.Close() })
 
-	vip := netip.MustParseAddrPort("10.96.0.10:80")
-	dns := netip.MustParseAddrPort("10.96.0.53:53")
-	empty := netip.MustParseAddrPort("10.96.0.11:80")
-	backend := netip.AddrPortFrom(top.backIP, 8080)
-	if err := lb.Apply([]Frontend{
-		{Address: vip, Protocol: TCP, Backends: []netip.AddrPort{backend}},
-		{Address: dns, Protocol: UDP, Backends: []netip.AddrPort{backend}},
-		{Address: empty, Protocol: TCP},
-	}); err != nil {
+	type family struct {
+		name                         string
+		web, dns, empty, notFrontend netip.AddrPort
+		backend                      netip.AddrPort
+	}
+	families := []family{
+		{"v4", netip.MustParseAddrPort("10.96.0.10:80"), netip.MustParseAddrPort("10.96.0.53:53"), netip.MustParseAddrPort("10.96.0.11:80"),
+			netip.MustParseAddrPort("10.96.0.99:80"), netip.AddrPortFrom(top.backIP, 8080)},
+		{"v6", netip.MustParseAddrPort("[fd00:96::10]:80"), netip.MustParseAddrPort("[fd00:96::53]:53"), netip.MustParseAddrPort("[fd00:96::11]:80"),
+			netip.MustParseAddrPort("[fd00:96::99]:80"), netip.AddrPortFrom(top.backIP6, 8080)},
+	}
+	var all []Frontend
+	for _, f := range families {
+		all = append(all,
+			Frontend{Address: f.web, Protocol: TCP, Backends: []netip.AddrPort{f.backend}},
+			Frontend{Address: f.dns, Protocol: UDP, Backends: []netip.AddrPort{f.backend}},
+			Frontend{Address: f.empty, Protocol: TCP})
+	}
+	if err := lb.Apply(all); err != nil {
 		t.Fatal(err)
 	}
 
-	for _, tc := range []struct {
-		name, proto string
-		to          netip.AddrPort
-		want        string
-	}{
-		{"tcp to a ClusterIP reaches the backend and sees the VIP as peer", "tcp4", vip, fmt.Sprintf("peer=%s reply=from %s", vip, backend)},
-		{"connected udp likewise", "udp4", dns, fmt.Sprintf("peer=%s reply=from %s", dns, backend)},
-		{"no backends: refused", "tcp4", empty, "connection refused"},
-		{"not a frontend: untouched (no route out)", "tcp4", netip.MustParseAddrPort("10.96.0.99:80"), "network is unreachable"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if got := top.dial(tc.proto, tc.to); !strings.Contains(got, tc.want) {
-				t.Fatalf("client printed %q, want %q", got, tc.want)
-			}
-		})
+	for _, f := range families {
+		for _, tc := range []struct {
+			name, proto string
+			to          netip.AddrPort
+			want        string
+		}{
+			{"tcp to a ClusterIP reaches the backend and sees the VIP as peer", "tcp", f.web, fmt.Sprintf("peer=%s reply=from %s", f.web, f.backend)},
+			{"connected udp likewise", "udp", f.dns, fmt.Sprintf("peer=%s reply=from %s", f.dns, f.backend)},
+			{"no backends: refused", "tcp", f.empty, "connection refused"},
+			{"not a frontend: untouched (no route out)", "tcp", f.notFrontend, "network is unreachable"},
+		} {
+			t.Run(f.name+"/"+tc.name, func(t *testing.T) {
+				if got := top.dial(tc.proto, tc.to); !strings.Contains(got, tc.want) {
+					t.Fatalf("client printed %q, want %q", got, tc.want)
+				}
+			})
+		}
 	}
 
-	// Removing a frontend stops its translation.
-	if err := lb.Apply([]Frontend{{Address: dns, Protocol: UDP, Backends: []netip.AddrPort{backend}}}); err != nil {
+	// Removing frontends stops their translation and leaves only what is still wanted.
+	keep := []Frontend{all[1], all[4]} // the two DNS frontends
+	if err := lb.Apply(keep); err != nil {
 		t.Fatal(err)
 	}
-	if got := top.dial("tcp4", vip); !strings.Contains(got, "network is unreachable") {
-		t.Fatalf("after removal the client printed %q, want the VIP untranslated", got)
+	for _, f := range families {
+		if got := top.dial("tcp", f.web); !strings.Contains(got, "network is unreachable") {
+			t.Fatalf("after removal the client printed %q, want %s untranslated", got, f.web)
+		}
+		if got := top.dial("udp", f.dns); !strings.Contains(got, "reply=from "+f.backend.String()) {
+			t.Fatalf("a kept frontend stopped working: %q", got)
+		}
 	}
-	var k sockLBSvc4Key
-	var v sockLBSvcValue
-	n := 0
-	for it := lb.objs.PorticoSvc4.Iterate(); it.Next(&k, &v); {
-		n++
-	}
-	if n != 2 {
-		t.Fatalf("service map holds %d entries after removal, want 2 (frontend and its slot)", n)
+	if n4, n6 := entries(t, lb.objs.PorticoSvc4), entries(t, lb.objs.PorticoSvc6); n4 != 2 || n6 != 2 {
+		t.Fatalf("service maps hold %d and %d entries after removal, want 2 each (frontend and its slot)", n4, n6)
 	}
 }
 
-func TestApplyRejectsIPv6ForNow(t *testing.T) {
+func entries(t *testing.T, m *ebpf.Map) int {
+	t.Helper()
+	n := 0
+	k := make([]byte, m.KeySize())
+	v := make([]byte, m.ValueSize())
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs")
 	}
@@ -260,8 +297,12 @@ func TestApplyRejectsIPv6ForNow(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	err := s.Apply([]Frontend{{Address: netip.MustParseAddrPort("[fd00::1]:80"), Protocol: TCP}})
-	if err == nil || !strings.Contains(err.Error(), "only IPv4") {
-		t.Fatalf("err = %v", err)
+	for _, f := range []Frontend{
+		{Address: netip.MustParseAddrPort("[fd00::1]:80"), Protocol: TCP, Backends: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:80")}},
+		{Address: netip.MustParseAddrPort("[::ffff:10.96.0.1]:80"), Protocol: TCP},
+	} {
+		if err := s.Apply([]Frontend{f}); err == nil {
+			t.Errorf("Apply(%v) accepted it", f)
+		}
 	}
 }

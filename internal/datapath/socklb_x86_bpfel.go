@@ -21,6 +21,14 @@ type sockLBBackend4 struct {
 	Flags   uint8
 }
 
+type sockLBBackend6 struct {
+	_       structs.HostLayout
+	Address [4]uint32
+	Port    uint16
+	Proto   uint8
+	Flags   uint8
+}
+
 type sockLBSock4Key struct {
 	_       structs.HostLayout
 	Cookie  uint64
@@ -36,9 +44,34 @@ type sockLBSock4Value struct {
 	RevNatId uint16
 }
 
+type sockLBSock6Key struct {
+	_       structs.HostLayout
+	Cookie  uint64
+	Address [4]uint32
+	Port    uint16
+	Pad     [3]uint16
+}
+
+type sockLBSock6Value struct {
+	_        structs.HostLayout
+	Address  [4]uint32
+	Port     uint16
+	RevNatId uint16
+}
+
 type sockLBSvc4Key struct {
 	_       structs.HostLayout
 	Address uint32
+	Port    uint16
+	Proto   uint8
+	Scope   uint8
+	Slot    uint16
+	Pad     uint16
+}
+
+type sockLBSvc6Key struct {
+	_       structs.HostLayout
+	Address [4]uint32
 	Port    uint16
 	Proto   uint8
 	Scope   uint8
@@ -98,7 +131,9 @@ type sockLBSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockLBProgramSpecs struct {
 	PorticoConnect4     *ebpf.ProgramSpec `ebpf:"portico_connect4"`
+	PorticoConnect6     *ebpf.ProgramSpec `ebpf:"portico_connect6"`
 	PorticoGetpeername4 *ebpf.ProgramSpec `ebpf:"portico_getpeername4"`
+	PorticoGetpeername6 *ebpf.ProgramSpec `ebpf:"portico_getpeername6"`
 }
 
 // sockLBMapSpecs contains maps before they are loaded into the kernel.
@@ -106,8 +141,11 @@ type sockLBProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockLBMapSpecs struct {
 	PorticoBe4   *ebpf.MapSpec `ebpf:"portico_be4"`
+	PorticoBe6   *ebpf.MapSpec `ebpf:"portico_be6"`
 	PorticoSock4 *ebpf.MapSpec `ebpf:"portico_sock4"`
+	PorticoSock6 *ebpf.MapSpec `ebpf:"portico_sock6"`
 	PorticoSvc4  *ebpf.MapSpec `ebpf:"portico_svc4"`
+	PorticoSvc6  *ebpf.MapSpec `ebpf:"portico_svc6"`
 }
 
 // sockLBVariableSpecs contains global variables before they are loaded into the kernel.
@@ -137,15 +175,21 @@ func (o *sockLBObjects) Close() error {
 // It can be passed to loadSockLBObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockLBMaps struct {
 	PorticoBe4   *ebpf.Map `ebpf:"portico_be4"`
+	PorticoBe6   *ebpf.Map `ebpf:"portico_be6"`
 	PorticoSock4 *ebpf.Map `ebpf:"portico_sock4"`
+	PorticoSock6 *ebpf.Map `ebpf:"portico_sock6"`
 	PorticoSvc4  *ebpf.Map `ebpf:"portico_svc4"`
+	PorticoSvc6  *ebpf.Map `ebpf:"portico_svc6"`
 }
 
 func (m *sockLBMaps) Close() error {
 	return _SockLBClose(
 		m.PorticoBe4,
+		m.PorticoBe6,
 		m.PorticoSock4,
+		m.PorticoSock6,
 		m.PorticoSvc4,
+		m.PorticoSvc6,
 	)
 }
 
@@ -160,13 +204,17 @@ type sockLBVariables struct {
 // It can be passed to loadSockLBObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockLBPrograms struct {
 	PorticoConnect4     *ebpf.Program `ebpf:"portico_connect4"`
+	PorticoConnect6     *ebpf.Program `ebpf:"portico_connect6"`
 	PorticoGetpeername4 *ebpf.Program `ebpf:"portico_getpeername4"`
+	PorticoGetpeername6 *ebpf.Program `ebpf:"portico_getpeername6"`
 }
 
 func (p *sockLBPrograms) Close() error {
 	return _SockLBClose(
 		p.PorticoConnect4,
+		p.PorticoConnect6,
 		p.PorticoGetpeername4,
+		p.PorticoGetpeername6,
 	)
 }
 
