@@ -30,8 +30,8 @@ type Frontend struct {
 }
 
 // SocketLB translates connections of the processes in one cgroup (and below) at the socket
-// layer: connect() to a frontend goes to one of its backends, getpeername() shows the
-// frontend. IPv4 and IPv6, TCP and connected UDP.
+// layer: connect() or sendmsg() to a frontend goes to one of its backends, getpeername() and
+// recvmsg() show the frontend. IPv4 and IPv6, TCP and UDP.
 type SocketLB struct {
 	objs  sockLBObjects
 	links []link.Link
@@ -58,8 +58,12 @@ func AttachSocketLB(cgroupPath string) (*SocketLB, error) {
 		attach ebpf.AttachType
 	}{
 		{s.objs.PorticoConnect4, ebpf.AttachCGroupInet4Connect},
+		{s.objs.PorticoSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{s.objs.PorticoRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
 		{s.objs.PorticoGetpeername4, ebpf.AttachCgroupInet4GetPeername},
 		{s.objs.PorticoConnect6, ebpf.AttachCGroupInet6Connect},
+		{s.objs.PorticoSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{s.objs.PorticoRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
 		{s.objs.PorticoGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 	} {
 		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: p.attach, Program: p.prog})

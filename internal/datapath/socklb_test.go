@@ -31,9 +31,13 @@ func TestMain(m *testing.M) {
 }
 
 // client dials "proto addr", sends a line, and prints the peer it sees and the reply, or the
-// error.
+// error. Protocol "udp-sendto" uses an unconnected socket and prints the reply's source.
 func client(target string) {
 	proto, addr, _ := strings.Cut(target, " ")
+	if proto == "udp-sendto" {
+		sendto(addr)
+		return
+	}
 	conn, err := net.DialTimeout(proto, addr, 2*time.Second)
 	if err != nil {
 		fmt.Println("error:", err)
@@ -52,6 +56,34 @@ func client(target string) {
 		return
 	}
 	fmt.Printf("peer=%s reply=%s\n", conn.RemoteAddr(), strings.TrimSpace(string(buf[:n])))
+}
+
+// sendto uses Go's unbound UDP socket, which is dual-stack: for an IPv4 frontend the reply
+// reaches it through the IPv6 hooks as an IPv4-mapped address, which this also covers.
+func sendto(addr string) {
+	to, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		fmt.Println("error:", err)
+		return
+	}
+	conn, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		fmt.Println("error:", err)
+		return
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := conn.WriteToUDP([]byte("hello\n"), to); err != nil {
+		fmt.Println("error:", err)
+		return
+	}
+	buf := make([]byte, 256)
+	n, from, err := conn.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		fmt.Println("error:", err)
+		return
+	}
+	fmt.Printf("peer=%s reply=%s\n", netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), strings.TrimSpace(string(buf[:n])))
 }
 
 // topology is a client namespace and a backend namespace on one veth pair, and a cgroup for
@@ -244,6 +276,7 @@ func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 		}{
 			{"tcp to a ClusterIP reaches the backend and sees the VIP as peer", "tcp", f.web, fmt.Sprintf("peer=%s reply=from %s", f.web, f.backend)},
 			{"connected udp likewise", "udp", f.dns, fmt.Sprintf("peer=%s reply=from %s", f.dns, f.backend)},
+			{"unconnected udp: the reply comes from the VIP", "udp-sendto", f.dns, fmt.Sprintf("peer=%s reply=from %s", f.dns, f.backend)},
 			{"no backends: refused", "tcp", f.empty, "connection refused"},
 			{"not a frontend: untouched (no route out)", "tcp", f.notFrontend, "network is unreachable"},
 		} {

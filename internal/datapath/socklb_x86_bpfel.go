@@ -134,6 +134,10 @@ type sockLBProgramSpecs struct {
 	PorticoConnect6     *ebpf.ProgramSpec `ebpf:"portico_connect6"`
 	PorticoGetpeername4 *ebpf.ProgramSpec `ebpf:"portico_getpeername4"`
 	PorticoGetpeername6 *ebpf.ProgramSpec `ebpf:"portico_getpeername6"`
+	PorticoRecvmsg4     *ebpf.ProgramSpec `ebpf:"portico_recvmsg4"`
+	PorticoRecvmsg6     *ebpf.ProgramSpec `ebpf:"portico_recvmsg6"`
+	PorticoSendmsg4     *ebpf.ProgramSpec `ebpf:"portico_sendmsg4"`
+	PorticoSendmsg6     *ebpf.ProgramSpec `ebpf:"portico_sendmsg6"`
 }
 
 // sockLBMapSpecs contains maps before they are loaded into the kernel.
@@ -207,6 +211,10 @@ type sockLBPrograms struct {
 	PorticoConnect6     *ebpf.Program `ebpf:"portico_connect6"`
 	PorticoGetpeername4 *ebpf.Program `ebpf:"portico_getpeername4"`
 	PorticoGetpeername6 *ebpf.Program `ebpf:"portico_getpeername6"`
+	PorticoRecvmsg4     *ebpf.Program `ebpf:"portico_recvmsg4"`
+	PorticoRecvmsg6     *ebpf.Program `ebpf:"portico_recvmsg6"`
+	PorticoSendmsg4     *ebpf.Program `ebpf:"portico_sendmsg4"`
+	PorticoSendmsg6     *ebpf.Program `ebpf:"portico_sendmsg6"`
 }
 
 func (p *sockLBPrograms) Close() error {
@@ -215,6 +223,10 @@ func (p *sockLBPrograms) Close() error {
 		p.PorticoConnect6,
 		p.PorticoGetpeername4,
 		p.PorticoGetpeername6,
+		p.PorticoRecvmsg4,
+		p.PorticoRecvmsg6,
+		p.PorticoSendmsg4,
+		p.PorticoSendmsg6,
 	)
 }
 
