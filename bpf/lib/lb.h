@@ -1,5 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Portico load-balancing maps and lookups shared by the datapath programs (docs/datapath.md). */
+/* Portico load-balancing maps and lookups shared by the datapath programs (docs/datapath.md).
+ * Maps are pinned by name, so that a restarted agent adopts them and forwarding goes on.
+ */
 #ifndef PORTICO_LB_H
 #define PORTICO_LB_H
 
@@ -89,6 +91,7 @@ struct {
 	__type(key, struct svc4_key);
 	__type(value, struct svc_value);
 	__uint(max_entries, LB_MAX_SERVICE_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_svc4 SEC(".maps");
 
 struct {
@@ -96,6 +99,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct backend4);
 	__uint(max_entries, LB_MAX_BACKENDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_be4 SEC(".maps");
 
 struct {
@@ -103,6 +107,7 @@ struct {
 	__type(key, struct sock4_key);
 	__type(value, struct sock4_value);
 	__uint(max_entries, LB_MAX_SOCKETS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_sock4 SEC(".maps");
 
 struct {
@@ -110,6 +115,7 @@ struct {
 	__type(key, struct svc6_key);
 	__type(value, struct svc_value);
 	__uint(max_entries, LB_MAX_SERVICE_ENTRIES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_svc6 SEC(".maps");
 
 struct {
@@ -117,6 +123,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct backend6);
 	__uint(max_entries, LB_MAX_BACKENDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_be6 SEC(".maps");
 
 struct {
@@ -124,6 +131,7 @@ struct {
 	__type(key, struct sock6_key);
 	__type(value, struct sock6_value);
 	__uint(max_entries, LB_MAX_SOCKETS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_sock6 SEC(".maps");
 
 /* lb4_lookup_frontend returns the frontend of addr:port/proto in a scope, or NULL. */

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 
 	"github.com/cilium/ebpf"
@@ -40,6 +42,7 @@ type SocketLB struct {
 	ids    map[backendRef]uint32
 	free   []uint32
 	nextID uint32
+	pinDir string
 }
 
 type backendRef struct {
@@ -48,40 +51,150 @@ type backendRef struct {
 }
 
 // AttachSocketLB loads the socket programs and attaches them to a cgroup v2 directory.
-func AttachSocketLB(cgroupPath string) (*SocketLB, error) {
-	s := &SocketLB{ids: map[backendRef]uint32{}, nextID: 1}
-	if err := loadSockLBObjects(&s.objs, nil); err != nil {
-		return nil, fmt.Errorf("load socket programs: %w", err)
+//
+// With a pinDir (a directory on a bpffs mount) the maps and the attachments are pinned there:
+// when the process exits the programs stay attached and keep translating with the last
+// state, and the next AttachSocketLB with the same pinDir adopts the maps, with every
+// frontend and socket in them, and replaces the programs with its own in one step. Without a
+// pinDir everything goes when the SocketLB is closed.
+func AttachSocketLB(cgroupPath, pinDir string) (*SocketLB, error) {
+	s := &SocketLB{ids: map[backendRef]uint32{}, nextID: 1, pinDir: pinDir}
+	if err := loadObjects(&s.objs, pinDir); err != nil {
+		return nil, err
 	}
 	for _, p := range []struct {
+		name   string
 		prog   *ebpf.Program
 		attach ebpf.AttachType
 	}{
-		{s.objs.PorticoConnect4, ebpf.AttachCGroupInet4Connect},
-		{s.objs.PorticoSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
-		{s.objs.PorticoRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
-		{s.objs.PorticoGetpeername4, ebpf.AttachCgroupInet4GetPeername},
-		{s.objs.PorticoConnect6, ebpf.AttachCGroupInet6Connect},
-		{s.objs.PorticoSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
-		{s.objs.PorticoRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
-		{s.objs.PorticoGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+		{"connect4", s.objs.PorticoConnect4, ebpf.AttachCGroupInet4Connect},
+		{"sendmsg4", s.objs.PorticoSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{"recvmsg4", s.objs.PorticoRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{"getpeername4", s.objs.PorticoGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{"connect6", s.objs.PorticoConnect6, ebpf.AttachCGroupInet6Connect},
+		{"sendmsg6", s.objs.PorticoSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{"recvmsg6", s.objs.PorticoRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{"getpeername6", s.objs.PorticoGetpeername6, ebpf.AttachCgroupInet6GetPeername},
 	} {
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: p.attach, Program: p.prog})
+		l, err := s.attach(cgroupPath, "link_"+p.name, p.prog, p.attach)
 		if err != nil {
-			return nil, errors.Join(fmt.Errorf("attach %s to %s: %w", p.prog, cgroupPath, err), s.Close())
+			return nil, errors.Join(fmt.Errorf("attach %s to %s: %w", p.name, cgroupPath, err), s.Close())
 		}
 		s.links = append(s.links, l)
+	}
+	if err := s.adoptBackendIDs(); err != nil {
+		return nil, errors.Join(err, s.Close())
 	}
 	return s, nil
 }
 
-// Close detaches the programs and frees the maps.
+// loadObjects loads the programs and maps, adopting maps pinned in pinDir; with no pinDir
+// nothing is pinned.
+func loadObjects(objs *sockLBObjects, pinDir string) error {
+	spec, err := loadSockLB()
+	if err != nil {
+		return fmt.Errorf("read socket programs: %w", err)
+	}
+	opts := &ebpf.CollectionOptions{}
+	if pinDir == "" {
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+	} else {
+		if err := os.MkdirAll(pinDir, 0o700); err != nil {
+			return fmt.Errorf("make pin directory: %w", err)
+		}
+		opts.Maps.PinPath = pinDir
+	}
+	if err := spec.LoadAndAssign(objs, opts); err != nil {
+		return fmt.Errorf("load socket programs: %w", err)
+	}
+	return nil
+}
+
+// attach adopts a pinned attachment, swapping in prog, or makes (and pins) a new one.
+func (s *SocketLB) attach(cgroupPath, pinName string, prog *ebpf.Program, typ ebpf.AttachType) (link.Link, error) {
+	pin := filepath.Join(s.pinDir, pinName)
+	if s.pinDir != "" {
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			if err := l.Update(prog); err != nil {
+				return nil, errors.Join(fmt.Errorf("replace the program of %s: %w", pin, err), l.Close())
+			}
+			return l, nil
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("load pinned link %s: %w", pin, err)
+		}
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: typ, Program: prog})
+	if err != nil {
+		return nil, err
+	}
+	if s.pinDir != "" {
+		if err := l.Pin(pin); err != nil {
+			return nil, errors.Join(fmt.Errorf("pin link: %w", err), l.Close())
+		}
+	}
+	return l, nil
+}
+
+// adoptBackendIDs rebuilds the backend numbering from adopted maps.
+func (s *SocketLB) adoptBackendIDs() error {
+	var id uint32
+	var b4 sockLBBackend4
+	it4 := s.objs.PorticoBe4.Iterate()
+	for it4.Next(&id, &b4) {
+		s.adopt(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), Protocol(b4.Proto)})
+	}
+	var b6 sockLBBackend6
+	it6 := s.objs.PorticoBe6.Iterate()
+	for it6.Next(&id, &b6) {
+		s.adopt(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), Protocol(b6.Proto)})
+	}
+	if err := errors.Join(it4.Err(), it6.Err()); err != nil {
+		return fmt.Errorf("read adopted backends: %w", err)
+	}
+	taken := make(map[uint32]bool, len(s.ids))
+	for _, id := range s.ids {
+		taken[id] = true
+	}
+	for i := uint32(1); i < s.nextID; i++ {
+		if !taken[i] {
+			s.free = append(s.free, i)
+		}
+	}
+	return nil
+}
+
+func (s *SocketLB) adopt(id uint32, ref backendRef) {
+	s.ids[ref] = id
+	s.nextID = max(s.nextID, id+1)
+}
+
+// Close releases this process's hold on the programs and maps. Pinned ones stay in force.
 func (s *SocketLB) Close() error {
 	var errs []error
 	for _, l := range s.links {
 		errs = append(errs, l.Close())
 	}
 	errs = append(errs, s.objs.Close())
+	return errors.Join(errs...)
+}
+
+// Remove detaches the programs and deletes the pins: translation stops for good.
+func (s *SocketLB) Remove() error {
+	var errs []error
+	for _, l := range s.links {
+		errs = append(errs, l.Unpin())
+	}
+	for _, m := range []*ebpf.Map{s.objs.PorticoSvc4, s.objs.PorticoBe4, s.objs.PorticoSock4, s.objs.PorticoSvc6, s.objs.PorticoBe6, s.objs.PorticoSock6} {
+		if m.IsPinned() {
+			errs = append(errs, m.Unpin())
+		}
+	}
+	errs = append(errs, s.Close())
+	if s.pinDir != "" {
+		errs = append(errs, os.Remove(s.pinDir))
+	}
 	return errors.Join(errs...)
 }
 
@@ -247,6 +360,26 @@ func addr6(a netip.Addr) [4]uint32 {
 		out[i] = binary.NativeEndian.Uint32(b[4*i:])
 	}
 	return out
+}
+
+func bytes4(v uint32) [4]byte {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return b
+}
+
+func bytes16(v [4]uint32) [16]byte {
+	var b [16]byte
+	for i, w := range v {
+		binary.NativeEndian.PutUint32(b[4*i:], w)
+	}
+	return b
+}
+
+func unport(p uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], p)
+	return binary.BigEndian.Uint16(b[:])
 }
 
 func port(p uint16) uint16 {

@@ -3,6 +3,7 @@ package datapath
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -34,8 +35,12 @@ func TestMain(m *testing.M) {
 // error. Protocol "udp-sendto" uses an unconnected socket and prints the reply's source.
 func client(target string) {
 	proto, addr, _ := strings.Cut(target, " ")
-	if proto == "udp-sendto" {
+	switch proto {
+	case "udp-sendto":
 		sendto(addr)
+		return
+	case "tcp-hold":
+		hold(addr)
 		return
 	}
 	conn, err := net.DialTimeout(proto, addr, 2*time.Second)
@@ -56,6 +61,59 @@ func client(target string) {
 		return
 	}
 	fmt.Printf("peer=%s reply=%s\n", conn.RemoteAddr(), strings.TrimSpace(string(buf[:n])))
+}
+
+// hold keeps one TCP connection: it exchanges a line, waits for a line on stdin, and
+// exchanges another on the same connection.
+func hold(addr string) {
+	conn, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		fmt.Println("error:", err)
+		return
+	}
+	defer conn.Close()
+	r := bufio.NewReader(conn)
+	for _, round := range []string{"first", "second"} {
+		if round == "second" {
+			if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+				fmt.Println("error:", err)
+				return
+			}
+		}
+		_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := conn.Write([]byte("hello\n")); err != nil {
+			fmt.Println("error:", err)
+			return
+		}
+		reply, err := r.ReadString('\n')
+		if err != nil {
+			fmt.Println("error:", err)
+			return
+		}
+		// Ask the kernel, not Go's copy from dial time: after a restart this reads the
+		// adopted socket map.
+		fmt.Printf("%s peer=%s reply=%s\n", round, peerOf(conn), strings.TrimSpace(reply))
+	}
+}
+
+func peerOf(conn net.Conn) string {
+	raw, err := conn.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	var peer string
+	_ = raw.Control(func(fd uintptr) {
+		sa, err := unix.Getpeername(int(fd))
+		switch a := sa.(type) {
+		case *unix.SockaddrInet4:
+			peer = netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)).String()
+		case *unix.SockaddrInet6:
+			peer = netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port)).String()
+		default:
+			peer = fmt.Sprintf("error: %v", err)
+		}
+	})
+	return peer
 }
 
 // sendto uses Go's unbound UDP socket, which is dual-stack: for an IPv4 frontend the reply
@@ -201,7 +259,11 @@ func (top *topology) serveOn(addr netip.AddrPort) {
 			}
 			go func() {
 				defer c.Close()
-				if _, err := bufio.NewReader(c).ReadString('\n'); err == nil {
+				r := bufio.NewReader(c)
+				for {
+					if _, err := r.ReadString('\n'); err != nil {
+						return
+					}
 					fmt.Fprintf(c, "from %s\n", c.LocalAddr())
 				}
 			}()
@@ -219,17 +281,25 @@ func (top *topology) serveOn(addr netip.AddrPort) {
 	}()
 }
 
-// dial runs a client in the client namespace and cgroup and returns what it printed.
-func (top *topology) dial(proto string, addr netip.AddrPort) string {
+// clientCmd prepares a client process in the client namespace and cgroup. The caller closes
+// the returned cgroup file once the process has started.
+func (top *topology) clientCmd(proto string, addr netip.AddrPort) (*exec.Cmd, *os.File) {
 	top.t.Helper()
 	cg, err := os.Open(top.cgroup)
 	if err != nil {
 		top.t.Fatal(err)
 	}
-	defer cg.Close()
 	cmd := exec.Command("ip", "netns", "exec", top.client, os.Args[0])
 	cmd.Env = append(os.Environ(), helperEnv+"="+proto+" "+addr.String())
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	return cmd, cg
+}
+
+// dial runs a client to completion and returns what it printed.
+func (top *topology) dial(proto string, addr netip.AddrPort) string {
+	top.t.Helper()
+	cmd, cg := top.clientCmd(proto, addr)
+	defer cg.Close()
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		top.t.Fatalf("client: %v\n%s", err, out)
@@ -240,7 +310,7 @@ func (top *topology) dial(proto string, addr netip.AddrPort) string {
 func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 	top := newTopology(t)
 	top.serve(8080)
-	lb, err := AttachSocketLB(top.cgroup)
+	lb, err := AttachSocketLB(top.cgroup, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -326,7 +396,7 @@ func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
 		t.Skip("needs root: loads BPF programs")
 	}
 	s := &SocketLB{ids: map[backendRef]uint32{}, nextID: 1}
-	if err := loadSockLBObjects(&s.objs, nil); err != nil {
+	if err := loadObjects(&s.objs, ""); err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
@@ -337,5 +407,96 @@ func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
 		if err := s.Apply([]Frontend{f}); err == nil {
 			t.Errorf("Apply(%v) accepted it", f)
 		}
+	}
+}
+
+// mountBPF mounts a private bpffs instance for the test's pins, so that nothing is pinned in
+// the machine's /sys/fs/bpf.
+func mountBPF(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
+		t.Fatalf("mount bpffs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount bpffs: %v", err)
+		}
+	})
+	return dir
+}
+
+func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
+	top := newTopology(t)
+	top.serve(8080)
+	pins := filepath.Join(mountBPF(t), "node-a")
+	web := netip.MustParseAddrPort("10.96.0.10:80")
+	backend := netip.AddrPortFrom(top.backIP, 8080)
+	frontends := []Frontend{{Address: web, Protocol: TCP, Backends: []netip.AddrPort{backend}}}
+
+	first, err := AttachSocketLB(top.cgroup, pins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	current := first
+	t.Cleanup(func() {
+		if err := current.Remove(); err != nil {
+			t.Errorf("remove: %v", err)
+		}
+	})
+	if err := first.Apply(frontends); err != nil {
+		t.Fatal(err)
+	}
+
+	// A client holds one connection across the restart.
+	holder, cg := top.clientCmd("tcp-hold", web)
+	stdin, err := holder.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cg.Close()
+	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
+	lines := bufio.NewScanner(stdout)
+	want := fmt.Sprintf("peer=%s reply=from %s", web, backend)
+	if !lines.Scan() || lines.Text() != "first "+want {
+		t.Fatalf("before the restart the holder printed %q, want %q", lines.Text(), "first "+want)
+	}
+
+	// The agent exits: new connections are still translated.
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := top.dial("tcp", web); got != want {
+		t.Fatalf("with the agent gone a new client printed %q, want %q", got, want)
+	}
+
+	// A new agent adopts the pins and the state in them.
+	second, err := AttachSocketLB(top.cgroup, pins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	current = second
+	if len(second.ids) != 1 || second.ids[backendRef{backend, TCP}] == 0 {
+		t.Fatalf("adopted backend ids %v, want the one backend", second.ids)
+	}
+	dns := netip.MustParseAddrPort("10.96.0.53:53")
+	if err := second.Apply(append(frontends, Frontend{Address: dns, Protocol: UDP, Backends: []netip.AddrPort{backend}})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(stdin, "go on\n"); err != nil {
+		t.Fatal(err)
+	}
+	if !lines.Scan() || lines.Text() != "second "+want {
+		t.Fatalf("after the restart the held connection printed %q, want %q", lines.Text(), "second "+want)
+	}
+	if got := top.dial("udp", dns); !strings.Contains(got, "reply=from "+backend.String()) {
+		t.Fatalf("a frontend added after the restart: %q", got)
 	}
 }
