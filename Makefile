@@ -73,8 +73,9 @@ fuzz: ## Fuzz the allocator and the annotation parser for a while (FUZZTIME, def
 	$(GO) test ./internal/controller/servicelb -run '^$$' -fuzz FuzzRequest -fuzztime $(or $(FUZZTIME),30s)
 
 .PHONY: bench
-bench: envtest ## Run the benchmarks and print their numbers (see docs/benchmarks.md).
+bench: envtest ## Run the benchmarks and print their numbers (see docs/benchmarks.md); root for the datapath.
 	$(GO) test ./internal/allocator ./internal/maglev -run '^$$' -bench . -benchmem -count 5
+	$(GO) test ./internal/datapath -run '^$$' -bench . -benchtime 1x -count 1
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/bench -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m
 
 ##@ Run

@@ -43,6 +43,9 @@ type SocketLB struct {
 	free   []uint32
 	nextID uint32
 	pinDir string
+	// applied4 and applied6 mirror the service maps, so that Apply writes only what changed.
+	applied4 map[sockLBSvc4Key]sockLBSvcValue
+	applied6 map[sockLBSvc6Key]sockLBSvcValue
 }
 
 type backendRef struct {
@@ -58,7 +61,7 @@ type backendRef struct {
 // frontend and socket in them, and replaces the programs with its own in one step. Without a
 // pinDir everything goes when the SocketLB is closed.
 func AttachSocketLB(cgroupPath, pinDir string) (*SocketLB, error) {
-	s := &SocketLB{ids: map[backendRef]uint32{}, nextID: 1, pinDir: pinDir}
+	s := newSocketLB(pinDir)
 	if err := loadObjects(&s.objs, pinDir); err != nil {
 		return nil, err
 	}
@@ -82,10 +85,15 @@ func AttachSocketLB(cgroupPath, pinDir string) (*SocketLB, error) {
 		}
 		s.links = append(s.links, l)
 	}
-	if err := s.adoptBackendIDs(); err != nil {
+	if err := s.adopt(); err != nil {
 		return nil, errors.Join(err, s.Close())
 	}
 	return s, nil
+}
+
+func newSocketLB(pinDir string) *SocketLB {
+	return &SocketLB{ids: map[backendRef]uint32{}, nextID: 1, pinDir: pinDir,
+		applied4: map[sockLBSvc4Key]sockLBSvcValue{}, applied6: map[sockLBSvc6Key]sockLBSvcValue{}}
 }
 
 // loadObjects loads the programs and maps, adopting maps pinned in pinDir; with no pinDir
@@ -137,18 +145,21 @@ func (s *SocketLB) attach(cgroupPath, pinName string, prog *ebpf.Program, typ eb
 	return l, nil
 }
 
-// adoptBackendIDs rebuilds the backend numbering from adopted maps.
-func (s *SocketLB) adoptBackendIDs() error {
+// adopt rebuilds what was applied, and the backend numbering, from adopted maps.
+func (s *SocketLB) adopt() error {
+	if err := errors.Join(mirror(s.objs.PorticoSvc4, s.applied4), mirror(s.objs.PorticoSvc6, s.applied6)); err != nil {
+		return fmt.Errorf("read adopted service maps: %w", err)
+	}
 	var id uint32
 	var b4 sockLBBackend4
 	it4 := s.objs.PorticoBe4.Iterate()
 	for it4.Next(&id, &b4) {
-		s.adopt(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), Protocol(b4.Proto)})
+		s.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), Protocol(b4.Proto)})
 	}
 	var b6 sockLBBackend6
 	it6 := s.objs.PorticoBe6.Iterate()
 	for it6.Next(&id, &b6) {
-		s.adopt(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), Protocol(b6.Proto)})
+		s.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), Protocol(b6.Proto)})
 	}
 	if err := errors.Join(it4.Err(), it6.Err()); err != nil {
 		return fmt.Errorf("read adopted backends: %w", err)
@@ -165,7 +176,17 @@ func (s *SocketLB) adoptBackendIDs() error {
 	return nil
 }
 
-func (s *SocketLB) adopt(id uint32, ref backendRef) {
+func mirror[K comparable](m *ebpf.Map, into map[K]sockLBSvcValue) error {
+	var k K
+	var v sockLBSvcValue
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		into[k] = v
+	}
+	return it.Err()
+}
+
+func (s *SocketLB) adoptID(id uint32, ref backendRef) {
 	s.ids[ref] = id
 	s.nextID = max(s.nextID, id+1)
 }
@@ -201,6 +222,7 @@ func (s *SocketLB) Remove() error {
 // family describes one IP family's maps and how its keys and backends are laid out.
 type family[K comparable, B any] struct {
 	svc, be *ebpf.Map
+	applied map[K]sockLBSvcValue
 	is      func(netip.Addr) bool
 	key     func(f netip.AddrPort, proto Protocol, slot uint16) K
 	slot    func(K) uint16
@@ -246,9 +268,9 @@ func (s *SocketLB) Apply(frontends []Frontend) error {
 	}
 	used := map[backendRef]bool{}
 	v4 := ipv4
-	v4.svc, v4.be = s.objs.PorticoSvc4, s.objs.PorticoBe4
+	v4.svc, v4.be, v4.applied = s.objs.PorticoSvc4, s.objs.PorticoBe4, s.applied4
 	v6 := ipv6
-	v6.svc, v6.be = s.objs.PorticoSvc6, s.objs.PorticoBe6
+	v6.svc, v6.be, v6.applied = s.objs.PorticoSvc6, s.objs.PorticoBe6, s.applied6
 	if err := apply(s, v4, frontends, used); err != nil {
 		return fmt.Errorf("apply IPv4 frontends: %w", err)
 	}
@@ -272,8 +294,9 @@ func (s *SocketLB) Apply(frontends []Frontend) error {
 	return nil
 }
 
-// apply writes one family's frontends and removes its stale service entries; backends no
-// longer used are left for the caller to remove, after both families are done.
+// apply writes what changed in one family's frontends and removes its stale service entries;
+// backends no longer used are left for the caller to remove, after both families are done.
+// The map writes are proportional to the change, not to the number of frontends.
 func apply[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Frontend, used map[backendRef]bool) error {
 	want := map[K]sockLBSvcValue{}
 	var heads []K
@@ -283,16 +306,16 @@ func apply[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Front
 		}
 		for i, b := range f.Backends {
 			ref := backendRef{b, f.Protocol}
-			id := s.id(ref)
-			if !used[ref] {
+			id, fresh := s.id(ref)
+			used[ref] = true
+			if fresh {
 				if err := fam.be.Put(id, fam.backend(b, f.Protocol)); err != nil {
 					return fmt.Errorf("write backend %s: %w", b, err)
 				}
-				used[ref] = true
 			}
 			slot := fam.key(f.Address, f.Protocol, uint16(i+1))
 			want[slot] = sockLBSvcValue{BackendId: id}
-			if err := fam.svc.Put(slot, want[slot]); err != nil {
+			if err := put(fam, slot, want[slot]); err != nil {
 				return fmt.Errorf("write slot %d of %s: %w", i+1, f.Address, err)
 			}
 		}
@@ -301,22 +324,16 @@ func apply[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Front
 		heads = append(heads, head)
 	}
 	for _, k := range heads {
-		if err := fam.svc.Put(k, want[k]); err != nil {
+		if err := put(fam, k, want[k]); err != nil {
 			return fmt.Errorf("write frontend: %w", err)
 		}
 	}
 
 	var stale []K
-	var k K
-	var v sockLBSvcValue
-	it := fam.svc.Iterate()
-	for it.Next(&k, &v) {
+	for k := range fam.applied {
 		if _, ok := want[k]; !ok {
 			stale = append(stale, k)
 		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read service map: %w", err)
 	}
 	// Frontends first, so that no reader follows a frontend to a slot that is gone.
 	slices.SortFunc(stale, func(a, b K) int { return int(fam.slot(a)) - int(fam.slot(b)) })
@@ -324,15 +341,28 @@ func apply[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Front
 		if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete service entry: %w", err)
 		}
+		delete(fam.applied, k)
 	}
 	return nil
 }
 
-func (s *SocketLB) id(ref backendRef) uint32 {
-	if id, ok := s.ids[ref]; ok {
-		return id
+// put writes a service entry unless the map already holds that value.
+func put[K comparable, B any](fam family[K, B], k K, v sockLBSvcValue) error {
+	if old, ok := fam.applied[k]; ok && old == v {
+		return nil
 	}
-	var id uint32
+	if err := fam.svc.Put(k, v); err != nil {
+		return err
+	}
+	fam.applied[k] = v
+	return nil
+}
+
+// id numbers a backend; fresh says the number is new, so the backend is not in the maps yet.
+func (s *SocketLB) id(ref backendRef) (id uint32, fresh bool) {
+	if id, ok := s.ids[ref]; ok {
+		return id, false
+	}
 	if n := len(s.free); n > 0 {
 		id, s.free = s.free[n-1], s.free[:n-1]
 	} else {
@@ -340,7 +370,7 @@ func (s *SocketLB) id(ref backendRef) uint32 {
 		s.nextID++
 	}
 	s.ids[ref] = id
-	return id
+	return id, true
 }
 
 // scopeInternal is LB_SCOPE_INTERNAL: socket-level translation serves clients on the node.

@@ -42,6 +42,9 @@ func client(target string) {
 	case "tcp-hold":
 		hold(addr)
 		return
+	case "tcp-loop":
+		connectLoop(addr)
+		return
 	}
 	conn, err := net.DialTimeout(proto, addr, 2*time.Second)
 	if err != nil {
@@ -148,14 +151,14 @@ func sendto(addr string) {
 // the client. The client namespace has no default route: an untranslated frontend address
 // goes nowhere.
 type topology struct {
-	t                  *testing.T
+	t                  testing.TB
 	client, backend    string
 	cgroup             string
 	clientIP, backIP   netip.Addr
 	clientIP6, backIP6 netip.Addr
 }
 
-func newTopology(t *testing.T) *topology {
+func newTopology(t testing.TB) *topology {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates network namespaces, a cgroup and BPF programs")
@@ -395,7 +398,7 @@ func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs")
 	}
-	s := &SocketLB{ids: map[backendRef]uint32{}, nextID: 1}
+	s := newSocketLB("")
 	if err := loadObjects(&s.objs, ""); err != nil {
 		t.Fatal(err)
 	}
