@@ -6,10 +6,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -40,6 +40,8 @@ type SocketLB struct {
 	// ids numbers the backends in the maps (one numbering for both families); an id is
 	// reused once its backend is gone.
 	ids    map[backendRef]uint32
+	refOf  map[uint32]backendRef
+	refs   map[backendRef]int // how many slots name each backend
 	free   []uint32
 	nextID uint32
 	pinDir string
@@ -92,7 +94,7 @@ func AttachSocketLB(cgroupPath, pinDir string) (*SocketLB, error) {
 }
 
 func newSocketLB(pinDir string) *SocketLB {
-	return &SocketLB{ids: map[backendRef]uint32{}, nextID: 1, pinDir: pinDir,
+	return &SocketLB{ids: map[backendRef]uint32{}, refOf: map[uint32]backendRef{}, refs: map[backendRef]int{}, nextID: 1, pinDir: pinDir,
 		applied4: map[sockLBSvc4Key]sockLBSvcValue{}, applied6: map[sockLBSvc6Key]sockLBSvcValue{}}
 }
 
@@ -164,6 +166,16 @@ func (s *SocketLB) adopt() error {
 	if err := errors.Join(it4.Err(), it6.Err()); err != nil {
 		return fmt.Errorf("read adopted backends: %w", err)
 	}
+	for k, v := range s.applied4 {
+		if k.Slot > 0 {
+			s.refs[s.refOf[v.BackendId]]++
+		}
+	}
+	for k, v := range s.applied6 {
+		if k.Slot > 0 {
+			s.refs[s.refOf[v.BackendId]]++
+		}
+	}
 	taken := make(map[uint32]bool, len(s.ids))
 	for _, id := range s.ids {
 		taken[id] = true
@@ -188,6 +200,7 @@ func mirror[K comparable](m *ebpf.Map, into map[K]sockLBSvcValue) error {
 
 func (s *SocketLB) adoptID(id uint32, ref backendRef) {
 	s.ids[ref] = id
+	s.refOf[id] = ref
 	s.nextID = max(s.nextID, id+1)
 }
 
@@ -201,8 +214,8 @@ func (s *SocketLB) Close() error {
 	return errors.Join(errs...)
 }
 
-// Remove detaches the programs and deletes the pins: translation stops for good.
-func (s *SocketLB) Remove() error {
+// Uninstall detaches the programs and deletes the pins: translation stops for good.
+func (s *SocketLB) Uninstall() error {
 	var errs []error
 	for _, l := range s.links {
 		errs = append(errs, l.Unpin())
@@ -221,12 +234,13 @@ func (s *SocketLB) Remove() error {
 
 // family describes one IP family's maps and how its keys and backends are laid out.
 type family[K comparable, B any] struct {
-	svc, be *ebpf.Map
-	applied map[K]sockLBSvcValue
-	is      func(netip.Addr) bool
-	key     func(f netip.AddrPort, proto Protocol, slot uint16) K
-	slot    func(K) uint16
-	backend func(b netip.AddrPort, proto Protocol) B
+	svc, be  *ebpf.Map
+	applied  map[K]sockLBSvcValue
+	is       func(netip.Addr) bool
+	key      func(f netip.AddrPort, proto Protocol, slot uint16) K
+	slot     func(K) uint16
+	withSlot func(K, uint16) K
+	backend  func(b netip.AddrPort, proto Protocol) B
 }
 
 var (
@@ -235,7 +249,8 @@ var (
 		key: func(f netip.AddrPort, proto Protocol, slot uint16) sockLBSvc4Key {
 			return sockLBSvc4Key{Address: addr4(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: scopeInternal, Slot: slot}
 		},
-		slot: func(k sockLBSvc4Key) uint16 { return k.Slot },
+		slot:     func(k sockLBSvc4Key) uint16 { return k.Slot },
+		withSlot: func(k sockLBSvc4Key, slot uint16) sockLBSvc4Key { k.Slot = slot; return k },
 		backend: func(b netip.AddrPort, proto Protocol) sockLBBackend4 {
 			return sockLBBackend4{Address: addr4(b.Addr()), Port: port(b.Port()), Proto: uint8(proto)}
 		},
@@ -245,103 +260,183 @@ var (
 		key: func(f netip.AddrPort, proto Protocol, slot uint16) sockLBSvc6Key {
 			return sockLBSvc6Key{Address: addr6(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: scopeInternal, Slot: slot}
 		},
-		slot: func(k sockLBSvc6Key) uint16 { return k.Slot },
+		slot:     func(k sockLBSvc6Key) uint16 { return k.Slot },
+		withSlot: func(k sockLBSvc6Key, slot uint16) sockLBSvc6Key { k.Slot = slot; return k },
 		backend: func(b netip.AddrPort, proto Protocol) sockLBBackend6 {
 			return sockLBBackend6{Address: addr6(b.Addr()), Port: port(b.Port()), Proto: uint8(proto)}
 		},
 	}
 )
 
-// Apply makes the maps hold exactly these frontends. It writes in an order that never lets a
-// reader see a frontend without its backends: backends, then the slots, then the frontend
-// entry with its count (one atomic update), and removes what is left over last.
+// Apply makes the maps hold exactly these frontends (a full resync): it updates each one and
+// deletes the frontends it does not list.
 func (s *SocketLB) Apply(frontends []Frontend) error {
 	for _, f := range frontends {
-		for _, b := range f.Backends {
-			if b.Addr().Is4() != f.Address.Addr().Is4() {
-				return fmt.Errorf("frontend %s: backend %s is of the other IP family", f.Address, b)
+		if err := validate(f); err != nil {
+			return err
+		}
+	}
+	for _, f := range frontends {
+		if err := s.Update(f); err != nil {
+			return err
+		}
+	}
+	return errors.Join(deleteUnlisted(s, s.v4(), frontends), deleteUnlisted(s, s.v6(), frontends))
+}
+
+// Update adds a frontend or changes its backends, in an order that never lets a reader see
+// it without backends: new backends, then new slots, then the frontend entry with its count
+// (one atomic update), then slots and backends no longer used. It touches only this
+// frontend's entries, whatever the number of others.
+func (s *SocketLB) Update(f Frontend) error {
+	if err := validate(f); err != nil {
+		return err
+	}
+	if f.Address.Addr().Is4() {
+		return update(s, s.v4(), f)
+	}
+	return update(s, s.v6(), f)
+}
+
+// Delete removes a frontend; connections already made stay where they are.
+func (s *SocketLB) Delete(addr netip.AddrPort, proto Protocol) error {
+	if addr.Addr().Is4() {
+		fam := s.v4()
+		return deleteFrontend(s, fam, fam.key(addr, proto, 0))
+	}
+	fam := s.v6()
+	return deleteFrontend(s, fam, fam.key(addr, proto, 0))
+}
+
+func validate(f Frontend) error {
+	for _, b := range f.Backends {
+		if b.Addr().Is4() != f.Address.Addr().Is4() {
+			return fmt.Errorf("frontend %s: backend %s is of the other IP family", f.Address, b)
+		}
+	}
+	if f.Address.Addr().Is4In6() || f.Address.Addr().Zone() != "" {
+		return fmt.Errorf("frontend %s: IPv4-mapped and zoned addresses are not frontends", f.Address)
+	}
+	if len(f.Backends) > math.MaxUint16 {
+		return fmt.Errorf("frontend %s: %d backends, at most %d", f.Address, len(f.Backends), math.MaxUint16)
+	}
+	return nil
+}
+
+func (s *SocketLB) v4() family[sockLBSvc4Key, sockLBBackend4] {
+	fam := ipv4
+	fam.svc, fam.be, fam.applied = s.objs.PorticoSvc4, s.objs.PorticoBe4, s.applied4
+	return fam
+}
+
+func (s *SocketLB) v6() family[sockLBSvc6Key, sockLBBackend6] {
+	fam := ipv6
+	fam.svc, fam.be, fam.applied = s.objs.PorticoSvc6, s.objs.PorticoBe6, s.applied6
+	return fam
+}
+
+func update[K comparable, B any](s *SocketLB, fam family[K, B], f Frontend) error {
+	head := fam.key(f.Address, f.Protocol, 0)
+	old := slotBackends(s, fam, head)
+	for i, b := range f.Backends {
+		ref := backendRef{b, f.Protocol}
+		id, fresh := s.id(ref)
+		if fresh {
+			if err := fam.be.Put(id, fam.backend(b, f.Protocol)); err != nil {
+				return fmt.Errorf("write backend %s: %w", b, err)
 			}
 		}
-		if f.Address.Addr().Is4In6() || f.Address.Addr().Zone() != "" {
-			return fmt.Errorf("frontend %s: IPv4-mapped and zoned addresses are not frontends", f.Address)
+		s.refs[ref]++
+		if err := put(fam, fam.key(f.Address, f.Protocol, uint16(i+1)), sockLBSvcValue{BackendId: id}); err != nil {
+			return fmt.Errorf("write slot %d of %s: %w", i+1, f.Address, err)
 		}
 	}
-	used := map[backendRef]bool{}
-	v4 := ipv4
-	v4.svc, v4.be, v4.applied = s.objs.PorticoSvc4, s.objs.PorticoBe4, s.applied4
-	v6 := ipv6
-	v6.svc, v6.be, v6.applied = s.objs.PorticoSvc6, s.objs.PorticoBe6, s.applied6
-	if err := apply(s, v4, frontends, used); err != nil {
-		return fmt.Errorf("apply IPv4 frontends: %w", err)
+	if err := put(fam, head, sockLBSvcValue{Count: uint16(len(f.Backends))}); err != nil {
+		return fmt.Errorf("write frontend %s: %w", f.Address, err)
 	}
-	if err := apply(s, v6, frontends, used); err != nil {
-		return fmt.Errorf("apply IPv6 frontends: %w", err)
+	for i := len(f.Backends) + 1; i <= len(old); i++ {
+		if err := del(fam, fam.key(f.Address, f.Protocol, uint16(i))); err != nil {
+			return err
+		}
 	}
-	for ref, id := range s.ids {
-		if used[ref] {
+	return s.unref(fam, old)
+}
+
+// deleteFrontend removes the frontend entry first, so that no reader follows it to a slot
+// that is gone, then its slots and the backends nothing else uses.
+func deleteFrontend[K comparable, B any](s *SocketLB, fam family[K, B], head K) error {
+	old := slotBackends(s, fam, head)
+	if _, ok := fam.applied[head]; !ok {
+		return nil
+	}
+	if err := del(fam, head); err != nil {
+		return err
+	}
+	for i := range old {
+		if err := del(fam, fam.withSlot(head, uint16(i+1))); err != nil {
+			return err
+		}
+	}
+	return s.unref(fam, old)
+}
+
+func deleteUnlisted[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Frontend) error {
+	listed := make(map[K]bool, len(frontends))
+	for _, f := range frontends {
+		if fam.is(f.Address.Addr()) {
+			listed[fam.key(f.Address, f.Protocol, 0)] = true
+		}
+	}
+	var unlisted []K
+	for k := range fam.applied {
+		if fam.slot(k) == 0 && !listed[k] {
+			unlisted = append(unlisted, k)
+		}
+	}
+	for _, k := range unlisted {
+		if err := deleteFrontend(s, fam, k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// slotBackends lists the backends a frontend's slots name now.
+func slotBackends[K comparable, B any](s *SocketLB, fam family[K, B], head K) []backendRef {
+	v, ok := fam.applied[head]
+	if !ok {
+		return nil
+	}
+	out := make([]backendRef, 0, v.Count)
+	for i := uint16(1); i <= v.Count; i++ {
+		if slot, ok := fam.applied[fam.withSlot(head, i)]; ok {
+			out = append(out, s.refOf[slot.BackendId])
+		}
+	}
+	return out
+}
+
+// unref drops one reference to each backend and removes the backends left unreferenced.
+func (s *SocketLB) unref(fam interface{ deleteBackend(uint32) error }, refs []backendRef) error {
+	for _, ref := range refs {
+		if s.refs[ref]--; s.refs[ref] > 0 {
 			continue
 		}
-		m := s.objs.PorticoBe4
-		if !ref.addr.Addr().Is4() {
-			m = s.objs.PorticoBe6
+		id := s.ids[ref]
+		if err := fam.deleteBackend(id); err != nil {
+			return fmt.Errorf("delete backend %s: %w", ref.addr, err)
 		}
-		if err := m.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete backend %d: %w", id, err)
-		}
+		delete(s.refs, ref)
 		delete(s.ids, ref)
+		delete(s.refOf, id)
 		s.free = append(s.free, id)
 	}
 	return nil
 }
 
-// apply writes what changed in one family's frontends and removes its stale service entries;
-// backends no longer used are left for the caller to remove, after both families are done.
-// The map writes are proportional to the change, not to the number of frontends.
-func apply[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Frontend, used map[backendRef]bool) error {
-	want := map[K]sockLBSvcValue{}
-	var heads []K
-	for _, f := range frontends {
-		if !fam.is(f.Address.Addr()) {
-			continue
-		}
-		for i, b := range f.Backends {
-			ref := backendRef{b, f.Protocol}
-			id, fresh := s.id(ref)
-			used[ref] = true
-			if fresh {
-				if err := fam.be.Put(id, fam.backend(b, f.Protocol)); err != nil {
-					return fmt.Errorf("write backend %s: %w", b, err)
-				}
-			}
-			slot := fam.key(f.Address, f.Protocol, uint16(i+1))
-			want[slot] = sockLBSvcValue{BackendId: id}
-			if err := put(fam, slot, want[slot]); err != nil {
-				return fmt.Errorf("write slot %d of %s: %w", i+1, f.Address, err)
-			}
-		}
-		head := fam.key(f.Address, f.Protocol, 0)
-		want[head] = sockLBSvcValue{Count: uint16(len(f.Backends))}
-		heads = append(heads, head)
-	}
-	for _, k := range heads {
-		if err := put(fam, k, want[k]); err != nil {
-			return fmt.Errorf("write frontend: %w", err)
-		}
-	}
-
-	var stale []K
-	for k := range fam.applied {
-		if _, ok := want[k]; !ok {
-			stale = append(stale, k)
-		}
-	}
-	// Frontends first, so that no reader follows a frontend to a slot that is gone.
-	slices.SortFunc(stale, func(a, b K) int { return int(fam.slot(a)) - int(fam.slot(b)) })
-	for _, k := range stale {
-		if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete service entry: %w", err)
-		}
-		delete(fam.applied, k)
+func (fam family[K, B]) deleteBackend(id uint32) error {
+	if err := fam.be.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
 	}
 	return nil
 }
@@ -358,6 +453,14 @@ func put[K comparable, B any](fam family[K, B], k K, v sockLBSvcValue) error {
 	return nil
 }
 
+func del[K comparable, B any](fam family[K, B], k K) error {
+	if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service entry: %w", err)
+	}
+	delete(fam.applied, k)
+	return nil
+}
+
 // id numbers a backend; fresh says the number is new, so the backend is not in the maps yet.
 func (s *SocketLB) id(ref backendRef) (id uint32, fresh bool) {
 	if id, ok := s.ids[ref]; ok {
@@ -370,6 +473,7 @@ func (s *SocketLB) id(ref backendRef) (id uint32, fresh bool) {
 		s.nextID++
 	}
 	s.ids[ref] = id
+	s.refOf[id] = ref
 	return id, true
 }
 

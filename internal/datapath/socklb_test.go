@@ -443,8 +443,8 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 	}
 	current := first
 	t.Cleanup(func() {
-		if err := current.Remove(); err != nil {
-			t.Errorf("remove: %v", err)
+		if err := current.Uninstall(); err != nil {
+			t.Errorf("uninstall: %v", err)
 		}
 	})
 	if err := first.Apply(frontends); err != nil {
@@ -502,4 +502,48 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 	if got := top.dial("udp", dns); !strings.Contains(got, "reply=from "+backend.String()) {
 		t.Fatalf("a frontend added after the restart: %q", got)
 	}
+}
+
+// Update and Delete touch one frontend and keep backends exactly as long as a slot names
+// them; Apply is a resync built from them.
+func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loads BPF programs")
+	}
+	s := newSocketLB("")
+	if err := loadObjects(&s.objs, ""); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	a, b, c := netip.MustParseAddrPort("10.0.0.1:80"), netip.MustParseAddrPort("10.0.0.2:80"), netip.MustParseAddrPort("10.0.0.3:80")
+	web, api := netip.MustParseAddrPort("10.96.0.1:80"), netip.MustParseAddrPort("10.96.0.2:80")
+	v6 := netip.MustParseAddrPort("[fd00:96::1]:80")
+	check := func(step string, svc4, svc6, backends int) {
+		t.Helper()
+		if n4, n6, nb := entries(t, s.objs.PorticoSvc4), entries(t, s.objs.PorticoSvc6), entries(t, s.objs.PorticoBe4)+entries(t, s.objs.PorticoBe6); n4 != svc4 || n6 != svc6 || nb != backends {
+			t.Fatalf("%s: service entries %d+%d, backends %d; want %d+%d, %d", step, n4, n6, nb, svc4, svc6, backends)
+		}
+		if len(s.applied4) != svc4 || len(s.applied6) != svc6 || len(s.ids) != backends {
+			t.Fatalf("%s: the mirror disagrees with the maps", step)
+		}
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(s.Update(Frontend{Address: web, Protocol: TCP, Backends: []netip.AddrPort{a, b}}))
+	must(s.Update(Frontend{Address: api, Protocol: TCP, Backends: []netip.AddrPort{b, c}}))
+	check("two frontends", 6, 0, 3)
+	must(s.Update(Frontend{Address: web, Protocol: TCP, Backends: []netip.AddrPort{b}}))
+	check("web shrinks to the shared backend", 5, 0, 2)
+	must(s.Delete(api, TCP))
+	check("api deleted", 2, 0, 1)
+	must(s.Update(Frontend{Address: v6, Protocol: TCP, Backends: []netip.AddrPort{netip.MustParseAddrPort("[fd00::1]:80")}}))
+	check("an IPv6 frontend beside", 2, 2, 2)
+	must(s.Apply([]Frontend{{Address: api, Protocol: UDP, Backends: []netip.AddrPort{a}}}))
+	check("apply replaces everything", 2, 0, 1)
+	must(s.Apply(nil))
+	check("apply nothing", 0, 0, 0)
 }
