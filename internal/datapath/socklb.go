@@ -45,7 +45,7 @@ type SocketLB struct {
 	free   []uint32
 	nextID uint32
 	pinDir string
-	// applied4 and applied6 mirror the service maps, so that Apply writes only what changed.
+	// applied4 and applied6 mirror the service maps, so that updates write only what changed.
 	applied4 map[sockLBSvc4Key]sockLBSvcValue
 	applied6 map[sockLBSvc6Key]sockLBSvcValue
 }
