@@ -394,7 +394,9 @@ func entries(t *testing.T, m *ebpf.Map) int {
 	return n
 }
 
-func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
+// loaded returns a SocketLB with its programs and maps loaded but attached nowhere.
+func loaded(t *testing.T) *SocketLB {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs")
 	}
@@ -402,7 +404,12 @@ func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
 	if err := loadObjects(&s.objs, ""); err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
+	s := loaded(t)
 	for _, f := range []Frontend{
 		{Address: netip.MustParseAddrPort("[fd00::1]:80"), Protocol: TCP, Backends: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:80")}},
 		{Address: netip.MustParseAddrPort("[::ffff:10.96.0.1]:80"), Protocol: TCP},
@@ -507,14 +514,7 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 // Update and Delete touch one frontend and keep backends exactly as long as a slot names
 // them; Apply is a resync built from them.
 func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: loads BPF programs")
-	}
-	s := newSocketLB("")
-	if err := loadObjects(&s.objs, ""); err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	s := loaded(t)
 	a, b, c := netip.MustParseAddrPort("10.0.0.1:80"), netip.MustParseAddrPort("10.0.0.2:80"), netip.MustParseAddrPort("10.0.0.3:80")
 	web, api := netip.MustParseAddrPort("10.96.0.1:80"), netip.MustParseAddrPort("10.96.0.2:80")
 	v6 := netip.MustParseAddrPort("[fd00:96::1]:80")
