@@ -122,14 +122,6 @@ func (a *Allocator) poolOf(ip netip.Addr) *pool {
 	return nil
 }
 
-// PoolOf returns the name of the pool that holds an address, or "".
-func (a *Allocator) PoolOf(ip netip.Addr) string {
-	if p := a.poolOf(ip); p != nil {
-		return p.Name
-	}
-	return ""
-}
-
 // selects reports whether a pool may serve a Service at all.
 func (p *pool) selects(svc Service) bool {
 	if svc.Pool != "" && svc.Pool != p.Name {

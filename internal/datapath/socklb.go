@@ -359,7 +359,7 @@ func update[K comparable, B any](s *SocketLB, fam family[K, B], f Frontend) erro
 			return err
 		}
 	}
-	return s.unref(fam, old)
+	return unref(s, fam, old)
 }
 
 // deleteFrontend removes the frontend entry first, so that no reader follows it to a slot
@@ -377,7 +377,7 @@ func deleteFrontend[K comparable, B any](s *SocketLB, fam family[K, B], head K) 
 			return err
 		}
 	}
-	return s.unref(fam, old)
+	return unref(s, fam, old)
 }
 
 func deleteUnlisted[K comparable, B any](s *SocketLB, fam family[K, B], frontends []Frontend) error {
@@ -417,26 +417,19 @@ func slotBackends[K comparable, B any](s *SocketLB, fam family[K, B], head K) []
 }
 
 // unref drops one reference to each backend and removes the backends left unreferenced.
-func (s *SocketLB) unref(fam interface{ deleteBackend(uint32) error }, refs []backendRef) error {
+func unref[K comparable, B any](s *SocketLB, fam family[K, B], refs []backendRef) error {
 	for _, ref := range refs {
 		if s.refs[ref]--; s.refs[ref] > 0 {
 			continue
 		}
 		id := s.ids[ref]
-		if err := fam.deleteBackend(id); err != nil {
+		if err := fam.be.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete backend %s: %w", ref.addr, err)
 		}
 		delete(s.refs, ref)
 		delete(s.ids, ref)
 		delete(s.refOf, id)
 		s.free = append(s.free, id)
-	}
-	return nil
-}
-
-func (fam family[K, B]) deleteBackend(id uint32) error {
-	if err := fam.be.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return err
 	}
 	return nil
 }

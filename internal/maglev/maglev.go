@@ -55,9 +55,6 @@ func New(cfg Config) (*Maglev, error) {
 	return &Maglev{m: m, offsetSeed: cfg.Seed, skipSeed: cfg.Seed ^ 0x9e3779b97f4a7c15}, nil
 }
 
-// Size returns the table size M.
-func (g *Maglev) Size() uint64 { return g.m }
-
 // Backend is one backend: a name unique among the backends (its address and port, say) and
 // a weight. Weight 0 keeps the backend out of the table.
 type Backend struct {

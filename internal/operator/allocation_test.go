@@ -45,16 +45,19 @@ func TestServiceGetsAnAddressAndReleasesItOnDelete(t *testing.T) {
 	}
 }
 
+// toClusterIP turns a LoadBalancer Service into a ClusterIP one (its node port goes too).
+func toClusterIP(s *corev1.Service) {
+	s.Spec.Type = corev1.ServiceTypeClusterIP
+	s.Spec.Ports[0].NodePort = 0
+}
+
 func TestTypeChangeAwayFromLoadBalancerReleasesTheAddress(t *testing.T) {
 	startOperator(t, operator.Options{})
 	f := newFixture(t)
 	f.pool("p", nil, "192.0.2.8/31")
 	f.service("web", nil)
 	ip := f.waitAllocated("web", 1)[0]
-	f.update("web", func(s *corev1.Service) {
-		s.Spec.Type = corev1.ServiceTypeClusterIP
-		s.Spec.Ports[0].NodePort = 0
-	})
+	f.update("web", toClusterIP)
 	eventually(t, func() error {
 		s := f.get("web")
 		if len(s.Status.LoadBalancer.Ingress) > 0 || meta.FindStatusCondition(s.Status.Conditions, lbv1.ServiceConditionIPAllocated) != nil {
@@ -165,10 +168,7 @@ func TestPoolExhaustionThenFreeing(t *testing.T) {
 	// So does a type change away from LoadBalancer.
 	f.service("d", v6)
 	f.waitCondition("d", metav1.ConditionFalse, "PoolExhausted")
-	f.update("a", func(s *corev1.Service) {
-		s.Spec.Type = corev1.ServiceTypeClusterIP
-		s.Spec.Ports[0].NodePort = 0
-	})
+	f.update("a", toClusterIP)
 	f.waitIPs("d", freedByTypeChange)
 }
 
