@@ -49,14 +49,18 @@ sock4_pick(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, int *refuse)
 	struct svc4_key key = {};
 	struct svc_value *frontend;
 	struct backend4 *backend;
+	struct affinity_key client = {};
 	struct sock4_key skey = {};
 	struct sock4_value sval = {};
+	__u32 id;
 
 	*refuse = 0;
 	frontend = lb4_lookup_frontend(&key, vip, vport, (__u8)ctx->protocol, LB_SCOPE_INTERNAL);
 	if (!frontend)
 		return NULL;
-	backend = lb4_pick_backend(&key, frontend);
+	client.netns_cookie = bpf_get_netns_cookie(ctx);
+	client.id = frontend->id;
+	backend = lb4_pick_backend(&key, frontend, &client, bpf_get_prandom_u32(), &id);
 	if (!backend) {
 		*refuse = 1;
 		return NULL;
@@ -66,7 +70,6 @@ sock4_pick(struct bpf_sock_addr *ctx, __be32 vip, __be16 vport, int *refuse)
 	skey.port = backend->port;
 	sval.address = vip;
 	sval.port = vport;
-	sval.rev_nat_id = frontend->rev_nat_id;
 	bpf_map_update_elem(&portico_sock4, &skey, &sval, BPF_ANY);
 	return backend;
 }
@@ -89,14 +92,18 @@ sock6_pick(struct bpf_sock_addr *ctx, const __be32 vip[4], __be16 vport, int *re
 	struct svc6_key key = {};
 	struct svc_value *frontend;
 	struct backend6 *backend;
+	struct affinity_key client = {};
 	struct sock6_key skey = {};
 	struct sock6_value sval = {};
+	__u32 id;
 
 	*refuse = 0;
 	frontend = lb6_lookup_frontend(&key, vip, vport, (__u8)ctx->protocol, LB_SCOPE_INTERNAL);
 	if (!frontend)
 		return NULL;
-	backend = lb6_pick_backend(&key, frontend);
+	client.netns_cookie = bpf_get_netns_cookie(ctx);
+	client.id = frontend->id;
+	backend = lb6_pick_backend(&key, frontend, &client, bpf_get_prandom_u32(), &id);
 	if (!backend) {
 		*refuse = 1;
 		return NULL;
@@ -106,7 +113,6 @@ sock6_pick(struct bpf_sock_addr *ctx, const __be32 vip[4], __be16 vport, int *re
 	skey.port = backend->port;
 	__builtin_memcpy(sval.address, vip, sizeof(sval.address));
 	sval.port = vport;
-	sval.rev_nat_id = frontend->rev_nat_id;
 	bpf_map_update_elem(&portico_sock6, &skey, &sval, BPF_ANY);
 	return backend;
 }

@@ -84,11 +84,7 @@ func median(xs []connStats) connStats {
 func BenchmarkSocketLBConnect(b *testing.B) {
 	top := newTopology(b)
 	top.serve(8080)
-	lb, err := AttachSocketLB(top.cgroup, "")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = lb.Close() })
+	lb := top.attach()
 	backend := netip.AddrPortFrom(top.backIP, 8080)
 	vip := func(i int) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 97, byte(i >> 8), byte(i)}), 80)
@@ -98,7 +94,7 @@ func BenchmarkSocketLBConnect(b *testing.B) {
 	for _, n := range []int{1, 1000, 10000} {
 		frontends := make([]Frontend, n)
 		for i := range frontends {
-			frontends[i] = Frontend{Address: vip(i), Protocol: TCP, Backends: []netip.AddrPort{backend}}
+			frontends[i] = internal(vip(i), TCP, backend)
 		}
 		t0 := time.Now()
 		if err := lb.Apply(frontends); err != nil {
@@ -106,7 +102,7 @@ func BenchmarkSocketLBConnect(b *testing.B) {
 		}
 		full := time.Since(t0)
 		t0 = time.Now()
-		if err := lb.Update(Frontend{Address: vip(n), Protocol: TCP, Backends: []netip.AddrPort{backend}}); err != nil {
+		if err := lb.Update(internal(vip(n), TCP, backend)); err != nil {
 			b.Fatal(err)
 		}
 		plusOne := time.Since(t0)

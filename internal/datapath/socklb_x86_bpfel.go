@@ -13,6 +13,21 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type sockLBAffinityKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Address     [4]uint32
+	Id          uint32
+	Pad         uint32
+}
+
+type sockLBAffinityValue struct {
+	_         structs.HostLayout
+	LastUsed  uint64
+	BackendId uint32
+	Pad       uint32
+}
+
 type sockLBBackend4 struct {
 	_       structs.HostLayout
 	Address uint32
@@ -38,10 +53,10 @@ type sockLBSock4Key struct {
 }
 
 type sockLBSock4Value struct {
-	_        structs.HostLayout
-	Address  uint32
-	Port     uint16
-	RevNatId uint16
+	_       structs.HostLayout
+	Address uint32
+	Port    uint16
+	Pad     uint16
 }
 
 type sockLBSock6Key struct {
@@ -53,10 +68,24 @@ type sockLBSock6Key struct {
 }
 
 type sockLBSock6Value struct {
-	_        structs.HostLayout
-	Address  [4]uint32
-	Port     uint16
-	RevNatId uint16
+	_       structs.HostLayout
+	Address [4]uint32
+	Port    uint16
+	Pad     uint16
+}
+
+type sockLBSrcrange4Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Id        uint32
+	Address   uint32
+}
+
+type sockLBSrcrange6Key struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Id        uint32
+	Address   [4]uint32
 }
 
 type sockLBSvc4Key struct {
@@ -80,12 +109,12 @@ type sockLBSvc6Key struct {
 }
 
 type sockLBSvcValue struct {
-	_         structs.HostLayout
-	BackendId uint32
-	Count     uint16
-	RevNatId  uint16
-	Flags     uint8
-	Pad       [3]uint8
+	_               structs.HostLayout
+	BackendId       uint32
+	Count           uint16
+	Flags           uint16
+	Id              uint32
+	AffinityTimeout uint32
 }
 
 // loadSockLB returns the embedded CollectionSpec for sockLB.
@@ -144,18 +173,23 @@ type sockLBProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockLBMapSpecs struct {
-	PorticoBe4   *ebpf.MapSpec `ebpf:"portico_be4"`
-	PorticoBe6   *ebpf.MapSpec `ebpf:"portico_be6"`
-	PorticoSock4 *ebpf.MapSpec `ebpf:"portico_sock4"`
-	PorticoSock6 *ebpf.MapSpec `ebpf:"portico_sock6"`
-	PorticoSvc4  *ebpf.MapSpec `ebpf:"portico_svc4"`
-	PorticoSvc6  *ebpf.MapSpec `ebpf:"portico_svc6"`
+	PorticoAffinity  *ebpf.MapSpec `ebpf:"portico_affinity"`
+	PorticoBe4       *ebpf.MapSpec `ebpf:"portico_be4"`
+	PorticoBe6       *ebpf.MapSpec `ebpf:"portico_be6"`
+	PorticoMaglev    *ebpf.MapSpec `ebpf:"portico_maglev"`
+	PorticoSock4     *ebpf.MapSpec `ebpf:"portico_sock4"`
+	PorticoSock6     *ebpf.MapSpec `ebpf:"portico_sock6"`
+	PorticoSrcrange4 *ebpf.MapSpec `ebpf:"portico_srcrange4"`
+	PorticoSrcrange6 *ebpf.MapSpec `ebpf:"portico_srcrange6"`
+	PorticoSvc4      *ebpf.MapSpec `ebpf:"portico_svc4"`
+	PorticoSvc6      *ebpf.MapSpec `ebpf:"portico_svc6"`
 }
 
 // sockLBVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockLBVariableSpecs struct {
+	MaglevSize *ebpf.VariableSpec `ebpf:"maglev_size"`
 }
 
 // sockLBObjects contains all objects after they have been loaded into the kernel.
@@ -178,20 +212,28 @@ func (o *sockLBObjects) Close() error {
 //
 // It can be passed to loadSockLBObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockLBMaps struct {
-	PorticoBe4   *ebpf.Map `ebpf:"portico_be4"`
-	PorticoBe6   *ebpf.Map `ebpf:"portico_be6"`
-	PorticoSock4 *ebpf.Map `ebpf:"portico_sock4"`
-	PorticoSock6 *ebpf.Map `ebpf:"portico_sock6"`
-	PorticoSvc4  *ebpf.Map `ebpf:"portico_svc4"`
-	PorticoSvc6  *ebpf.Map `ebpf:"portico_svc6"`
+	PorticoAffinity  *ebpf.Map `ebpf:"portico_affinity"`
+	PorticoBe4       *ebpf.Map `ebpf:"portico_be4"`
+	PorticoBe6       *ebpf.Map `ebpf:"portico_be6"`
+	PorticoMaglev    *ebpf.Map `ebpf:"portico_maglev"`
+	PorticoSock4     *ebpf.Map `ebpf:"portico_sock4"`
+	PorticoSock6     *ebpf.Map `ebpf:"portico_sock6"`
+	PorticoSrcrange4 *ebpf.Map `ebpf:"portico_srcrange4"`
+	PorticoSrcrange6 *ebpf.Map `ebpf:"portico_srcrange6"`
+	PorticoSvc4      *ebpf.Map `ebpf:"portico_svc4"`
+	PorticoSvc6      *ebpf.Map `ebpf:"portico_svc6"`
 }
 
 func (m *sockLBMaps) Close() error {
 	return _SockLBClose(
+		m.PorticoAffinity,
 		m.PorticoBe4,
 		m.PorticoBe6,
+		m.PorticoMaglev,
 		m.PorticoSock4,
 		m.PorticoSock6,
+		m.PorticoSrcrange4,
+		m.PorticoSrcrange6,
 		m.PorticoSvc4,
 		m.PorticoSvc6,
 	)
@@ -201,6 +243,7 @@ func (m *sockLBMaps) Close() error {
 //
 // It can be passed to loadSockLBObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockLBVariables struct {
+	MaglevSize *ebpf.Variable `ebpf:"maglev_size"`
 }
 
 // sockLBPrograms contains all programs after they have been loaded into the kernel.

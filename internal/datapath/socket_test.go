@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -313,11 +314,7 @@ func (top *topology) dial(proto string, addr netip.AddrPort) string {
 func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 	top := newTopology(t)
 	top.serve(8080)
-	lb, err := AttachSocketLB(top.cgroup, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = lb.Close() })
+	lb := top.attach()
 
 	type family struct {
 		name                         string
@@ -333,9 +330,9 @@ func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 	var all []Frontend
 	for _, f := range families {
 		all = append(all,
-			Frontend{Address: f.web, Protocol: TCP, Backends: []netip.AddrPort{f.backend}},
-			Frontend{Address: f.dns, Protocol: UDP, Backends: []netip.AddrPort{f.backend}},
-			Frontend{Address: f.empty, Protocol: TCP})
+			internal(f.web, TCP, f.backend),
+			internal(f.dns, UDP, f.backend),
+			internal(f.empty, TCP))
 	}
 	if err := lb.Apply(all); err != nil {
 		t.Fatal(err)
@@ -374,7 +371,7 @@ func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 			t.Fatalf("a kept frontend stopped working: %q", got)
 		}
 	}
-	if n4, n6 := entries(t, lb.objs.PorticoSvc4), entries(t, lb.objs.PorticoSvc6); n4 != 2 || n6 != 2 {
+	if n4, n6 := entries(t, lb.maps.svc4), entries(t, lb.maps.svc6); n4 != 2 || n6 != 2 {
 		t.Fatalf("service maps hold %d and %d entries after removal, want 2 each (frontend and its slot)", n4, n6)
 	}
 }
@@ -394,24 +391,57 @@ func entries(t *testing.T, m *ebpf.Map) int {
 	return n
 }
 
-// loaded returns a SocketLB with its programs and maps loaded but attached nowhere.
-func loaded(t *testing.T) *SocketLB {
+// loaded returns a Datapath with its programs and maps loaded but attached nowhere.
+func loaded(t testing.TB) *Datapath {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs")
 	}
-	s := newSocketLB("")
-	if err := loadObjects(&s.objs, ""); err != nil {
+	d, err := Load(Options{})
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = s.Close() })
-	return s
+	t.Cleanup(func() { _ = d.Close() })
+	return d
 }
 
-func TestApplyRejectsMixedFamiliesAndMappedAddresses(t *testing.T) {
+// attachPinned loads a Datapath pinned in pins (nothing pinned when empty) and attaches it to the
+// topology's cgroup. The caller closes it.
+func (top *topology) attachPinned(pins string) (*Datapath, error) {
+	d, err := Load(Options{PinDir: pins})
+	if err != nil {
+		return nil, err
+	}
+	if err := d.AttachCgroup(top.cgroup); err != nil {
+		return nil, errors.Join(err, d.Close())
+	}
+	return d, nil
+}
+
+// attach is attachPinned without pins, closed when the test ends.
+func (top *topology) attach() *Datapath {
+	top.t.Helper()
+	d, err := top.attachPinned("")
+	if err != nil {
+		top.t.Fatal(err)
+	}
+	top.t.Cleanup(func() { _ = d.Close() })
+	return d
+}
+
+// internal is a frontend for clients on the node.
+func internal(addr netip.AddrPort, proto Protocol, backends ...netip.AddrPort) Frontend {
+	f := Frontend{Address: addr, Protocol: proto, Scope: Internal}
+	for _, b := range backends {
+		f.Backends = append(f.Backends, Backend{Address: b})
+	}
+	return f
+}
+
+func TestApplyRejectsInvalidFrontends(t *testing.T) {
 	s := loaded(t)
 	for _, f := range []Frontend{
-		{Address: netip.MustParseAddrPort("[fd00::1]:80"), Protocol: TCP, Backends: []netip.AddrPort{netip.MustParseAddrPort("10.0.0.1:80")}},
+		internal(netip.MustParseAddrPort("[fd00::1]:80"), TCP, netip.MustParseAddrPort("10.0.0.1:80")),
 		{Address: netip.MustParseAddrPort("[::ffff:10.96.0.1]:80"), Protocol: TCP},
 	} {
 		if err := s.Apply([]Frontend{f}); err == nil {
@@ -442,9 +472,9 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 	pins := filepath.Join(mountBPF(t), "node-a")
 	web := netip.MustParseAddrPort("10.96.0.10:80")
 	backend := netip.AddrPortFrom(top.backIP, 8080)
-	frontends := []Frontend{{Address: web, Protocol: TCP, Backends: []netip.AddrPort{backend}}}
+	frontends := []Frontend{internal(web, TCP, backend)}
 
-	first, err := AttachSocketLB(top.cgroup, pins)
+	first, err := top.attachPinned(pins)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -488,7 +518,7 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 	}
 
 	// A new agent adopts the pins and the state in them.
-	second, err := AttachSocketLB(top.cgroup, pins)
+	second, err := top.attachPinned(pins)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -497,7 +527,7 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 		t.Fatalf("adopted backend ids %v, want the one backend", second.ids)
 	}
 	dns := netip.MustParseAddrPort("10.96.0.53:53")
-	if err := second.Apply(append(frontends, Frontend{Address: dns, Protocol: UDP, Backends: []netip.AddrPort{backend}})); err != nil {
+	if err := second.Apply(append(frontends, internal(dns, UDP, backend))); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := io.WriteString(stdin, "go on\n"); err != nil {
@@ -520,7 +550,7 @@ func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
 	v6 := netip.MustParseAddrPort("[fd00:96::1]:80")
 	check := func(step string, svc4, svc6, backends int) {
 		t.Helper()
-		if n4, n6, nb := entries(t, s.objs.PorticoSvc4), entries(t, s.objs.PorticoSvc6), entries(t, s.objs.PorticoBe4)+entries(t, s.objs.PorticoBe6); n4 != svc4 || n6 != svc6 || nb != backends {
+		if n4, n6, nb := entries(t, s.maps.svc4), entries(t, s.maps.svc6), entries(t, s.maps.be4)+entries(t, s.maps.be6); n4 != svc4 || n6 != svc6 || nb != backends {
 			t.Fatalf("%s: service entries %d+%d, backends %d; want %d+%d, %d", step, n4, n6, nb, svc4, svc6, backends)
 		}
 		if len(s.applied4) != svc4 || len(s.applied6) != svc6 || len(s.ids) != backends {
@@ -533,16 +563,16 @@ func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	must(s.Update(Frontend{Address: web, Protocol: TCP, Backends: []netip.AddrPort{a, b}}))
-	must(s.Update(Frontend{Address: api, Protocol: TCP, Backends: []netip.AddrPort{b, c}}))
+	must(s.Update(internal(web, TCP, a, b)))
+	must(s.Update(internal(api, TCP, b, c)))
 	check("two frontends", 6, 0, 3)
-	must(s.Update(Frontend{Address: web, Protocol: TCP, Backends: []netip.AddrPort{b}}))
+	must(s.Update(internal(web, TCP, b)))
 	check("web shrinks to the shared backend", 5, 0, 2)
-	must(s.Delete(api, TCP))
+	must(s.Delete(api, TCP, Internal))
 	check("api deleted", 2, 0, 1)
-	must(s.Update(Frontend{Address: v6, Protocol: TCP, Backends: []netip.AddrPort{netip.MustParseAddrPort("[fd00::1]:80")}}))
+	must(s.Update(internal(v6, TCP, netip.MustParseAddrPort("[fd00::1]:80"))))
 	check("an IPv6 frontend beside", 2, 2, 2)
-	must(s.Apply([]Frontend{{Address: api, Protocol: UDP, Backends: []netip.AddrPort{a}}}))
+	must(s.Apply([]Frontend{internal(api, UDP, a)}))
 	check("apply replaces everything", 2, 0, 1)
 	must(s.Apply(nil))
 	check("apply nothing", 0, 0, 0)

@@ -1,0 +1,254 @@
+// Package datapath loads Portico's BPF programs, attaches them and keeps their maps equal to a
+// desired set of frontends and backends (docs/datapath.md). It knows nothing of Kubernetes.
+//
+// Two layers share one set of service maps: socket programs on a cgroup translate the
+// connections of clients on the node (AttachCgroup), and TC programs on external interfaces
+// translate packets from outside (AttachInterface).
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/portico-dev/portico/internal/maglev"
+)
+
+// Options configure a datapath.
+type Options struct {
+	// PinDir, a directory on a bpffs mount, keeps the maps and attachments after the process
+	// exits: the programs go on translating with the last state, and the next Load with the
+	// same PinDir adopts them, with every frontend, socket and flow. Empty: nothing is pinned
+	// and everything goes with Close.
+	PinDir string
+	// MaglevTableSize is the prime size of Maglev tables (maglev.DefaultTableSize when 0).
+	// Pinned maps keep the size they were made with: changing it needs an Uninstall.
+	MaglevTableSize uint32
+	// ConntrackSize is the number of flow entries of the packet layer (two per flow).
+	ConntrackSize uint32
+	// MaglevSeed must be the same on every node, so that they pick the same backend for a flow.
+	MaglevSeed uint64
+}
+
+// DefaultConntrackSize holds 65,536 flows through the packet layer.
+const DefaultConntrackSize = 131072
+
+// Datapath is the loaded programs and maps of one node.
+type Datapath struct {
+	sock   sockLBObjects
+	np     nodePortObjects
+	links  map[string]link.Link
+	pinDir string
+	maglev *maglev.Maglev
+	tables
+}
+
+// Load loads the programs and maps (adopting pinned ones) without attaching anything.
+func Load(opts Options) (*Datapath, error) {
+	if opts.MaglevTableSize == 0 {
+		opts.MaglevTableSize = maglev.DefaultTableSize
+	}
+	if opts.ConntrackSize == 0 {
+		opts.ConntrackSize = DefaultConntrackSize
+	}
+	mg, err := maglev.New(maglev.Config{TableSize: uint64(opts.MaglevTableSize), Seed: opts.MaglevSeed})
+	if err != nil {
+		return nil, err
+	}
+	d := &Datapath{links: map[string]link.Link{}, pinDir: opts.PinDir, maglev: mg, tables: newTables()}
+	if err := d.load(opts); err != nil {
+		return nil, errors.Join(err, d.Close())
+	}
+	if err := d.adopt(); err != nil {
+		return nil, errors.Join(err, d.Close())
+	}
+	return d, nil
+}
+
+func (d *Datapath) load(opts Options) error {
+	sockSpec, err := loadSockLB()
+	if err != nil {
+		return fmt.Errorf("read socket programs: %w", err)
+	}
+	npSpec, err := loadNodePort()
+	if err != nil {
+		return fmt.Errorf("read packet programs: %w", err)
+	}
+	for _, spec := range []*ebpf.CollectionSpec{sockSpec, npSpec} {
+		spec.Maps["portico_maglev"].ValueSize = 4 * opts.MaglevTableSize
+		if err := spec.Variables["maglev_size"].Set(opts.MaglevTableSize); err != nil {
+			return fmt.Errorf("set the Maglev table size: %w", err)
+		}
+		if opts.PinDir == "" {
+			for _, m := range spec.Maps {
+				m.Pinning = ebpf.PinNone
+			}
+		}
+	}
+	npSpec.Maps["portico_ct"].MaxEntries = opts.ConntrackSize
+	copts := ebpf.CollectionOptions{}
+	if opts.PinDir != "" {
+		if err := os.MkdirAll(opts.PinDir, 0o700); err != nil {
+			return fmt.Errorf("make pin directory: %w", err)
+		}
+		copts.Maps.PinPath = opts.PinDir
+	}
+	if err := sockSpec.LoadAndAssign(&d.sock, &copts); err != nil {
+		return fmt.Errorf("load socket programs (a pinned map of another size needs an uninstall first): %w", err)
+	}
+	// The packet programs use the socket object's maps, one set for both layers.
+	copts.MapReplacements = map[string]*ebpf.Map{}
+	for name := range npSpec.Maps {
+		if m := d.sockMap(name); m != nil {
+			copts.MapReplacements[name] = m
+		}
+	}
+	if err := npSpec.LoadAndAssign(&d.np, &copts); err != nil {
+		return fmt.Errorf("load packet programs: %w", err)
+	}
+	d.maps = mapSet{
+		svc4: d.sock.PorticoSvc4, svc6: d.sock.PorticoSvc6, be4: d.sock.PorticoBe4, be6: d.sock.PorticoBe6,
+		maglev: d.sock.PorticoMaglev, srcrange4: d.sock.PorticoSrcrange4, srcrange6: d.sock.PorticoSrcrange6,
+	}
+	return nil
+}
+
+// sockMap returns the socket object's map of a name.
+func (d *Datapath) sockMap(name string) *ebpf.Map {
+	return map[string]*ebpf.Map{
+		"portico_svc4": d.sock.PorticoSvc4, "portico_svc6": d.sock.PorticoSvc6,
+		"portico_be4": d.sock.PorticoBe4, "portico_be6": d.sock.PorticoBe6,
+		"portico_sock4": d.sock.PorticoSock4, "portico_sock6": d.sock.PorticoSock6,
+		"portico_affinity": d.sock.PorticoAffinity, "portico_maglev": d.sock.PorticoMaglev,
+		"portico_srcrange4": d.sock.PorticoSrcrange4, "portico_srcrange6": d.sock.PorticoSrcrange6,
+	}[name]
+}
+
+// AttachCgroup attaches the socket programs to a cgroup v2 directory: connections of the
+// processes in it (and below) to a frontend's internal scope go to its backends.
+func (d *Datapath) AttachCgroup(cgroupPath string) error {
+	for _, p := range []struct {
+		name   string
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		{"connect4", d.sock.PorticoConnect4, ebpf.AttachCGroupInet4Connect},
+		{"sendmsg4", d.sock.PorticoSendmsg4, ebpf.AttachCGroupUDP4Sendmsg},
+		{"recvmsg4", d.sock.PorticoRecvmsg4, ebpf.AttachCGroupUDP4Recvmsg},
+		{"getpeername4", d.sock.PorticoGetpeername4, ebpf.AttachCgroupInet4GetPeername},
+		{"connect6", d.sock.PorticoConnect6, ebpf.AttachCGroupInet6Connect},
+		{"sendmsg6", d.sock.PorticoSendmsg6, ebpf.AttachCGroupUDP6Sendmsg},
+		{"recvmsg6", d.sock.PorticoRecvmsg6, ebpf.AttachCGroupUDP6Recvmsg},
+		{"getpeername6", d.sock.PorticoGetpeername6, ebpf.AttachCgroupInet6GetPeername},
+	} {
+		err := d.attach("link_"+p.name, p.prog, func() (link.Link, error) {
+			return link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: p.attach, Program: p.prog})
+		})
+		if err != nil {
+			return fmt.Errorf("attach %s to %s: %w", p.name, cgroupPath, err)
+		}
+	}
+	return nil
+}
+
+// AttachInterface attaches the packet programs to an external interface (TCX ingress and
+// egress): NodePort, ExternalIP and LoadBalancer traffic arriving on it is translated.
+func (d *Datapath) AttachInterface(ifindex int) error {
+	for _, p := range []struct {
+		dir    string
+		prog   *ebpf.Program
+		attach ebpf.AttachType
+	}{
+		{"ingress", d.np.PorticoNodeportIngress, ebpf.AttachTCXIngress},
+		{"egress", d.np.PorticoNodeportEgress, ebpf.AttachTCXEgress},
+	} {
+		err := d.attach(fmt.Sprintf("link_tc_%d_%s", ifindex, p.dir), p.prog, func() (link.Link, error) {
+			return link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: p.prog, Attach: p.attach})
+		})
+		if err != nil {
+			return fmt.Errorf("attach the packet programs to interface %d (%s): %w", ifindex, p.dir, err)
+		}
+	}
+	return nil
+}
+
+// DetachInterface removes the packet programs from an interface.
+func (d *Datapath) DetachInterface(ifindex int) error {
+	var errs []error
+	for _, dir := range []string{"ingress", "egress"} {
+		name := fmt.Sprintf("link_tc_%d_%s", ifindex, dir)
+		if l, ok := d.links[name]; ok {
+			if d.pinDir != "" {
+				errs = append(errs, l.Unpin())
+			}
+			errs = append(errs, l.Close())
+			delete(d.links, name)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// attach adopts a pinned attachment, swapping in prog, or makes (and pins) a new one.
+func (d *Datapath) attach(name string, prog *ebpf.Program, make func() (link.Link, error)) error {
+	if _, ok := d.links[name]; ok {
+		return nil
+	}
+	pin := filepath.Join(d.pinDir, name)
+	if d.pinDir != "" {
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			if err := l.Update(prog); err != nil {
+				return errors.Join(fmt.Errorf("replace the program of %s: %w", pin, err), l.Close())
+			}
+			d.links[name] = l
+			return nil
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("load pinned link %s: %w", pin, err)
+		}
+	}
+	l, err := make()
+	if err != nil {
+		return err
+	}
+	if d.pinDir != "" {
+		if err := l.Pin(pin); err != nil {
+			return errors.Join(fmt.Errorf("pin link: %w", err), l.Close())
+		}
+	}
+	d.links[name] = l
+	return nil
+}
+
+// Close releases this process's hold on the programs and maps. Pinned ones stay in force.
+func (d *Datapath) Close() error {
+	var errs []error
+	for _, l := range d.links {
+		errs = append(errs, l.Close())
+	}
+	errs = append(errs, d.sock.Close(), d.np.Close())
+	return errors.Join(errs...)
+}
+
+// Uninstall detaches the programs and deletes the pins: translation stops for good.
+func (d *Datapath) Uninstall() error {
+	err := d.Close()
+	if d.pinDir != "" {
+		err = errors.Join(err, os.RemoveAll(d.pinDir))
+	}
+	return err
+}
+
+// ConntrackEntries counts the packet layer's flow entries (two per flow), for tests and metrics.
+func (d *Datapath) ConntrackEntries() (int, error) {
+	var k nodePortCtKey
+	var v nodePortCtValue
+	n := 0
+	it := d.np.PorticoCt.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n, it.Err()
+}

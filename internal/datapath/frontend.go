@@ -1,0 +1,624 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/portico-dev/portico/internal/maglev"
+)
+
+// Protocol is a transport protocol, numbered as in IP headers.
+type Protocol uint8
+
+// The protocols the datapath translates.
+const (
+	TCP Protocol = 6
+	UDP Protocol = 17
+)
+
+// Scope says which clients a frontend entry serves; one address has an entry per scope.
+type Scope uint8
+
+const (
+	// External serves clients outside the node, at the packet layer: NodePort, ExternalIP
+	// and LoadBalancer addresses. With externalTrafficPolicy Local, list only local backends.
+	External Scope = 0
+	// Internal serves clients on the node, at the socket layer: every frontend they can reach.
+	// With internalTrafficPolicy Local, list only local backends.
+	Internal Scope = 1
+)
+
+// Balancing chooses how a new flow picks its backend.
+type Balancing uint8
+
+const (
+	// Random picks any backend.
+	Random Balancing = iota
+	// Maglev picks by the flow's hash in a Maglev table, the same on every node (packet layer).
+	Maglev
+)
+
+// Backend is one endpoint of a frontend.
+type Backend struct {
+	Address netip.AddrPort
+	// Local says the backend runs on this node: external traffic reaches it without SNAT.
+	Local bool
+	// Terminating backends get new flows only when no other backend is left; flows already
+	// on them go on either way.
+	Terminating bool
+}
+
+// Frontend is one address, port and protocol clients connect to, in one scope, and the
+// backends behind it. No backend: connections are refused.
+type Frontend struct {
+	Address   netip.AddrPort
+	Protocol  Protocol
+	Scope     Scope
+	Backends  []Backend
+	Balancing Balancing
+	// Affinity, when set, keeps a client on one backend until it has been idle this long
+	// (sessionAffinity ClientIP). Clients on the node are told apart by network namespace.
+	Affinity time.Duration
+	// SourceRanges, when set, admit only these clients; the packet layer drops the rest
+	// (loadBalancerSourceRanges). They must be of the frontend's family.
+	SourceRanges []netip.Prefix
+}
+
+// Flags of a frontend and of a backend, as bpf/lib/lb.h defines them.
+const (
+	svcMaglev       = 0x1
+	svcAffinity     = 0x2
+	svcSourceRanges = 0x4
+	backendLocal    = 0x1
+)
+
+type mapSet struct {
+	svc4, svc6, be4, be6, maglev, srcrange4, srcrange6 *ebpf.Map
+}
+
+// tables keeps the maps equal to the desired frontends. It mirrors what it wrote, so that an
+// update writes only what changed, and rebuilds that mirror from pinned maps after a restart.
+type tables struct {
+	maps mapSet
+	// Backends are numbered (one numbering for both families); a number is reused once its
+	// backend is gone.
+	ids     map[backendRef]uint32
+	refOf   map[uint32]backendRef
+	refs    map[backendRef]int // how many slots name each backend
+	flagsOf map[uint32]uint8   // each backend's flags as written
+	free    []uint32
+	nextID  uint32
+	// Frontend numbers are never reused, so that affinity entries of a deleted frontend
+	// cannot apply to a new one.
+	lastFrontend uint32
+	applied4     map[sockLBSvc4Key]sockLBSvcValue
+	applied6     map[sockLBSvc6Key]sockLBSvcValue
+	ranges       map[uint32][]netip.Prefix // source ranges written, by frontend number
+	maglevOf     map[uint32]string         // whose Maglev table each frontend's table was built from
+}
+
+type backendRef struct {
+	addr  netip.AddrPort
+	proto Protocol
+}
+
+func newTables() tables {
+	return tables{ids: map[backendRef]uint32{}, refOf: map[uint32]backendRef{}, refs: map[backendRef]int{},
+		flagsOf: map[uint32]uint8{}, nextID: 1, applied4: map[sockLBSvc4Key]sockLBSvcValue{}, applied6: map[sockLBSvc6Key]sockLBSvcValue{},
+		ranges: map[uint32][]netip.Prefix{}, maglevOf: map[uint32]string{}}
+}
+
+// adopt rebuilds the mirror and the numbering from adopted maps.
+func (d *Datapath) adopt() error {
+	if err := errors.Join(mirror(d.maps.svc4, d.applied4), mirror(d.maps.svc6, d.applied6)); err != nil {
+		return fmt.Errorf("read adopted service maps: %w", err)
+	}
+	var id uint32
+	var b4 sockLBBackend4
+	it4 := d.maps.be4.Iterate()
+	for it4.Next(&id, &b4) {
+		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), Protocol(b4.Proto)}, b4.Flags)
+	}
+	var b6 sockLBBackend6
+	it6 := d.maps.be6.Iterate()
+	for it6.Next(&id, &b6) {
+		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), Protocol(b6.Proto)}, b6.Flags)
+	}
+	var r4 sockLBSrcrange4Key
+	var r6 sockLBSrcrange6Key
+	var allow uint8
+	itr4, itr6 := d.maps.srcrange4.Iterate(), d.maps.srcrange6.Iterate()
+	for itr4.Next(&r4, &allow) {
+		d.ranges[r4.Id] = append(d.ranges[r4.Id], netip.PrefixFrom(netip.AddrFrom4(bytes4(r4.Address)), int(r4.Prefixlen)-32))
+	}
+	for itr6.Next(&r6, &allow) {
+		d.ranges[r6.Id] = append(d.ranges[r6.Id], netip.PrefixFrom(netip.AddrFrom16(bytes16(r6.Address)), int(r6.Prefixlen)-32))
+	}
+	if err := errors.Join(it4.Err(), it6.Err(), itr4.Err(), itr6.Err()); err != nil {
+		return fmt.Errorf("read adopted backends and source ranges: %w", err)
+	}
+	adoptSlots(d, d.applied4, func(k sockLBSvc4Key) uint16 { return k.Slot })
+	adoptSlots(d, d.applied6, func(k sockLBSvc6Key) uint16 { return k.Slot })
+	taken := make(map[uint32]bool, len(d.ids))
+	for _, id := range d.ids {
+		taken[id] = true
+	}
+	for i := uint32(1); i < d.nextID; i++ {
+		if !taken[i] {
+			d.free = append(d.free, i)
+		}
+	}
+	return nil
+}
+
+func adoptSlots[K comparable](d *Datapath, applied map[K]sockLBSvcValue, slot func(K) uint16) {
+	for k, v := range applied {
+		if slot(k) > 0 {
+			d.refs[d.refOf[v.BackendId]]++
+		} else {
+			d.lastFrontend = max(d.lastFrontend, v.Id)
+		}
+	}
+}
+
+func mirror[K comparable](m *ebpf.Map, into map[K]sockLBSvcValue) error {
+	var k K
+	var v sockLBSvcValue
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		into[k] = v
+	}
+	return it.Err()
+}
+
+func (d *Datapath) adoptID(id uint32, ref backendRef, flags uint8) {
+	d.ids[ref] = id
+	d.refOf[id] = ref
+	d.flagsOf[id] = flags
+	d.nextID = max(d.nextID, id+1)
+}
+
+// family describes one IP family's maps and how its keys and entries are laid out.
+type family[K comparable, B any, R any] struct {
+	svc, be, srcrange *ebpf.Map
+	applied           map[K]sockLBSvcValue
+	is                func(netip.Addr) bool
+	key               func(f netip.AddrPort, proto Protocol, scope Scope, slot uint16) K
+	slot              func(K) uint16
+	withSlot          func(K, uint16) K
+	backend           func(b netip.AddrPort, proto Protocol, flags uint8) B
+	rangeKey          func(id uint32, p netip.Prefix) R
+}
+
+var (
+	ipv4 = family[sockLBSvc4Key, sockLBBackend4, sockLBSrcrange4Key]{
+		is: netip.Addr.Is4,
+		key: func(f netip.AddrPort, proto Protocol, scope Scope, slot uint16) sockLBSvc4Key {
+			return sockLBSvc4Key{Address: addr4(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: uint8(scope), Slot: slot}
+		},
+		slot:     func(k sockLBSvc4Key) uint16 { return k.Slot },
+		withSlot: func(k sockLBSvc4Key, slot uint16) sockLBSvc4Key { k.Slot = slot; return k },
+		backend: func(b netip.AddrPort, proto Protocol, flags uint8) sockLBBackend4 {
+			return sockLBBackend4{Address: addr4(b.Addr()), Port: port(b.Port()), Proto: uint8(proto), Flags: flags}
+		},
+		rangeKey: func(id uint32, p netip.Prefix) sockLBSrcrange4Key {
+			return sockLBSrcrange4Key{Prefixlen: uint32(32 + p.Bits()), Id: id, Address: addr4(p.Masked().Addr())}
+		},
+	}
+	ipv6 = family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key]{
+		is: func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() },
+		key: func(f netip.AddrPort, proto Protocol, scope Scope, slot uint16) sockLBSvc6Key {
+			return sockLBSvc6Key{Address: addr6(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: uint8(scope), Slot: slot}
+		},
+		slot:     func(k sockLBSvc6Key) uint16 { return k.Slot },
+		withSlot: func(k sockLBSvc6Key, slot uint16) sockLBSvc6Key { k.Slot = slot; return k },
+		backend: func(b netip.AddrPort, proto Protocol, flags uint8) sockLBBackend6 {
+			return sockLBBackend6{Address: addr6(b.Addr()), Port: port(b.Port()), Proto: uint8(proto), Flags: flags}
+		},
+		rangeKey: func(id uint32, p netip.Prefix) sockLBSrcrange6Key {
+			return sockLBSrcrange6Key{Prefixlen: uint32(32 + p.Bits()), Id: id, Address: addr6(p.Masked().Addr())}
+		},
+	}
+)
+
+func (d *Datapath) v4() family[sockLBSvc4Key, sockLBBackend4, sockLBSrcrange4Key] {
+	fam := ipv4
+	fam.svc, fam.be, fam.srcrange, fam.applied = d.maps.svc4, d.maps.be4, d.maps.srcrange4, d.applied4
+	return fam
+}
+
+func (d *Datapath) v6() family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key] {
+	fam := ipv6
+	fam.svc, fam.be, fam.srcrange, fam.applied = d.maps.svc6, d.maps.be6, d.maps.srcrange6, d.applied6
+	return fam
+}
+
+// Apply makes the maps hold exactly these frontends (a full resync): it updates each one and
+// deletes the frontends it does not list.
+func (d *Datapath) Apply(frontends []Frontend) error {
+	for _, f := range frontends {
+		if err := validate(f); err != nil {
+			return err
+		}
+	}
+	for _, f := range frontends {
+		if err := d.Update(f); err != nil {
+			return err
+		}
+	}
+	return errors.Join(deleteUnlisted(d, d.v4(), frontends), deleteUnlisted(d, d.v6(), frontends))
+}
+
+// Update adds a frontend or changes it, in an order that never lets a reader see it without
+// backends: new backends, slots, Maglev table and source ranges first, then the frontend
+// entry with its count (one atomic update), then what is no longer used. It touches only this
+// frontend's entries, whatever the number of others.
+func (d *Datapath) Update(f Frontend) error {
+	if err := validate(f); err != nil {
+		return err
+	}
+	if f.Address.Addr().Is4() {
+		return update(d, d.v4(), f)
+	}
+	return update(d, d.v6(), f)
+}
+
+// Delete removes a frontend's entry in one scope; flows already on a backend stay there.
+func (d *Datapath) Delete(addr netip.AddrPort, proto Protocol, scope Scope) error {
+	if addr.Addr().Is4() {
+		fam := d.v4()
+		return deleteFrontend(d, fam, fam.key(addr, proto, scope, 0))
+	}
+	fam := d.v6()
+	return deleteFrontend(d, fam, fam.key(addr, proto, scope, 0))
+}
+
+func validate(f Frontend) error {
+	if f.Address.Addr().Is4In6() || f.Address.Addr().Zone() != "" {
+		return fmt.Errorf("frontend %s: IPv4-mapped and zoned addresses are not frontends", f.Address)
+	}
+	if f.Protocol != TCP && f.Protocol != UDP {
+		return fmt.Errorf("frontend %s: protocol %d, want TCP (6) or UDP (17)", f.Address, f.Protocol)
+	}
+	if f.Scope != External && f.Scope != Internal {
+		return fmt.Errorf("frontend %s: unknown scope %d", f.Address, f.Scope)
+	}
+	if len(f.Backends) > math.MaxUint16 {
+		return fmt.Errorf("frontend %s: %d backends, at most %d", f.Address, len(f.Backends), math.MaxUint16)
+	}
+	if f.Affinity < 0 || f.Affinity > math.MaxUint32*time.Second {
+		return fmt.Errorf("frontend %s: affinity timeout %s out of range", f.Address, f.Affinity)
+	}
+	seen := make(map[netip.AddrPort]bool, len(f.Backends))
+	for _, b := range f.Backends {
+		if b.Address.Addr().Is4() != f.Address.Addr().Is4() {
+			return fmt.Errorf("frontend %s: backend %s is of the other IP family", f.Address, b.Address)
+		}
+		if seen[b.Address] {
+			return fmt.Errorf("frontend %s: backend %s listed twice", f.Address, b.Address)
+		}
+		seen[b.Address] = true
+	}
+	for _, p := range f.SourceRanges {
+		if !p.IsValid() || p.Addr().Is4() != f.Address.Addr().Is4() {
+			return fmt.Errorf("frontend %s: source range %s is not a prefix of its IP family", f.Address, p)
+		}
+	}
+	return nil
+}
+
+// arrange orders the backends as the slots hold them: those to pick from first (the ready
+// ones, or the terminating ones when none is ready), then the terminating ones kept for
+// their flows.
+func arrange(backends []Backend) (slots []Backend, count int) {
+	for _, b := range backends {
+		if !b.Terminating {
+			slots = append(slots, b)
+		}
+	}
+	count = len(slots)
+	for _, b := range backends {
+		if b.Terminating {
+			slots = append(slots, b)
+		}
+	}
+	if count == 0 {
+		count = len(slots)
+	}
+	return slots, count
+}
+
+func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f Frontend) error {
+	head := fam.key(f.Address, f.Protocol, f.Scope, 0)
+	prev, exists := fam.applied[head]
+	old := slotBackends(d, fam, head)
+	id := prev.Id
+	if !exists {
+		d.lastFrontend++
+		id = d.lastFrontend
+	}
+	slots, count := arrange(f.Backends)
+	ids := make([]uint32, len(slots))
+	for i, b := range slots {
+		ref := backendRef{b.Address, f.Protocol}
+		ids[i] = d.id(ref)
+		var flags uint8
+		if b.Local {
+			flags |= backendLocal
+		}
+		if written, ok := d.flagsOf[ids[i]]; !ok || written != flags {
+			if err := fam.be.Put(ids[i], fam.backend(b.Address, f.Protocol, flags)); err != nil {
+				if !ok {
+					d.forget(ref)
+				}
+				return fmt.Errorf("write backend %s: %w", b.Address, err)
+			}
+			d.flagsOf[ids[i]] = flags
+		}
+		d.refs[ref]++
+		if err := put(fam, fam.key(f.Address, f.Protocol, f.Scope, uint16(i+1)), sockLBSvcValue{BackendId: ids[i]}); err != nil {
+			return fmt.Errorf("write slot %d of %s: %w", i+1, f.Address, err)
+		}
+	}
+	value := sockLBSvcValue{Count: uint16(count), Id: id, AffinityTimeout: uint32(f.Affinity / time.Second)}
+	if f.Balancing == Maglev && count > 0 {
+		if err := d.writeMaglev(id, slots[:count], ids[:count]); err != nil {
+			return fmt.Errorf("write the Maglev table of %s: %w", f.Address, err)
+		}
+		value.Flags |= svcMaglev
+	}
+	if f.Affinity > 0 {
+		value.Flags |= svcAffinity
+		value.AffinityTimeout = max(value.AffinityTimeout, 1)
+	}
+	if len(f.SourceRanges) > 0 {
+		for _, p := range f.SourceRanges {
+			if !slices.Contains(d.ranges[id], p.Masked()) {
+				if err := fam.srcrange.Put(fam.rangeKey(id, p), uint8(1)); err != nil {
+					return fmt.Errorf("write source range %s of %s: %w", p, f.Address, err)
+				}
+				d.ranges[id] = append(d.ranges[id], p.Masked())
+			}
+		}
+		value.Flags |= svcSourceRanges
+	}
+	if err := put(fam, head, value); err != nil {
+		return fmt.Errorf("write frontend %s: %w", f.Address, err)
+	}
+	for i := len(slots) + 1; i <= len(old); i++ {
+		if err := del(fam, fam.key(f.Address, f.Protocol, f.Scope, uint16(i))); err != nil {
+			return err
+		}
+	}
+	if prev.Flags&svcMaglev != 0 && value.Flags&svcMaglev == 0 {
+		if err := d.deleteMaglev(id); err != nil {
+			return err
+		}
+	}
+	if err := deleteRanges(d, fam, id, f.SourceRanges); err != nil {
+		return err
+	}
+	return unref(d, fam, old)
+}
+
+// writeMaglev writes a frontend's Maglev table unless it was built from the same backends.
+func (d *Datapath) writeMaglev(id uint32, backends []Backend, ids []uint32) error {
+	in := make([]maglev.Backend, len(backends))
+	names := make([]string, len(backends))
+	for i, b := range backends {
+		in[i] = maglev.Backend{Name: b.Address.String(), Weight: 1}
+		names[i] = in[i].Name
+	}
+	slices.Sort(names)
+	whose := strings.Join(names, ",")
+	if d.maglevOf[id] == whose {
+		return nil
+	}
+	table, err := d.maglev.Table(in)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 0, 4*len(table))
+	for _, i := range table {
+		buf = binary.NativeEndian.AppendUint32(buf, ids[i])
+	}
+	if err := d.maps.maglev.Put(id, buf); err != nil {
+		return err
+	}
+	d.maglevOf[id] = whose
+	return nil
+}
+
+func (d *Datapath) deleteMaglev(id uint32) error {
+	if err := d.maps.maglev.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete Maglev table: %w", err)
+	}
+	delete(d.maglevOf, id)
+	return nil
+}
+
+// deleteRanges removes the source ranges of frontend id that keep does not list.
+func deleteRanges[K comparable, B any, R any](d *Datapath, fam family[K, B, R], id uint32, keep []netip.Prefix) error {
+	var left []netip.Prefix
+	for _, p := range d.ranges[id] {
+		if slices.ContainsFunc(keep, func(k netip.Prefix) bool { return k.Masked() == p }) {
+			left = append(left, p)
+			continue
+		}
+		if err := fam.srcrange.Delete(fam.rangeKey(id, p)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete source range %s: %w", p, err)
+		}
+	}
+	if len(left) == 0 {
+		delete(d.ranges, id)
+	} else {
+		d.ranges[id] = left
+	}
+	return nil
+}
+
+// deleteFrontend removes the frontend entry first, so that no reader follows it to a slot
+// that is gone, then its slots, table, ranges and the backends nothing else uses.
+func deleteFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R], head K) error {
+	prev, ok := fam.applied[head]
+	if !ok {
+		return nil
+	}
+	old := slotBackends(d, fam, head)
+	if err := del(fam, head); err != nil {
+		return err
+	}
+	for i := range old {
+		if err := del(fam, fam.withSlot(head, uint16(i+1))); err != nil {
+			return err
+		}
+	}
+	if err := errors.Join(d.deleteMaglev(prev.Id), deleteRanges(d, fam, prev.Id, nil)); err != nil {
+		return err
+	}
+	return unref(d, fam, old)
+}
+
+func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R], frontends []Frontend) error {
+	listed := make(map[K]bool, len(frontends))
+	for _, f := range frontends {
+		if fam.is(f.Address.Addr()) {
+			listed[fam.key(f.Address, f.Protocol, f.Scope, 0)] = true
+		}
+	}
+	var unlisted []K
+	for k := range fam.applied {
+		if fam.slot(k) == 0 && !listed[k] {
+			unlisted = append(unlisted, k)
+		}
+	}
+	for _, k := range unlisted {
+		if err := deleteFrontend(d, fam, k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// slotBackends lists the backends a frontend's slots name now, kept ones included.
+func slotBackends[K comparable, B any, R any](d *Datapath, fam family[K, B, R], head K) []backendRef {
+	var out []backendRef
+	for i := uint16(1); ; i++ {
+		slot, ok := fam.applied[fam.withSlot(head, i)]
+		if !ok {
+			return out
+		}
+		out = append(out, d.refOf[slot.BackendId])
+	}
+}
+
+// unref drops one reference to each backend and removes the backends left unreferenced.
+func unref[K comparable, B any, R any](d *Datapath, fam family[K, B, R], refs []backendRef) error {
+	for _, ref := range refs {
+		if d.refs[ref]--; d.refs[ref] > 0 {
+			continue
+		}
+		if err := fam.be.Delete(d.ids[ref]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete backend %s: %w", ref.addr, err)
+		}
+		d.forget(ref)
+	}
+	return nil
+}
+
+// put writes a service entry unless the map already holds that value.
+func put[K comparable, B any, R any](fam family[K, B, R], k K, v sockLBSvcValue) error {
+	if old, ok := fam.applied[k]; ok && old == v {
+		return nil
+	}
+	if err := fam.svc.Put(k, v); err != nil {
+		return err
+	}
+	fam.applied[k] = v
+	return nil
+}
+
+func del[K comparable, B any, R any](fam family[K, B, R], k K) error {
+	if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service entry: %w", err)
+	}
+	delete(fam.applied, k)
+	return nil
+}
+
+// id numbers a backend.
+func (d *Datapath) id(ref backendRef) uint32 {
+	if id, ok := d.ids[ref]; ok {
+		return id
+	}
+	var id uint32
+	if n := len(d.free); n > 0 {
+		id, d.free = d.free[n-1], d.free[:n-1]
+	} else {
+		id = d.nextID
+		d.nextID++
+	}
+	d.ids[ref] = id
+	d.refOf[id] = ref
+	return id
+}
+
+// forget releases a backend's number.
+func (d *Datapath) forget(ref backendRef) {
+	id := d.ids[ref]
+	delete(d.refs, ref)
+	delete(d.ids, ref)
+	delete(d.refOf, id)
+	delete(d.flagsOf, id)
+	d.free = append(d.free, id)
+}
+
+// addr4, addr6 and port lay out addresses and ports in network byte order in the host-order
+// integers that bpf2go generates.
+func addr4(a netip.Addr) uint32 {
+	b := a.As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func addr6(a netip.Addr) [4]uint32 {
+	b := a.As16()
+	var out [4]uint32
+	for i := range out {
+		out[i] = binary.NativeEndian.Uint32(b[4*i:])
+	}
+	return out
+}
+
+func bytes4(v uint32) [4]byte {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return b
+}
+
+func bytes16(v [4]uint32) [16]byte {
+	var b [16]byte
+	for i, w := range v {
+		binary.NativeEndian.PutUint32(b[4*i:], w)
+	}
+	return b
+}
+
+func unport(p uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], p)
+	return binary.BigEndian.Uint16(b[:])
+}
+
+func port(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}
