@@ -1,13 +1,16 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -134,8 +137,18 @@ func newNode(t testing.TB) *node {
 }
 
 // run runs a program on a packet as if it came in on (or left by) the external interface.
-func (n *node) run(prog *ebpf.Program, in []byte) (uint32, []byte) {
-	n.t.Helper()
+func (n *node) run(t testing.TB, prog *ebpf.Program, in []byte) (uint32, []byte) {
+	t.Helper()
+	ret, out, err := n.try(prog, in)
+	if err != nil {
+		t.Fatalf("run %s: %v", prog, err)
+	}
+	return ret, out
+}
+
+// try is run for input the kernel may refuse to run a program on: it does for frames
+// whose Ethernet type is IP but whose IP header is cut short (the program drops those).
+func (n *node) try(prog *ebpf.Program, in []byte) (uint32, []byte, error) {
 	var ret uint32
 	var err error
 	out := make([]byte, len(in)+256)
@@ -147,14 +160,18 @@ func (n *node) run(prog *ebpf.Program, in []byte) (uint32, []byte) {
 		out = opts.DataOut
 	}
 	<-done
-	if err != nil {
-		n.t.Fatalf("run %s: %v", prog, err)
-	}
-	return ret, out
+	return ret, out, err
 }
 
-func (n *node) ingress(in []byte) (uint32, []byte) { return n.run(n.d.np.PorticoNodeportIngress, in) }
-func (n *node) egress(in []byte) (uint32, []byte)  { return n.run(n.d.np.PorticoNodeportEgress, in) }
+func (n *node) ingress(t testing.TB, in []byte) (uint32, []byte) {
+	t.Helper()
+	return n.run(t, n.d.np.PorticoNodeportIngress, in)
+}
+
+func (n *node) egress(t testing.TB, in []byte) (uint32, []byte) {
+	t.Helper()
+	return n.run(t, n.d.np.PorticoNodeportEgress, in)
+}
 
 func (n *node) update(fs ...Frontend) {
 	n.t.Helper()
@@ -210,7 +227,7 @@ func TestPacketLayerTranslatesBothWays(t *testing.T) {
 				t.Run(fmt.Sprintf("%s/%s/%s", fam.name, protoName(proto), tc.name), func(t *testing.T) {
 					client := netip.AddrPortFrom(fam.client, uint16(40000+i))
 					in := pkt{src: client, dst: tc.frontend, proto: proto, payload: []byte("hello")}
-					ret, out := n.ingress(in.bytes())
+					ret, out := n.ingress(t, in.bytes())
 					if ret != actRedirect {
 						t.Fatalf("verdict %d, want redirect (%d)", ret, actRedirect)
 					}
@@ -229,7 +246,7 @@ func TestPacketLayerTranslatesBothWays(t *testing.T) {
 						t.Fatalf("forwarded to link-layer address %s, want the next hop's %s", fwd.dstMAC, tc.nextHop)
 					}
 					// The next packet of the flow goes the same way.
-					if ret, again := n.ingress(in.bytes()); ret != actRedirect || mustDecode(t, again).dst != tc.backend || mustDecode(t, again).src != fwd.src {
+					if ret, again := n.ingress(t, in.bytes()); ret != actRedirect || mustDecode(t, again).dst != tc.backend || mustDecode(t, again).src != fwd.src {
 						t.Fatalf("second packet: verdict %d, %s -> %s", ret, mustDecode(t, again).src, mustDecode(t, again).dst)
 					}
 
@@ -238,10 +255,10 @@ func TestPacketLayerTranslatesBothWays(t *testing.T) {
 					reply := pkt{src: tc.backend, dst: fwd.src, proto: proto, payload: []byte("world"), tcpFlags: tcpSYN | tcpACK}
 					var back []byte
 					if tc.snat {
-						if ret, back = n.ingress(reply.bytes()); ret != actRedirect {
+						if ret, back = n.ingress(t, reply.bytes()); ret != actRedirect {
 							t.Fatalf("reply verdict %d, want redirect", ret)
 						}
-					} else if ret, back = n.egress(reply.bytes()); ret != actOK {
+					} else if ret, back = n.egress(t, reply.bytes()); ret != actOK {
 						t.Fatalf("reply verdict %d, want ok", ret)
 					}
 					rev := mustDecode(t, back)
@@ -259,4 +276,287 @@ func protoName(p Protocol) string {
 		return "tcp"
 	}
 	return "udp"
+}
+
+// A frontend without backends answers ICMP port unreachable, for TCP too, as kube-proxy's
+// REJECT rule does: the client's connect() fails at once.
+func TestPacketLayerRejectsFrontendsWithoutBackends(t *testing.T) {
+	n := newNode(t)
+	for _, fam := range nodeFamilies {
+		for _, proto := range []Protocol{TCP, UDP} {
+			t.Run(fam.name+"/"+protoName(proto), func(t *testing.T) {
+				frontend := netip.AddrPortFrom(fam.lb, 90)
+				n.update(external(frontend, proto))
+				client := netip.AddrPortFrom(fam.client, 40100)
+				ret, out := n.ingress(t, pkt{src: client, dst: frontend, proto: proto, payload: []byte("hello")}.bytes())
+				if ret != actRedirect {
+					t.Fatalf("verdict %d, want redirect back out", ret)
+				}
+				d := mustDecode(t, out)
+				if d.icmpType != fam.icmpUnreach || d.icmpCode != fam.icmpPortUnr || d.src.Addr() != fam.lb || d.dst.Addr() != fam.client {
+					t.Fatalf("answer %s -> %s ICMP %d/%d, want port unreachable from the frontend to the client", d.src, d.dst, d.icmpType, d.icmpCode)
+				}
+				if d.quoted == nil || d.quoted.src != client || d.quoted.dst != frontend {
+					t.Fatalf("the answer quotes %+v, want the client's packet", d.quoted)
+				}
+				if d.dstMAC.String() != net.HardwareAddr(clientMAC).String() {
+					t.Fatalf("answer sent to %s, want the client's link-layer address", d.dstMAC)
+				}
+			})
+		}
+	}
+}
+
+// loadBalancerSourceRanges admit listed clients only; lifting them admits everyone and
+// leaves no entry behind.
+func TestPacketLayerSourceRanges(t *testing.T) {
+	n := newNode(t)
+	for _, fam := range nodeFamilies {
+		t.Run(fam.name, func(t *testing.T) {
+			frontend := netip.AddrPortFrom(fam.lb, 91)
+			backend := local(netip.AddrPortFrom(fam.localPod, 8080))
+			inRange := netip.AddrPortFrom(fam.client, 40200)
+			outside := netip.AddrPortFrom(fam.nodeIP.Next().Next().Next(), 40200)
+			f := external(frontend, TCP, backend)
+			f.SourceRanges = []netip.Prefix{netip.PrefixFrom(fam.client, fam.client.BitLen()-8)}
+			n.update(f)
+			if ret, _ := n.ingress(t, pkt{src: inRange, dst: frontend, proto: TCP}.bytes()); ret != actRedirect {
+				t.Fatalf("a client in range: verdict %d, want redirect", ret)
+			}
+			if ret, _ := n.ingress(t, pkt{src: outside, dst: frontend, proto: TCP}.bytes()); ret != actShot {
+				t.Fatalf("a client out of range: verdict %d, want drop", ret)
+			}
+			f.SourceRanges = nil
+			n.update(f)
+			if ret, _ := n.ingress(t, pkt{src: outside, dst: frontend, proto: TCP}.bytes()); ret != actRedirect {
+				t.Fatalf("ranges lifted: verdict %d, want redirect", ret)
+			}
+			if got := entries(t, n.d.maps.srcrange4) + entries(t, n.d.maps.srcrange6); got != 0 {
+				t.Fatalf("%d source range entries left", got)
+			}
+		})
+	}
+}
+
+// backendOf sends the first packet of a flow and returns the backend it went to.
+func (n *node) backendOf(t testing.TB, prog *ebpf.Program, client, frontend netip.AddrPort) netip.AddrPort {
+	t.Helper()
+	ret, out := n.run(t, prog, pkt{src: client, dst: frontend, proto: UDP}.bytes())
+	if ret != actRedirect {
+		t.Fatalf("flow %s -> %s: verdict %d, want redirect", client, frontend, ret)
+	}
+	return mustDecode(t, out).dst
+}
+
+func pods(prefix string, count int, mk func(netip.AddrPort) Backend) []Backend {
+	var out []Backend
+	for i := range count {
+		out = append(out, mk(netip.AddrPortFrom(netip.MustParseAddr(fmt.Sprintf(prefix, 10+i)), 8080)))
+	}
+	return out
+}
+
+// sessionAffinity ClientIP keeps every flow of a client on one backend; without it the
+// flows spread.
+func TestPacketLayerAffinity(t *testing.T) {
+	n := newNode(t)
+	frontend := netip.MustParseAddrPort("203.0.113.10:92")
+	f := external(frontend, UDP, pods("10.244.1.%d", 8, local)...)
+	f.Affinity = 30 * time.Second
+	n.update(f)
+	seen := map[netip.AddrPort]int{}
+	for i := range 20 {
+		seen[n.backendOf(t, n.d.np.PorticoNodeportIngress, netip.MustParseAddrPort(fmt.Sprintf("198.51.100.7:%d", 41000+i)), frontend)]++
+	}
+	if len(seen) != 1 {
+		t.Fatalf("with affinity one client's flows went to %v, want one backend", seen)
+	}
+	f.Affinity = 0
+	n.update(f)
+	clear(seen)
+	for i := range 20 {
+		seen[n.backendOf(t, n.d.np.PorticoNodeportIngress, netip.MustParseAddrPort(fmt.Sprintf("198.51.100.7:%d", 42000+i)), frontend)]++
+	}
+	if len(seen) < 2 {
+		t.Fatalf("without affinity 20 flows went to %v, want them spread", seen)
+	}
+}
+
+// With Maglev every node picks the same backend for a flow: two datapaths with their own
+// maps (two nodes) agree on every flow, and flows spread over every backend.
+func TestPacketLayerMaglevAgreesAcrossNodes(t *testing.T) {
+	n := newNode(t)
+	other := loaded(t)
+	frontend := netip.MustParseAddrPort("203.0.113.10:93")
+	f := external(frontend, UDP, pods("10.244.2.%d", 8, remote)...)
+	f.Balancing = Maglev
+	n.update(f)
+	// The other node numbers its backends differently: it learns them in another order.
+	g := f
+	g.Backends = slices.Clone(f.Backends)
+	slices.Reverse(g.Backends)
+	if err := other.Update(external(netip.MustParseAddrPort("203.0.113.99:1"), UDP, remote(netip.MustParseAddrPort("10.244.2.200:1")))); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Update(g); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[netip.AddrPort]int{}
+	for i := range 200 {
+		client := netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 51, 100, byte(i)}), uint16(43000+i))
+		here := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend)
+		there := n.backendOf(t, other.np.PorticoNodeportIngress, client, frontend)
+		if here != there {
+			t.Fatalf("flow from %s: this node picked %s, the other %s", client, here, there)
+		}
+		seen[here]++
+	}
+	if len(seen) != 8 {
+		t.Fatalf("200 flows went to %d of 8 backends: %v", len(seen), seen)
+	}
+}
+
+// An established flow keeps its backend while that backend exists, whatever happens to the
+// others; when it goes, the flow moves to a live one. Terminating backends take new flows
+// only when no ready one is left, and keep the flows they have.
+func TestPacketLayerFlowsKeepTheirBackend(t *testing.T) {
+	n := newNode(t)
+	frontend := netip.MustParseAddrPort("203.0.113.10:94")
+	all := pods("10.244.1.%d", 4, local)
+	client := netip.MustParseAddrPort("198.51.100.7:44000")
+	n.update(external(frontend, UDP, all...))
+	first := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend)
+	var others []Backend
+	for _, b := range all {
+		if b.Address != first {
+			others = append(others, b)
+		}
+	}
+
+	// Others come and go: the flow stays.
+	n.update(external(frontend, UDP, append([]Backend{local(first)}, others[0], local(netip.MustParseAddrPort("10.244.1.99:8080")))...))
+	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend); got != first {
+		t.Fatalf("after other backends changed the flow moved from %s to %s", first, got)
+	}
+	// Its backend starts terminating: the flow stays, new flows avoid it.
+	n.update(external(frontend, UDP, Backend{Address: first, Local: true, Terminating: true}, others[0]))
+	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend); got != first {
+		t.Fatalf("after its backend began terminating the flow moved from %s to %s", first, got)
+	}
+	for i := range 20 {
+		if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, netip.AddrPortFrom(client.Addr(), uint16(45000+i)), frontend); got != others[0].Address {
+			t.Fatalf("a new flow went to %s, want the only ready backend %s", got, others[0].Address)
+		}
+	}
+	// Only terminating backends left: they take new flows.
+	n.update(external(frontend, UDP, Backend{Address: first, Local: true, Terminating: true}))
+	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, netip.MustParseAddrPort("198.51.100.8:46000"), frontend); got != first {
+		t.Fatalf("with only a terminating backend a new flow went to %s", got)
+	}
+	// Its backend is gone: the flow moves.
+	n.update(external(frontend, UDP, others[1]))
+	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend); got != others[1].Address {
+		t.Fatalf("after its backend went the flow went to %s, want %s", got, others[1].Address)
+	}
+}
+
+// Malformed and unusual packets pass untouched or are dropped; translated ones are whole.
+func TestPacketLayerMalformedInput(t *testing.T) {
+	n := newNode(t)
+	for _, fam := range nodeFamilies {
+		frontend := netip.AddrPortFrom(fam.lb, 95)
+		n.update(external(frontend, TCP, local(netip.AddrPortFrom(fam.localPod, 8080))))
+		syn := pkt{src: netip.AddrPortFrom(fam.client, 47000), dst: frontend, proto: TCP, payload: []byte("hello")}
+		good := syn.bytes()
+		ipLen := 20
+		if fam.name == "v6" {
+			ipLen = 40
+		}
+		for _, tc := range []struct {
+			name string
+			in   []byte
+			want uint32
+		}{
+			{"truncated transport header", good[:14+ipLen+10], actShot},
+			{"length beyond the packet", slices.Clone(good[:len(good)-3]), actShot},
+			{"not IP", append(slices.Clone(good[:12]), 0x08, 0x06, 0, 1), actUnspec},
+			{"wrong IP version", func() []byte { b := slices.Clone(good); b[14] = 0x55; return b }(), actShot},
+			{"first fragment", pkt{src: syn.src, dst: frontend, proto: TCP, fragment: true}.bytes(), actUnspec},
+			{"not to a frontend", pkt{src: syn.src, dst: netip.AddrPortFrom(fam.lb, 96), proto: TCP}.bytes(), actUnspec},
+		} {
+			t.Run(fam.name+"/"+tc.name, func(t *testing.T) {
+				ret, out := n.ingress(t, tc.in)
+				if ret != tc.want {
+					t.Fatalf("verdict %d, want %d", ret, tc.want)
+				}
+				if !slices.Equal(out, tc.in) {
+					t.Fatalf("the packet was changed:\n in % x\nout % x", tc.in, out)
+				}
+			})
+		}
+		for _, tc := range []struct {
+			name string
+			in   pkt
+		}{
+			{"IPv4 options or IPv6 extension headers", pkt{src: syn.src, dst: frontend, proto: TCP, payload: []byte("hello"),
+				ipOptions: []byte{1, 1, 1, 0}, hopByHop: fam.name == "v6"}},
+		} {
+			t.Run(fam.name+"/"+tc.name, func(t *testing.T) {
+				if fam.name == "v6" {
+					tc.in.ipOptions = nil
+				}
+				ret, out := n.ingress(t, tc.in.bytes())
+				if ret != actRedirect {
+					t.Fatalf("verdict %d, want redirect", ret)
+				}
+				if d := mustDecode(t, out); d.dst.Addr() != fam.localPod || string(d.payload) != "hello" || len(out) != len(tc.in.bytes()) {
+					t.Fatalf("translated to %s with %q, want the backend and the whole packet", d.dst, d.payload)
+				}
+			})
+		}
+	}
+}
+
+// FuzzPacketLayer feeds arbitrary frames to both packet programs: every verdict is one of
+// theirs, and a packet they change is a well-formed one with correct checksums.
+func FuzzPacketLayer(f *testing.F) {
+	for _, fam := range nodeFamilies {
+		for _, proto := range []Protocol{TCP, UDP} {
+			f.Add(pkt{src: netip.AddrPortFrom(fam.client, 48000), dst: netip.AddrPortFrom(fam.lb, 80), proto: proto, payload: []byte("x")}.bytes())
+			f.Add(pkt{src: netip.AddrPortFrom(fam.client, 48000), dst: netip.AddrPortFrom(fam.lb, 90), proto: proto}.bytes())
+			f.Add(pkt{src: netip.AddrPortFrom(fam.localPod, 8080), dst: netip.AddrPortFrom(fam.client, 48000), proto: proto}.bytes())
+		}
+	}
+	n := newNode(f)
+	for _, fam := range nodeFamilies {
+		for _, proto := range []Protocol{TCP, UDP} {
+			n.update(external(netip.AddrPortFrom(fam.lb, 80), proto, local(netip.AddrPortFrom(fam.localPod, 8080)), remote(netip.AddrPortFrom(fam.remotePod, 8080))),
+				external(netip.AddrPortFrom(fam.lb, 90), proto))
+		}
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		if len(in) <= 14 {
+			return // the kernel runs nothing on less than an Ethernet header and a byte
+		}
+		_, inErr := decode(in)
+		for _, prog := range []*ebpf.Program{n.d.np.PorticoNodeportIngress, n.d.np.PorticoNodeportEgress} {
+			ret, out, err := n.try(prog, in)
+			if errors.Is(err, unix.EINVAL) {
+				return // a frame the kernel refuses to run programs on
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			switch ret {
+			case actUnspec, actOK, actShot, actRedirect:
+			default:
+				t.Fatalf("verdict %d", ret)
+			}
+			if inErr == nil && ret != actShot && !slices.Equal(in, out) {
+				if _, err := decode(out); err != nil {
+					t.Fatalf("a well-formed packet came out corrupt: %v\n in % x\nout % x", err, in, out)
+				}
+			}
+		}
+	})
 }

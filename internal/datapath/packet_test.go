@@ -158,29 +158,36 @@ func decodeIP(b []byte, verify bool) (decoded, error) {
 	case len(b) >= 20 && b[0]>>4 == 4:
 		ihl := int(b[0]&0xf) * 4
 		total := int(binary.BigEndian.Uint16(b[2:]))
-		if verify && (checksum(b[:ihl], 0) != 0xffff || total > len(b)) {
+		if ihl < 20 || ihl > len(b) || (verify && (checksum(b[:ihl], 0) != 0xffff || total > len(b) || total < ihl)) {
 			return d, fmt.Errorf("bad IPv4 header (checksum or length)")
 		}
 		src, dst = netip.AddrFrom4([4]byte(b[12:16])), netip.AddrFrom4([4]byte(b[16:20]))
 		d.proto = b[9]
-		l4 = b[ihl:min(total, len(b))]
+		l4 = b[ihl:max(ihl, min(total, len(b)))]
 	case len(b) >= 40 && b[0]>>4 == 6:
 		src, dst = netip.AddrFrom16([16]byte(b[8:24])), netip.AddrFrom16([16]byte(b[24:40]))
 		d.proto = b[6]
 		l4 = b[40:min(40+int(binary.BigEndian.Uint16(b[4:])), len(b))]
 		for d.proto == 0 || d.proto == 60 || d.proto == 43 {
+			if len(l4) < 2 || (int(l4[1])+1)*8 > len(l4) {
+				return d, errors.New("truncated IPv6 extension header")
+			}
 			d.proto, l4 = l4[0], l4[(int(l4[1])+1)*8:]
 		}
 	default:
 		return d, errors.New("not an IP packet")
 	}
+	minLen := map[uint8]int{6: 20, 17: 8, 1: 8, 58: 8}[d.proto]
+	if !verify {
+		minLen = 4 // a quoted packet: ports at least
+	}
+	if minLen == 0 || len(l4) < minLen {
+		return d, fmt.Errorf("protocol %d with %d bytes", d.proto, len(l4))
+	}
 	if verify {
-		var sum uint16
-		switch d.proto {
-		case 6, 17, 58:
+		sum := checksum(l4, 0)
+		if d.proto != 1 {
 			sum = checksum(l4, pseudo(src, dst, d.proto, len(l4)))
-		case 1:
-			sum = checksum(l4, 0)
 		}
 		if sum != 0xffff && !(d.proto == 17 && src.Is4() && binary.BigEndian.Uint16(l4[6:]) == 0) {
 			return d, fmt.Errorf("bad %d checksum %#x", d.proto, sum)
@@ -191,7 +198,7 @@ func decodeIP(b []byte, verify bool) (decoded, error) {
 		d.src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(l4[0:]))
 		d.dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(l4[2:]))
 		hlen := 8
-		if d.proto == 6 {
+		if d.proto == 6 && len(l4) > 12 {
 			hlen = int(l4[12]>>4) * 4
 		}
 		if len(l4) >= hlen {
@@ -200,6 +207,9 @@ func decodeIP(b []byte, verify bool) (decoded, error) {
 	case 1, 58:
 		d.src, d.dst = netip.AddrPortFrom(src, 0), netip.AddrPortFrom(dst, 0)
 		d.icmpType, d.icmpCode = l4[0], l4[1]
+		if len(l4) < 8 {
+			return d, errors.New("truncated ICMP header")
+		}
 		inner, err := decodeIP(l4[8:], false)
 		if err != nil {
 			return d, fmt.Errorf("ICMP quotes no packet: %w", err)
