@@ -68,9 +68,10 @@ test: verify-generated vet envtest ## Run every test: unit, property, fuzz seeds
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./... -count=1
 
 .PHONY: fuzz
-fuzz: ## Fuzz the allocator and the annotation parser for a while (FUZZTIME, default 30s each).
+fuzz: ## Fuzz the allocator, the annotation parser and the packet programs (as root) for a while (FUZZTIME, default 30s each).
 	$(GO) test ./internal/allocator -run '^$$' -fuzz FuzzSteps -fuzztime $(or $(FUZZTIME),30s)
 	$(GO) test ./internal/controller/servicelb -run '^$$' -fuzz FuzzRequest -fuzztime $(or $(FUZZTIME),30s)
+	$(GO) test ./internal/datapath -run '^$$' -fuzz FuzzPacketLayer -fuzztime $(or $(FUZZTIME),30s)
 
 .PHONY: bench
 bench: envtest ## Run the benchmarks and print their numbers (see docs/benchmarks.md); root for the datapath.
