@@ -46,11 +46,11 @@ type skbContext struct {
 // with both ends in the namespace: nothing leaves it, and test runs send nothing anyway. The programs run on a thread inside the namespace, so that
 // their FIB lookups see its routes.
 type node struct {
-	t     testing.TB
-	name  string
-	d     *Datapath
-	ext   uint32
-	calls chan func()
+	t    testing.TB
+	name string
+	d    *Datapath
+	ext  uint32
+	exec func(func())
 }
 
 // family holds one IP family's addresses in the node topology.
@@ -71,7 +71,7 @@ var nodeFamilies = []nodeFamily{
 func newNode(t testing.TB) *node {
 	t.Helper()
 	d := loaded(t)
-	n := &node{t: t, name: fmt.Sprintf("ptn-%d", os.Getpid()%100000), d: d, calls: make(chan func())}
+	n := &node{t: t, name: fmt.Sprintf("ptn-%d", os.Getpid()%100000), d: d}
 	cmds := [][]string{
 		{"ip", "netns", "add", n.name},
 		{"ip", "-n", n.name, "link", "add", "ext0", "type", "veth", "peer", "name", "ext1"},
@@ -102,36 +102,17 @@ func newNode(t testing.TB) *node {
 			t.Fatalf("%v: %v\n%s", c, err, out)
 		}
 	}
-	ready := make(chan error)
-	stop := make(chan struct{})
-	t.Cleanup(func() { close(stop) })
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := os.Open("/run/netns/" + n.name)
+	n.exec = inNamespace(t, n.name)
+	n.exec(func() {
+		ifc, err := net.InterfaceByName("ext0")
 		if err != nil {
-			ready <- err
+			t.Errorf("find ext0: %v", err)
 			return
 		}
-		err = unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET)
-		ns.Close()
-		if err == nil {
-			var ifc *net.Interface
-			if ifc, err = net.InterfaceByName("ext0"); err == nil {
-				n.ext = uint32(ifc.Index)
-			}
-		}
-		ready <- err
-		for {
-			select {
-			case f := <-n.calls:
-				f()
-			case <-stop:
-				return
-			}
-		}
-	}()
-	if err := <-ready; err != nil {
-		t.Fatalf("enter the node namespace: %v", err)
+		n.ext = uint32(ifc.Index)
+	})
+	if n.ext == 0 {
+		t.FailNow()
 	}
 	return n
 }
@@ -152,14 +133,11 @@ func (n *node) try(prog *ebpf.Program, in []byte) (uint32, []byte, error) {
 	var ret uint32
 	var err error
 	out := make([]byte, len(in)+256)
-	done := make(chan struct{})
-	n.calls <- func() {
-		defer close(done)
+	n.exec(func() {
 		opts := ebpf.RunOptions{Data: in, DataOut: out, Context: skbContext{IngressIfindex: n.ext, Ifindex: n.ext}}
 		ret, err = prog.Run(&opts)
 		out = opts.DataOut
-	}
-	<-done
+	})
 	return ret, out, err
 }
 
@@ -179,6 +157,45 @@ func (n *node) update(fs ...Frontend) {
 		if err := n.d.Update(f); err != nil {
 			n.t.Fatal(err)
 		}
+	}
+}
+
+// inNamespace starts a thread inside a network namespace and returns a function that runs
+// code on it, for what acts on the calling thread's namespace (test runs' FIB lookups,
+// interface indexes, TCX attachment). The thread ends with the test.
+func inNamespace(t testing.TB, name string) func(func()) {
+	t.Helper()
+	calls := make(chan func())
+	stop := make(chan struct{})
+	ready := make(chan error)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		ns, err := os.Open("/run/netns/" + name)
+		if err == nil {
+			err = unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET)
+			ns.Close()
+		}
+		ready <- err
+		if err != nil {
+			return
+		}
+		for {
+			select {
+			case f := <-calls:
+				f()
+			case <-stop:
+				return
+			}
+		}
+	}()
+	if err := <-ready; err != nil {
+		t.Fatalf("enter namespace %s: %v", name, err)
+	}
+	t.Cleanup(func() { close(stop) })
+	return func(f func()) {
+		done := make(chan struct{})
+		calls <- func() { defer close(done); f() }
+		<-done
 	}
 }
 
