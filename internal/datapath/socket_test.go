@@ -398,6 +398,25 @@ func entries(t *testing.T, m *ebpf.Map) int {
 	return n
 }
 
+// startHolder starts a "tcp-hold" client and returns its stdin (a line makes it go on) and
+// its output lines; the process ends with the test.
+func startHolder(t testing.TB, holder *exec.Cmd) (io.Writer, *bufio.Scanner) {
+	t.Helper()
+	stdin, err := holder.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
+	return stdin, bufio.NewScanner(stdout)
+}
+
 // loaded returns a Datapath with its programs and maps loaded but attached nowhere.
 func loaded(t testing.TB) *Datapath {
 	t.Helper()
@@ -497,20 +516,8 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 
 	// A client holds one connection across the restart.
 	holder, cg := top.clientCmd("tcp-hold", web)
-	stdin, err := holder.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := holder.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
+	stdin, lines := startHolder(t, holder)
 	cg.Close()
-	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
-	lines := bufio.NewScanner(stdout)
 	want := fmt.Sprintf("peer=%s reply=from %s", web, backend)
 	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "first "+want) {
 		t.Fatalf("before the restart the holder printed %q, want %q", lines.Text(), "first "+want)

@@ -1,7 +1,6 @@
 package datapath
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"net"
@@ -217,20 +216,7 @@ func TestPacketLayerRestartKeepsFlows(t *testing.T) {
 	if err := first.Update(external(frontend, TCP, remote(backend))); err != nil {
 		t.Fatal(err)
 	}
-	holder := c.clientCmd("tcp-hold", frontend)
-	stdin, err := holder.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := holder.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
-	lines := bufio.NewScanner(stdout)
+	stdin, lines := startHolder(t, c.clientCmd("tcp-hold", frontend))
 	want := fmt.Sprintf("peer=%s reply=from %s", frontend, backend)
 	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "first "+want) {
 		t.Fatalf("before the restart the holder printed %q, want %q", lines.Text(), "first "+want)
