@@ -313,49 +313,6 @@ lb4_lookup_frontend(struct svc4_key *key, __be32 addr, __be16 port, __u8 proto, 
 	return bpf_map_lookup_elem(&portico_svc4, key);
 }
 
-/* lb4_slot returns the backend id in a frontend's slot-th slot (1..), or 0. */
-static __always_inline __u32 lb4_slot(struct svc4_key *key, __u16 slot)
-{
-	struct svc_value *v;
-
-	key->slot = slot;
-	v = bpf_map_lookup_elem(&portico_svc4, key);
-	key->slot = 0;
-	return v ? v->backend_id : 0;
-}
-
-/* lb4_pick_backend picks one of a frontend's backends: the client's under affinity, else by
- * the flow's hash in the Maglev table, else at random. It returns NULL when there is none.
- * *id is the backend's id.
- */
-static __always_inline struct backend4 *
-lb4_pick_backend(struct svc4_key *key, const struct svc_value *frontend, struct affinity_key *client,
-		 __u32 hash, __u32 *id)
-{
-	struct backend4 *backend;
-
-	*id = 0;
-	if (frontend->count == 0)
-		return NULL;
-	if (frontend->flags & SVC_F_AFFINITY) {
-		*id = lb_affinity_backend(client, frontend);
-		backend = *id ? bpf_map_lookup_elem(&portico_be4, id) : NULL;
-		if (backend)
-			goto bind;
-	}
-	if (frontend->flags & SVC_F_MAGLEV)
-		*id = lb_maglev_backend(frontend, hash);
-	else
-		*id = lb4_slot(key, (bpf_get_prandom_u32() % frontend->count) + 1);
-	backend = *id ? bpf_map_lookup_elem(&portico_be4, id) : NULL;
-	if (!backend)
-		return NULL;
-bind:
-	if (frontend->flags & SVC_F_AFFINITY)
-		lb_affinity_bind(client, *id);
-	return backend;
-}
-
 static __always_inline struct svc_value *
 lb6_lookup_frontend(struct svc6_key *key, const __be32 addr[4], __be16 port, __u8 proto, __u8 scope)
 {
@@ -368,42 +325,56 @@ lb6_lookup_frontend(struct svc6_key *key, const __be32 addr[4], __be16 port, __u
 	return bpf_map_lookup_elem(&portico_svc6, key);
 }
 
-static __always_inline __u32 lb6_slot(struct svc6_key *key, __u16 slot)
+/* lb_pick_backend picks one of a frontend's backends: the client's under affinity, else by
+ * the flow's hash in the Maglev table, else at random. It returns the backend from the
+ * backends map, or NULL when there is none; *id is the backend's id. key is the frontend's
+ * key in the svc map and slot its slot field (the families lay their keys out differently).
+ */
+static __always_inline void *
+lb_pick_backend(void *svc, void *key, __u16 *slot, void *backends, const struct svc_value *frontend,
+		struct affinity_key *client, __u32 hash, __u32 *id)
 {
-	struct svc_value *v;
-
-	key->slot = slot;
-	v = bpf_map_lookup_elem(&portico_svc6, key);
-	key->slot = 0;
-	return v ? v->backend_id : 0;
-}
-
-static __always_inline struct backend6 *
-lb6_pick_backend(struct svc6_key *key, const struct svc_value *frontend, struct affinity_key *client,
-		 __u32 hash, __u32 *id)
-{
-	struct backend6 *backend;
+	struct svc_value *entry;
+	void *backend;
 
 	*id = 0;
 	if (frontend->count == 0)
 		return NULL;
 	if (frontend->flags & SVC_F_AFFINITY) {
 		*id = lb_affinity_backend(client, frontend);
-		backend = *id ? bpf_map_lookup_elem(&portico_be6, id) : NULL;
+		backend = *id ? bpf_map_lookup_elem(backends, id) : NULL;
 		if (backend)
 			goto bind;
 	}
-	if (frontend->flags & SVC_F_MAGLEV)
+	if (frontend->flags & SVC_F_MAGLEV) {
 		*id = lb_maglev_backend(frontend, hash);
-	else
-		*id = lb6_slot(key, (bpf_get_prandom_u32() % frontend->count) + 1);
-	backend = *id ? bpf_map_lookup_elem(&portico_be6, id) : NULL;
+	} else {
+		*slot = (bpf_get_prandom_u32() % frontend->count) + 1;
+		entry = bpf_map_lookup_elem(svc, key);
+		*slot = 0;
+		*id = entry ? entry->backend_id : 0;
+	}
+	backend = *id ? bpf_map_lookup_elem(backends, id) : NULL;
 	if (!backend)
 		return NULL;
 bind:
 	if (frontend->flags & SVC_F_AFFINITY)
 		lb_affinity_bind(client, *id);
 	return backend;
+}
+
+static __always_inline struct backend4 *
+lb4_pick_backend(struct svc4_key *key, const struct svc_value *frontend, struct affinity_key *client,
+		 __u32 hash, __u32 *id)
+{
+	return lb_pick_backend(&portico_svc4, key, &key->slot, &portico_be4, frontend, client, hash, id);
+}
+
+static __always_inline struct backend6 *
+lb6_pick_backend(struct svc6_key *key, const struct svc_value *frontend, struct affinity_key *client,
+		 __u32 hash, __u32 *id)
+{
+	return lb_pick_backend(&portico_svc6, key, &key->slot, &portico_be6, frontend, client, hash, id);
 }
 
 #endif /* PORTICO_LB_H */

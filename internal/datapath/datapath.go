@@ -100,32 +100,19 @@ func (d *Datapath) load(opts Options) error {
 	if err := sockSpec.LoadAndAssign(&d.sock, &copts); err != nil {
 		return fmt.Errorf("load socket programs (a pinned map of another size needs an uninstall first): %w", err)
 	}
-	// The packet programs use the socket object's maps, one set for both layers.
-	copts.MapReplacements = map[string]*ebpf.Map{}
-	for name := range npSpec.Maps {
-		if m := d.sockMap(name); m != nil {
-			copts.MapReplacements[name] = m
-		}
-	}
-	if err := npSpec.LoadAndAssign(&d.np, &copts); err != nil {
-		return fmt.Errorf("load packet programs: %w", err)
-	}
-	d.maps = mapSet{
-		svc4: d.sock.PorticoSvc4, svc6: d.sock.PorticoSvc6, be4: d.sock.PorticoBe4, be6: d.sock.PorticoBe6,
-		maglev: d.sock.PorticoMaglev, srcrange4: d.sock.PorticoSrcrange4, srcrange6: d.sock.PorticoSrcrange6,
-	}
-	return nil
-}
-
-// sockMap returns the socket object's map of a name.
-func (d *Datapath) sockMap(name string) *ebpf.Map {
-	return map[string]*ebpf.Map{
+	// The packet programs use the socket object's maps, one set for both layers (both
+	// objects declare every map of bpf/lib/lb.h).
+	copts.MapReplacements = map[string]*ebpf.Map{
 		"portico_svc4": d.sock.PorticoSvc4, "portico_svc6": d.sock.PorticoSvc6,
 		"portico_be4": d.sock.PorticoBe4, "portico_be6": d.sock.PorticoBe6,
 		"portico_sock4": d.sock.PorticoSock4, "portico_sock6": d.sock.PorticoSock6,
 		"portico_affinity": d.sock.PorticoAffinity, "portico_maglev": d.sock.PorticoMaglev,
 		"portico_srcrange4": d.sock.PorticoSrcrange4, "portico_srcrange6": d.sock.PorticoSrcrange6,
-	}[name]
+	}
+	if err := npSpec.LoadAndAssign(&d.np, &copts); err != nil {
+		return fmt.Errorf("load packet programs: %w", err)
+	}
+	return nil
 }
 
 // AttachCgroup attaches the socket programs to a cgroup v2 directory: connections of the

@@ -80,14 +80,9 @@ const (
 	backendLocal    = 0x1
 )
 
-type mapSet struct {
-	svc4, svc6, be4, be6, maglev, srcrange4, srcrange6 *ebpf.Map
-}
-
 // tables keeps the maps equal to the desired frontends. It mirrors what it wrote, so that an
 // update writes only what changed, and rebuilds that mirror from pinned maps after a restart.
 type tables struct {
-	maps mapSet
 	// Backends are numbered (one numbering for both families); a number is reused once its
 	// backend is gone.
 	ids     map[backendRef]uint32
@@ -118,24 +113,24 @@ func newTables() tables {
 
 // adopt rebuilds the mirror and the numbering from adopted maps.
 func (d *Datapath) adopt() error {
-	if err := errors.Join(mirror(d.maps.svc4, d.applied4), mirror(d.maps.svc6, d.applied6)); err != nil {
+	if err := errors.Join(mirror(d.sock.PorticoSvc4, d.applied4), mirror(d.sock.PorticoSvc6, d.applied6)); err != nil {
 		return fmt.Errorf("read adopted service maps: %w", err)
 	}
 	var id uint32
 	var b4 sockLBBackend4
-	it4 := d.maps.be4.Iterate()
+	it4 := d.sock.PorticoBe4.Iterate()
 	for it4.Next(&id, &b4) {
 		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), Protocol(b4.Proto)}, b4.Flags)
 	}
 	var b6 sockLBBackend6
-	it6 := d.maps.be6.Iterate()
+	it6 := d.sock.PorticoBe6.Iterate()
 	for it6.Next(&id, &b6) {
 		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), Protocol(b6.Proto)}, b6.Flags)
 	}
 	var r4 sockLBSrcrange4Key
 	var r6 sockLBSrcrange6Key
 	var allow uint8
-	itr4, itr6 := d.maps.srcrange4.Iterate(), d.maps.srcrange6.Iterate()
+	itr4, itr6 := d.sock.PorticoSrcrange4.Iterate(), d.sock.PorticoSrcrange6.Iterate()
 	for itr4.Next(&r4, &allow) {
 		d.ranges[r4.Id] = append(d.ranges[r4.Id], netip.PrefixFrom(netip.AddrFrom4(bytes4(r4.Address)), int(r4.Prefixlen)-32))
 	}
@@ -231,13 +226,13 @@ var (
 
 func (d *Datapath) v4() family[sockLBSvc4Key, sockLBBackend4, sockLBSrcrange4Key] {
 	fam := ipv4
-	fam.svc, fam.be, fam.srcrange, fam.applied = d.maps.svc4, d.maps.be4, d.maps.srcrange4, d.applied4
+	fam.svc, fam.be, fam.srcrange, fam.applied = d.sock.PorticoSvc4, d.sock.PorticoBe4, d.sock.PorticoSrcrange4, d.applied4
 	return fam
 }
 
 func (d *Datapath) v6() family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key] {
 	fam := ipv6
-	fam.svc, fam.be, fam.srcrange, fam.applied = d.maps.svc6, d.maps.be6, d.maps.srcrange6, d.applied6
+	fam.svc, fam.be, fam.srcrange, fam.applied = d.sock.PorticoSvc6, d.sock.PorticoBe6, d.sock.PorticoSrcrange6, d.applied6
 	return fam
 }
 
@@ -430,7 +425,7 @@ func (d *Datapath) writeMaglev(id uint32, backends []Backend, ids []uint32) erro
 	for _, i := range table {
 		buf = binary.NativeEndian.AppendUint32(buf, ids[i])
 	}
-	if err := d.maps.maglev.Put(id, buf); err != nil {
+	if err := d.sock.PorticoMaglev.Put(id, buf); err != nil {
 		return err
 	}
 	d.maglevOf[id] = whose
@@ -438,7 +433,7 @@ func (d *Datapath) writeMaglev(id uint32, backends []Backend, ids []uint32) erro
 }
 
 func (d *Datapath) deleteMaglev(id uint32) error {
-	if err := d.maps.maglev.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := d.sock.PorticoMaglev.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete Maglev table: %w", err)
 	}
 	delete(d.maglevOf, id)

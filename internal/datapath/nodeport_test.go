@@ -348,7 +348,7 @@ func TestPacketLayerSourceRanges(t *testing.T) {
 			if ret, _ := n.ingress(t, pkt{src: outside, dst: frontend, proto: TCP}.bytes()); ret != actRedirect {
 				t.Fatalf("ranges lifted: verdict %d, want redirect", ret)
 			}
-			if got := entries(t, n.d.maps.srcrange4) + entries(t, n.d.maps.srcrange6); got != 0 {
+			if got := entries(t, n.d.sock.PorticoSrcrange4) + entries(t, n.d.sock.PorticoSrcrange6); got != 0 {
 				t.Fatalf("%d source range entries left", got)
 			}
 		})

@@ -378,7 +378,7 @@ func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 			t.Fatalf("a kept frontend stopped working: %q", got)
 		}
 	}
-	if n4, n6 := entries(t, lb.maps.svc4), entries(t, lb.maps.svc6); n4 != 2 || n6 != 2 {
+	if n4, n6 := entries(t, lb.sock.PorticoSvc4), entries(t, lb.sock.PorticoSvc6); n4 != 2 || n6 != 2 {
 		t.Fatalf("service maps hold %d and %d entries after removal, want 2 each (frontend and its slot)", n4, n6)
 	}
 }
@@ -564,7 +564,7 @@ func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
 	v6 := netip.MustParseAddrPort("[fd00:96::1]:80")
 	check := func(step string, svc4, svc6, backends int) {
 		t.Helper()
-		if n4, n6, nb := entries(t, s.maps.svc4), entries(t, s.maps.svc6), entries(t, s.maps.be4)+entries(t, s.maps.be6); n4 != svc4 || n6 != svc6 || nb != backends {
+		if n4, n6, nb := entries(t, s.sock.PorticoSvc4), entries(t, s.sock.PorticoSvc6), entries(t, s.sock.PorticoBe4)+entries(t, s.sock.PorticoBe6); n4 != svc4 || n6 != svc6 || nb != backends {
 			t.Fatalf("%s: service entries %d+%d, backends %d; want %d+%d, %d", step, n4, n6, nb, svc4, svc6, backends)
 		}
 		if len(s.applied4) != svc4 || len(s.applied6) != svc6 || len(s.ids) != backends {
