@@ -1,0 +1,291 @@
+// Package desired computes what a node's datapath should hold for one Service: its
+// frontends (ClusterIPs, NodePorts on the node's addresses, externalIPs, load balancer
+// addresses; per port, family and scope) and their backends from the Service's
+// EndpointSlices, following kube-proxy's rules. It is pure: objects in, frontends out.
+package desired
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+
+	"github.com/portico-dev/portico/internal/datapath"
+)
+
+// ProxyNameLabel lets a Service choose another proxy (kube-proxy's and Cilium's label).
+const ProxyNameLabel = "service.kubernetes.io/service-proxy-name"
+
+// defaultAffinity is sessionAffinity ClientIP's timeout when the Service sets none.
+const defaultAffinity = 10800 * time.Second
+
+// Node is the node the frontends are for.
+type Node struct {
+	Name string
+	// Addresses carry the NodePorts.
+	Addresses []netip.Addr
+}
+
+// Settings are what a ServicePolicy adds to a Service.
+type Settings struct {
+	Balancing datapath.Balancing
+	// SourceRanges, when not nil, replace the Service's loadBalancerSourceRanges.
+	SourceRanges []netip.Prefix
+	// Affinity, when not nil, replaces the Service's session affinity (0: none).
+	Affinity *time.Duration
+}
+
+// Serves says whether a proxy named proxyName ("" for the default proxy) handles svc.
+func Serves(svc *corev1.Service, proxyName string) bool {
+	if svc.Spec.Type == corev1.ServiceTypeExternalName || svc.Spec.ClusterIP == corev1.ClusterIPNone || svc.Spec.ClusterIP == "" {
+		return false
+	}
+	return svc.Labels[ProxyNameLabel] == proxyName
+}
+
+// Frontends returns the frontends svc asks for on node, with backends from its
+// EndpointSlices, sorted by address, protocol and scope. Problems lists what was left out
+// and why (an address of a family the Service does not have, a protocol the datapath does
+// not carry), for an Event.
+func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, settings Settings) (frontends []datapath.Frontend, problems []string) {
+	families := map[bool]bool{} // is4 -> the Service has that family
+	var clusterIPs []netip.Addr
+	for _, s := range clusterIPStrings(svc) {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("clusterIP %q is not an IP address", s))
+			continue
+		}
+		clusterIPs = append(clusterIPs, a)
+		families[a.Is4()] = true
+	}
+	external := addresses(svc.Spec.ExternalIPs, "externalIP", families, &problems)
+	var ingress []string
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		for _, in := range svc.Status.LoadBalancer.Ingress {
+			// With ipMode Proxy the load balancer forwards itself; its address is not ours to take.
+			if in.IP != "" && (in.IPMode == nil || *in.IPMode != corev1.LoadBalancerIPModeProxy) {
+				ingress = append(ingress, in.IP)
+			}
+		}
+	}
+	lbIPs := addresses(ingress, "load balancer address", families, &problems)
+
+	ranges := settings.SourceRanges
+	if ranges == nil {
+		for _, r := range svc.Spec.LoadBalancerSourceRanges {
+			p, err := netip.ParsePrefix(r)
+			if err != nil {
+				problems = append(problems, fmt.Sprintf("loadBalancerSourceRange %q is not a CIDR", r))
+				continue
+			}
+			ranges = append(ranges, p.Masked())
+		}
+	}
+	affinity := time.Duration(0)
+	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
+		affinity = defaultAffinity
+		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+			affinity = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
+		}
+	}
+	if settings.Affinity != nil {
+		affinity = *settings.Affinity
+	}
+	externalLocal := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
+	internalLocal := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+
+	for _, port := range svc.Spec.Ports {
+		var proto datapath.Protocol
+		switch port.Protocol {
+		case corev1.ProtocolTCP, "":
+			proto = datapath.TCP
+		case corev1.ProtocolUDP:
+			proto = datapath.UDP
+		default:
+			problems = append(problems, fmt.Sprintf("port %s: protocol %s is not supported", portName(port), port.Protocol))
+			continue
+		}
+		for _, is4 := range []bool{true, false} {
+			if !families[is4] {
+				continue
+			}
+			all := backends(node.Name, svc, endpointSlices, is4, port)
+			local := onlyLocal(all)
+			add := func(a netip.Addr, p int32, scope datapath.Scope, bs []datapath.Backend, sourceRanges []netip.Prefix) {
+				frontends = append(frontends, datapath.Frontend{
+					Address: netip.AddrPortFrom(a, uint16(p)), Protocol: proto, Scope: scope,
+					Backends: bs, Balancing: settings.Balancing, Affinity: affinity, SourceRanges: sourceRanges,
+				})
+			}
+			externalBackends := pick(externalLocal, local, all)
+			for _, a := range clusterIPs {
+				if a.Is4() == is4 {
+					add(a, port.Port, datapath.Internal, pick(internalLocal, local, all), nil)
+				}
+			}
+			if port.NodePort != 0 && svc.Spec.Type != corev1.ServiceTypeClusterIP {
+				for _, a := range node.Addresses {
+					if a.Is4() == is4 {
+						add(a, port.NodePort, datapath.External, externalBackends, nil)
+						// Clients on the node reach every backend, as kube-proxy lets them.
+						add(a, port.NodePort, datapath.Internal, all, nil)
+					}
+				}
+			}
+			for _, a := range external {
+				if a.Is4() == is4 {
+					add(a, port.Port, datapath.External, externalBackends, nil)
+					add(a, port.Port, datapath.Internal, all, nil)
+				}
+			}
+			for _, a := range lbIPs {
+				if a.Is4() == is4 {
+					add(a, port.Port, datapath.External, externalBackends, familyRanges(ranges, is4))
+					add(a, port.Port, datapath.Internal, all, nil)
+				}
+			}
+		}
+	}
+	slices.SortFunc(frontends, func(a, b datapath.Frontend) int {
+		return cmp.Or(a.Address.Compare(b.Address), cmp.Compare(a.Protocol, b.Protocol), cmp.Compare(a.Scope, b.Scope))
+	})
+	return frontends, problems
+}
+
+func clusterIPStrings(svc *corev1.Service) []string {
+	if len(svc.Spec.ClusterIPs) > 0 {
+		return svc.Spec.ClusterIPs
+	}
+	return []string{svc.Spec.ClusterIP}
+}
+
+// addresses parses IPs, leaving out (with a problem) those of a family the Service lacks:
+// there are no backends of that family to send them to.
+func addresses(in []string, what string, families map[bool]bool, problems *[]string) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range in {
+		a, err := netip.ParseAddr(s)
+		switch {
+		case err != nil:
+			*problems = append(*problems, fmt.Sprintf("%s %q is not an IP address", what, s))
+		case !families[a.Unmap().Is4()]:
+			*problems = append(*problems, fmt.Sprintf("%s %s is of a family the Service does not have", what, s))
+		default:
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+// familyRanges returns the ranges of one family. When ranges are set but none is of this
+// family, nobody of this family is admitted: the unspecified address stands for "no
+// client", since no packet comes from it. (kube-proxy admits everyone then.)
+func familyRanges(ranges []netip.Prefix, is4 bool) []netip.Prefix {
+	if len(ranges) == 0 {
+		return nil
+	}
+	var out []netip.Prefix
+	for _, r := range ranges {
+		if r.Addr().Is4() == is4 {
+			out = append(out, r)
+		}
+	}
+	if len(out) == 0 {
+		nobody := netip.IPv6Unspecified()
+		if is4 {
+			nobody = netip.IPv4Unspecified()
+		}
+		out = append(out, netip.PrefixFrom(nobody, nobody.BitLen()))
+	}
+	return out
+}
+
+func pick(onlyLocal bool, local, all []datapath.Backend) []datapath.Backend {
+	if onlyLocal {
+		return local
+	}
+	return all
+}
+
+func onlyLocal(bs []datapath.Backend) []datapath.Backend {
+	var out []datapath.Backend
+	for _, b := range bs {
+		if b.Local {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+func portName(p corev1.ServicePort) string {
+	if p.Name != "" {
+		return p.Name
+	}
+	return fmt.Sprint(p.Port)
+}
+
+// backends returns the endpoints of one family for one Service port: ready ones, and
+// serving terminating ones marked Terminating. An address in several slices counts once,
+// ready winning.
+func backends(node string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, is4 bool, port corev1.ServicePort) []datapath.Backend {
+	want := discoveryv1.AddressTypeIPv6
+	if is4 {
+		want = discoveryv1.AddressTypeIPv4
+	}
+	proto := cmp.Or(port.Protocol, corev1.ProtocolTCP)
+	found := map[netip.AddrPort]datapath.Backend{}
+	for _, es := range endpointSlices {
+		if es.AddressType != want {
+			continue
+		}
+		var target int32
+		for _, p := range es.Ports {
+			if p.Port != nil && derefOr(p.Name, "") == port.Name && derefOr(p.Protocol, corev1.ProtocolTCP) == proto {
+				target = *p.Port
+				break
+			}
+		}
+		if target == 0 {
+			continue
+		}
+		for _, ep := range es.Endpoints {
+			if len(ep.Addresses) == 0 {
+				continue
+			}
+			// Consumers use the first address; the others are the same endpoint.
+			a, err := netip.ParseAddr(ep.Addresses[0])
+			if err != nil || a.Is4() != is4 {
+				continue
+			}
+			ready := derefOr(ep.Conditions.Ready, true) || svc.Spec.PublishNotReadyAddresses
+			serving := derefOr(ep.Conditions.Serving, ready)
+			terminating := derefOr(ep.Conditions.Terminating, false)
+			if !ready && !(serving && terminating) {
+				continue
+			}
+			b := datapath.Backend{Address: netip.AddrPortFrom(a, uint16(target)), Local: derefOr(ep.NodeName, "") == node, Terminating: !ready}
+			if old, ok := found[b.Address]; ok && !old.Terminating {
+				continue
+			}
+			found[b.Address] = b
+		}
+	}
+	out := make([]datapath.Backend, 0, len(found))
+	for _, b := range found {
+		out = append(out, b)
+	}
+	slices.SortFunc(out, func(a, b datapath.Backend) int { return a.Address.Compare(b.Address) })
+	return out
+}
+
+func derefOr[T any](p *T, def T) T {
+	if p == nil {
+		return def
+	}
+	return *p
+}
