@@ -73,10 +73,17 @@ fuzz: ## Fuzz the allocator, the annotation parser and the packet programs (as r
 	$(GO) test ./internal/controller/servicelb -run '^$$' -fuzz FuzzRequest -fuzztime $(or $(FUZZTIME),30s)
 	$(GO) test ./internal/datapath -run '^$$' -fuzz FuzzPacketLayer -fuzztime $(or $(FUZZTIME),30s)
 
+.PHONY: bench-tools
+bench-tools: envtest ## Provide the kube-proxy baseline: kube-proxy built from the module proxy, and iptables, nftables, conntrack and ipset from Debian.
+	@command -v iptables-restore >/dev/null && command -v nft >/dev/null && command -v conntrack >/dev/null && command -v ipset >/dev/null || { \
+		echo "installing iptables, nftables, conntrack and ipset"; apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables nftables conntrack ipset >/dev/null; }
+	@test/tools/k8s-binaries.sh $(K8S_VERSION) $(ENVTEST_ASSETS) kube-proxy >/dev/null
+
 .PHONY: bench
-bench: envtest ## Run the benchmarks and print their numbers (see docs/benchmarks.md); root for the datapath.
+bench: bench-tools ## Run the benchmarks and print their numbers (see docs/benchmarks.md); root for the datapath.
 	$(GO) test ./internal/allocator ./internal/maglev -run '^$$' -bench . -benchmem -count 5
-	$(GO) test ./internal/datapath -run '^$$' -bench . -benchtime 1x -count 1
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./internal/datapath -run '^$$' -bench . -benchtime 1x -count 1 -timeout 60m
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/bench -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m
 
 ##@ Run

@@ -3,8 +3,12 @@ package datapath
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,89 +18,281 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-// connections is how many connections one measurement opens; rounds how many measurements
-// of each path a median is taken over.
+// Connection measurements interleave the paths they compare: long-lived client processes
+// take turns opening a block of perBlock connections to one path each, blocks turns per path,
+// so that whatever else the machine does falls on every path alike.
 const (
-	connections = 3000
-	rounds      = 5
+	blocks   = 30
+	perBlock = 200
 )
 
-// connectLoop opens connections one after another (connect, one request line, reset) and
-// prints the connect latency percentiles and the rate of whole cycles.
-func connectLoop(addr string) {
-	lat := make([]time.Duration, 0, connections)
-	start := time.Now()
-	for range connections {
-		t0 := time.Now()
-		c, err := net.Dial("tcp", addr)
+// connectBlocks serves the "tcp-blocks" client: for each line "addr count" on stdin it opens
+// count connections one after another (connect, one request line, reset) and prints the
+// block's duration and each connect's latency, in nanoseconds, on one line.
+func connectBlocks() {
+	orders := bufio.NewScanner(os.Stdin)
+	for orders.Scan() {
+		addr, count, _ := strings.Cut(orders.Text(), " ")
+		n, _ := strconv.Atoi(count)
+		line := make([]string, 1, n+1)
+		start := time.Now()
+		for range n {
+			t0 := time.Now()
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				fmt.Println("error:", err)
+				return
+			}
+			line = append(line, strconv.FormatInt(time.Since(t0).Nanoseconds(), 10))
+			_ = c.(*net.TCPConn).SetLinger(0) // reset on close: no TIME_WAIT pile-up
+			if _, err := c.Write([]byte("x\n")); err == nil {
+				_, _ = bufio.NewReader(c).ReadString('\n')
+			}
+			c.Close()
+		}
+		line[0] = strconv.FormatInt(time.Since(start).Nanoseconds(), 10)
+		fmt.Println(strings.Join(line, " "))
+	}
+}
+
+// blockClient is a running "tcp-blocks" client.
+type blockClient struct {
+	orders io.Writer
+	lines  *bufio.Scanner
+}
+
+// startBlocks starts a "tcp-blocks" client in a namespace, or in the client namespace and
+// Portico's cgroup when netns is empty.
+func (top *topology) startBlocks(netns string) *blockClient {
+	top.t.Helper()
+	if netns != "" {
+		orders, lines := startClient(top.t, top.commandIn(netns, "tcp-blocks", netip.AddrPort{}))
+		return &blockClient{orders, lines}
+	}
+	cmd, cg := top.clientCmd("tcp-blocks", netip.AddrPort{})
+	defer cg.Close()
+	orders, lines := startClient(top.t, cmd)
+	return &blockClient{orders, lines}
+}
+
+// path is one way to reach the backend, and what was measured on it. Blocks go to each of
+// its addresses in turn (Services at several places in kube-proxy's rules).
+type path struct {
+	name    string
+	client  *blockClient
+	to      []netip.AddrPort
+	elapsed time.Duration
+	latency []time.Duration
+	taken   int
+}
+
+// take runs one block on the path.
+func (p *path) take(t testing.TB) {
+	t.Helper()
+	fmt.Fprintf(p.client.orders, "%s %d\n", p.to[p.taken%len(p.to)], perBlock)
+	p.taken++
+	if !p.client.lines.Scan() {
+		t.Fatalf("%s: client ended: %v", p.name, p.client.lines.Err())
+	}
+	f := strings.Fields(p.client.lines.Text())
+	if len(f) != perBlock+1 {
+		t.Fatalf("%s: client printed %q", p.name, p.client.lines.Text())
+	}
+	for i, v := range f {
+		ns, err := strconv.ParseInt(v, 10, 64)
 		if err != nil {
-			fmt.Println("error:", err)
+			t.Fatalf("%s: client printed %q", p.name, v)
+		}
+		if i == 0 {
+			p.elapsed += time.Duration(ns)
+		} else {
+			p.latency = append(p.latency, time.Duration(ns))
+		}
+	}
+}
+
+// interleave measures the paths in turns.
+func interleave(t testing.TB, paths ...*path) {
+	for range blocks {
+		for _, p := range paths {
+			p.take(t)
+		}
+	}
+}
+
+func (p *path) rate() float64 { return float64(len(p.latency)) / p.elapsed.Seconds() }
+
+// mark is where a path's measurements stood, so that a phase can be read on its own.
+type mark struct {
+	n       int
+	elapsed time.Duration
+}
+
+func (p *path) mark() mark { return mark{len(p.latency), p.elapsed} }
+
+func (p *path) rateSince(m mark) float64 {
+	return float64(len(p.latency)-m.n) / (p.elapsed - m.elapsed).Seconds()
+}
+
+// waitConnect says "trying", then opens a connection every millisecond until one succeeds
+// (each failed attempt is refused at once, see routeServiceRanges) and prints when, in Unix
+// nanoseconds; the pause leaves the CPU to what is being waited for. It gives up
+// after 10 minutes (kube-proxy's first sync of 10,000 Services can take minutes).
+func waitConnect(addr string) {
+	fmt.Println("trying")
+	for deadline := time.Now().Add(10 * time.Minute); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond); err == nil {
+			fmt.Println(time.Now().UnixNano())
+			c.Close()
 			return
 		}
-		lat = append(lat, time.Since(t0))
-		_ = c.(*net.TCPConn).SetLinger(0) // reset on close: no TIME_WAIT pile-up
-		if _, err := c.Write([]byte("x\n")); err == nil {
-			_, _ = bufio.NewReader(c).ReadString('\n')
-		}
-		c.Close()
 	}
-	rate := float64(connections) / time.Since(start).Seconds()
-	slices.Sort(lat)
-	fmt.Printf("%d %d %.0f\n", lat[len(lat)/2].Nanoseconds(), lat[len(lat)*99/100].Nanoseconds(), rate)
+	fmt.Println("error: no connection within 10 minutes")
 }
 
-type connStats struct {
-	p50, p99 time.Duration
-	rate     float64
+// timeToConnect starts a waitConnect client, calls change once it is trying, and returns how
+// long after the change its first connection succeeded.
+func (top *topology) timeToConnect(cmd *exec.Cmd, change func()) (time.Duration, error) {
+	t := top.t
+	t.Helper()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	lines := bufio.NewScanner(out)
+	if !lines.Scan() || lines.Text() != "trying" {
+		t.Fatalf("client: %q", lines.Text())
+	}
+	t0 := time.Now()
+	change()
+	if !lines.Scan() {
+		return 0, fmt.Errorf("client ended without a line: %w", lines.Err())
+	}
+	ns, err := strconv.ParseInt(lines.Text(), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("client: %s", lines.Text())
+	}
+	return time.Unix(0, ns).Sub(t0), nil
 }
 
-func (top *topology) connectStats(to netip.AddrPort) connStats {
-	top.t.Helper()
-	out := top.dial("tcp-loop", to)
-	f := strings.Fields(out)
-	if len(f) != 3 {
-		top.t.Fatalf("client printed %q", out)
-	}
-	p50, _ := strconv.ParseInt(f[0], 10, 64)
-	p99, _ := strconv.ParseInt(f[1], 10, 64)
-	rate, _ := strconv.ParseFloat(f[2], 64)
-	return connStats{time.Duration(p50), time.Duration(p99), rate}
+// routeServiceRanges sends the client namespace's traffic for 10.96.0.0/12 to the backend
+// namespace, which takes the whole range as its own and has nothing listening there: a
+// connection to a Service address nobody translates is refused at once, and stays inside
+// the test's namespaces.
+func (top *topology) routeServiceRanges() {
+	top.run("ip", "-n", top.client, "route", "add", "10.96.0.0/12", "via", top.backIP.String())
+	top.run("ip", "-n", top.backend, "route", "add", "local", "10.96.0.0/12", "dev", "lo")
 }
 
-func median(xs []connStats) connStats {
-	by := func(get func(connStats) float64) float64 {
-		v := make([]float64, len(xs))
-		for i, x := range xs {
-			v[i] = get(x)
-		}
-		slices.Sort(v)
-		return v[len(v)/2]
-	}
-	return connStats{
-		p50:  time.Duration(by(func(c connStats) float64 { return float64(c.p50) })),
-		p99:  time.Duration(by(func(c connStats) float64 { return float64(c.p99) })),
-		rate: by(func(c connStats) float64 { return c.rate }),
-	}
+// kubeProxyNode adds a second client namespace, on its own veth pair to the backend, for
+// kube-proxy: its rules then cost nothing to the direct and Portico paths, which a node
+// without kube-proxy would not pay either. Service addresses go to the backend, as in the
+// first (kube-proxy translates after routing). It returns the namespace and its address.
+func (top *topology) kubeProxyNode() (string, netip.Addr) {
+	id := fmt.Sprintf("%d", os.Getpid()%100000)
+	netns, addr, peer := "ptc-k"+id, netip.MustParseAddr("10.250.1.1"), netip.MustParseAddr("10.250.1.2")
+	top.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", netns).Run() })
+	top.run("ip", "netns", "add", netns)
+	top.run("ip", "link", "add", "ptc-kv"+id, "netns", netns, "type", "veth", "peer", "name", "ptc-kp"+id, "netns", top.backend)
+	top.run("ip", "-n", netns, "addr", "add", addr.String()+"/30", "dev", "ptc-kv"+id)
+	top.run("ip", "-n", top.backend, "addr", "add", peer.String()+"/30", "dev", "ptc-kp"+id)
+	top.run("ip", "-n", netns, "link", "set", "lo", "up")
+	top.run("ip", "-n", netns, "link", "set", "ptc-kv"+id, "up")
+	top.run("ip", "-n", top.backend, "link", "set", "ptc-kp"+id, "up")
+	top.run("ip", "-n", netns, "route", "add", top.backIP.String(), "via", peer.String())
+	top.run("ip", "-n", netns, "route", "add", "10.96.0.0/12", "via", peer.String())
+	return netns, addr
 }
 
-// BenchmarkSocketLBConnect measures new connections from a client namespace to a backend
-// namespace through a ClusterIP translated at the socket layer, with 1, 1,000 and 10,000
-// Services programmed, beside a direct connection to the backend in the same run (the limit),
-// and how long programming takes. Run it with -benchtime 1x; it prints a table.
-func BenchmarkSocketLBConnect(b *testing.B) {
+// pinTo moves every thread of this process (the backend's echo server) to cpu, and makes
+// the clients start there too, so that measurements do not depend on cross-CPU wake-ups;
+// the rest of the machine keeps the other CPU. Undone when the benchmark ends.
+func (top *topology) pinTo(cpu int) {
+	if runtime.NumCPU() < 2 {
+		return
+	}
+	pid := strconv.Itoa(os.Getpid())
+	top.run("taskset", "-a", "-p", "-c", strconv.Itoa(cpu), pid)
+	top.clientCPU = strconv.Itoa(cpu)
+	top.t.Cleanup(func() {
+		_ = exec.Command("taskset", "-a", "-p", "-c", fmt.Sprintf("0-%d", runtime.NumCPU()-1), pid).Run()
+	})
+}
+
+func percentiles(xs []time.Duration) (p50, p99 time.Duration) {
+	xs = slices.Clone(xs)
+	slices.Sort(xs)
+	return xs[len(xs)/2], xs[(len(xs)*99+99)/100-1]
+}
+
+// BenchmarkClusterIPConnect measures new connections to a backend namespace through a
+// ClusterIP with 1, 1,000 and 10,000 Services, in one run: directly to the backend (the
+// limit), through Portico (socket layer), and through kube-proxy in iptables and nftables
+// mode reading the same Services from an API server; then how long a new Service takes to
+// carry its first connection with 10,000 there. Run it with -benchtime 1x; it prints a
+// table. Without kube-proxy (see kubeProxyBinary) it compares Portico and direct.
+func BenchmarkClusterIPConnect(b *testing.B) {
 	top := newTopology(b)
 	top.serve(8080)
+	top.routeServiceRanges()
 	lb := top.attach()
 	backend := netip.AddrPortFrom(top.backIP, 8080)
-	vip := func(i int) netip.AddrPort {
+	bin, whyNot := kubeProxyBinary()
+	var api *clusterAPI
+	var kpNode string
+	modes := []string{"iptables", "nftables"}
+	if whyNot != nil {
+		fmt.Printf("\nkube-proxy left out: %v\n", whyNot)
+		modes = nil
+	} else {
+		var nodeIP netip.Addr
+		kpNode, nodeIP = top.kubeProxyNode()
+		api = startClusterAPI(b, nodeIP)
+	}
+	// The backend's server (this process) on one CPU, the clients on the other.
+	top.pinTo(1)
+	if top.clientCPU != "" {
+		top.clientCPU = "0"
+	}
+	plain, inCgroup := top.startBlocks(top.client), top.startBlocks("")
+	var proxiedClient *blockClient
+	if kpNode != "" {
+		proxiedClient = top.startBlocks(kpNode)
+	}
+	// Portico's frontends and kube-proxy's Services are different addresses, so neither
+	// sees the other's.
+	porticoVIP := func(i int) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 97, byte(i >> 8), byte(i)}), 80)
 	}
-	fmt.Printf("\n%d sequential connections per measurement, median of %d rounds, client in its own namespace and cgroup\n", connections, rounds)
-	fmt.Printf("%-9s %-22s %10s %10s %12s %9s %16s\n", "services", "path", "p50", "p99", "conn/s", "vs direct", "apply all (+1 svc)")
+	serviceVIP := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, byte(1 + i>>8), byte(i)}), 80)
+	}
+	// Ten Services spread over the n, in turns: kube-proxy's iptables rules are a list in no
+	// particular order, so one Service could sit anywhere in it.
+	spread := func(n int, vip func(int) netip.AddrPort) []netip.AddrPort {
+		var out []netip.AddrPort
+		for i := range 10 {
+			out = append(out, vip(i*n/10))
+		}
+		return out
+	}
+
+	fmt.Printf("\nconnect, one request line, reset; blocks of %d connections, paths taking turns (%d blocks with each\n", perBlock, blocks)
+	fmt.Printf("kube-proxy, %d for direct and Portico); kube-proxy runs in a second client namespace of its own,\n", blocks*max(1, len(modes)))
+	fmt.Printf("and its rows compare with the direct rate measured while it ran\n")
+	fmt.Printf("%-9s %-20s %9s %9s %9s %9s  %s\n", "services", "path", "p50", "p99", "conn/s", "vs direct", "programming")
+	created := 0
+	const porticoSamples, kubeProxySamples = 100, 20
+	type firstConnection struct{ path, numbers, what string }
+	var first []firstConnection
 	for _, n := range []int{1, 1000, 10000} {
 		frontends := make([]Frontend, n)
 		for i := range frontends {
-			frontends[i] = internal(vip(i), TCP, backend)
+			frontends[i] = internal(porticoVIP(i), TCP, backend)
 		}
 		t0 := time.Now()
 		if err := lb.Apply(frontends); err != nil {
@@ -104,23 +300,103 @@ func BenchmarkSocketLBConnect(b *testing.B) {
 		}
 		full := time.Since(t0)
 		t0 = time.Now()
-		if err := lb.Update(internal(vip(n), TCP, backend)); err != nil {
+		if err := lb.Update(internal(porticoVIP(n), TCP, backend)); err != nil {
 			b.Fatal(err)
 		}
 		plusOne := time.Since(t0)
-
-		var direct, portico []connStats
-		for range rounds {
-			direct = append(direct, top.connectStats(backend))
-			portico = append(portico, top.connectStats(vip(n-1)))
+		if err := lb.Delete(porticoVIP(n), TCP, Internal); err != nil {
+			b.Fatal(err)
 		}
-		d, p := median(direct), median(portico)
-		fmt.Printf("%-9d %-22s %10s %10s %12.0f %9s %16s\n", n, "direct to backend", d.p50.Round(time.Microsecond), d.p99.Round(time.Microsecond), d.rate, "", "")
-		fmt.Printf("%-9d %-22s %10s %10s %12.0f %8.0f%% %16s\n", n, "Portico ClusterIP", p.p50.Round(time.Microsecond), p.p99.Round(time.Microsecond), p.rate,
-			100*p.rate/d.rate, fmt.Sprintf("%s (%s)", full.Round(time.Microsecond), plusOne.Round(time.Microsecond)))
-		b.ReportMetric(100*p.rate/d.rate, fmt.Sprintf("pct-of-direct-%dsvc", n))
+		if api != nil {
+			var vips []netip.AddrPort
+			for ; created < n; created++ {
+				vips = append(vips, serviceVIP(created))
+			}
+			api.createServices(b, vips, backend)
+		}
+
+		direct := &path{name: "direct to backend", client: plain, to: []netip.AddrPort{backend}}
+		portico := &path{name: "Portico", client: inCgroup, to: spread(n, porticoVIP)}
+		programming := map[*path]string{portico: fmt.Sprintf("Apply all %s, Update one more %s", full.Round(time.Microsecond), plusOne.Round(time.Microsecond))}
+		measured := []*path{direct, portico}
+		baseline := map[*path]float64{}
+		for _, mode := range modes {
+			kp := api.startKubeProxy(b, bin, kpNode, mode)
+			synced, err := top.timeToConnect(top.commandIn(kpNode, "tcp-wait", serviceVIP(n-1)), func() {})
+			if err != nil {
+				b.Fatalf("kube-proxy %s never served %s: %v\n%s", mode, serviceVIP(n-1), err, kp.tail())
+			}
+			proxied := &path{name: "kube-proxy " + mode, client: proxiedClient, to: spread(n, serviceVIP)}
+			programming[proxied] = fmt.Sprintf("start to serving the last Service %s", synced.Round(time.Millisecond))
+			phase := direct.mark()
+			interleave(b, direct, portico, proxied)
+			baseline[proxied] = direct.rateSince(phase)
+			measured = append(measured, proxied)
+			if n == 10000 {
+				var took []time.Duration
+				for range kubeProxySamples {
+					vip := serviceVIP(created)
+					created++
+					time.Sleep(time.Second) // past kube-proxy's minimum sync period: each change waits for nothing else
+					d, err := top.timeToConnect(top.commandIn(kpNode, "tcp-wait", vip), func() {
+						if err := api.createService(vip, backend); err != nil {
+							b.Fatal(err)
+						}
+					})
+					if err != nil {
+						b.Fatalf("kube-proxy %s: new Service %s: %v\n%s", mode, vip, err, kp.tail())
+					}
+					took = append(took, d)
+				}
+				first = append(first, firstConnection{proxied.name, fmtPercentiles(took), fmt.Sprintf("%d Services and EndpointSlices created", kubeProxySamples)})
+			}
+			kp.stop()
+			if got, _ := top.commandIn(kpNode, "tcp", serviceVIP(n-1)).CombinedOutput(); !strings.Contains(string(got), "refused") {
+				b.Fatalf("kube-proxy %s left its rules behind: %s", mode, got)
+			}
+		}
+		if len(modes) == 0 {
+			interleave(b, direct, portico)
+		}
+		for _, p := range measured {
+			p50, p99 := percentiles(p.latency)
+			against, ok := baseline[p]
+			if !ok {
+				against = direct.rate()
+			}
+			fmt.Printf("%-9d %-20s %9s %9s %9.0f %8.0f%%  %s\n", n, p.name, p50.Round(time.Microsecond), p99.Round(time.Microsecond), p.rate(), 100*p.rate()/against, programming[p])
+		}
+		b.ReportMetric(100*portico.rate()/direct.rate(), fmt.Sprintf("pct-of-direct-%dsvc", n))
+		if n == 10000 {
+			var took []time.Duration
+			for i := range porticoSamples {
+				vip := porticoVIP(n + 1 + i)
+				cmd, cg := top.clientCmd("tcp-wait", vip)
+				d, err := top.timeToConnect(cmd, func() {
+					if err := lb.Update(internal(vip, TCP, backend)); err != nil {
+						b.Fatal(err)
+					}
+				})
+				cg.Close()
+				if err != nil {
+					b.Fatalf("Portico: new frontend %s: %v", vip, err)
+				}
+				took = append(took, d)
+			}
+			first = append([]firstConnection{{"Portico datapath", fmtPercentiles(took), fmt.Sprintf("%d Updates (the agent's watch comes on top)", porticoSamples)}}, first...)
+		}
+	}
+	fmt.Printf("\nnew Service to its first connection with 10,000 programmed (clients retry every millisecond)\n")
+	fmt.Printf("%-20s %9s %9s\n", "path", "p50", "p99")
+	for _, f := range first {
+		fmt.Printf("%-20s %s  %s\n", f.path, f.numbers, f.what)
 	}
 	fmt.Println()
+}
+
+func fmtPercentiles(xs []time.Duration) string {
+	p50, p99 := percentiles(xs)
+	return fmt.Sprintf("%9s %9s", p50.Round(time.Microsecond), p99.Round(time.Microsecond))
 }
 
 // BenchmarkPacketLayer measures the packet programs per packet with BPF_PROG_TEST_RUN: a

@@ -43,8 +43,11 @@ func client(target string) {
 	case "tcp-hold":
 		hold(addr)
 		return
-	case "tcp-loop":
-		connectLoop(addr)
+	case "tcp-blocks":
+		connectBlocks()
+		return
+	case "tcp-wait":
+		waitConnect(addr)
 		return
 	}
 	conn, err := net.DialTimeout(proto, addr, 2*time.Second)
@@ -157,6 +160,7 @@ type topology struct {
 	cgroup             string
 	clientIP, backIP   netip.Addr
 	clientIP6, backIP6 netip.Addr
+	clientCPU          string // for taskset; empty: any
 }
 
 func newTopology(t testing.TB) *topology {
@@ -292,6 +296,23 @@ func serveIn(t testing.TB, netns string, addr netip.AddrPort) {
 	}()
 }
 
+// command prepares a client process in the client namespace, outside the test's cgroup (no
+// Portico), on the CPU clientCPU names when set.
+func (top *topology) command(proto string, addr netip.AddrPort) *exec.Cmd {
+	return top.commandIn(top.client, proto, addr)
+}
+
+// commandIn is command in another namespace.
+func (top *topology) commandIn(netns, proto string, addr netip.AddrPort) *exec.Cmd {
+	args := []string{"ip", "netns", "exec", netns, os.Args[0]}
+	if top.clientCPU != "" {
+		args = append([]string{"taskset", "-c", top.clientCPU}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Env = append(os.Environ(), helperEnv+"="+proto+" "+addr.String())
+	return cmd
+}
+
 // clientCmd prepares a client process in the client namespace and cgroup. The caller closes
 // the returned cgroup file once the process has started.
 func (top *topology) clientCmd(proto string, addr netip.AddrPort) (*exec.Cmd, *os.File) {
@@ -300,8 +321,7 @@ func (top *topology) clientCmd(proto string, addr netip.AddrPort) (*exec.Cmd, *o
 	if err != nil {
 		top.t.Fatal(err)
 	}
-	cmd := exec.Command("ip", "netns", "exec", top.client, os.Args[0])
-	cmd.Env = append(os.Environ(), helperEnv+"="+proto+" "+addr.String())
+	cmd := top.command(proto, addr)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	return cmd, cg
 }
@@ -398,22 +418,22 @@ func entries(t *testing.T, m *ebpf.Map) int {
 	return n
 }
 
-// startHolder starts a "tcp-hold" client and returns its stdin (a line makes it go on) and
-// its output lines; the process ends with the test.
-func startHolder(t testing.TB, holder *exec.Cmd) (io.Writer, *bufio.Scanner) {
+// startClient starts a client that takes orders on stdin ("tcp-hold", "tcp-blocks") and
+// returns its stdin and its output lines; the process ends with the test.
+func startClient(t testing.TB, client *exec.Cmd) (io.Writer, *bufio.Scanner) {
 	t.Helper()
-	stdin, err := holder.StdinPipe()
+	stdin, err := client.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	stdout, err := holder.StdoutPipe()
+	stdout, err := client.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := holder.Start(); err != nil {
+	if err := client.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
+	t.Cleanup(func() { _ = client.Process.Kill(); _ = client.Wait() })
 	return stdin, bufio.NewScanner(stdout)
 }
 
@@ -516,7 +536,7 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 
 	// A client holds one connection across the restart.
 	holder, cg := top.clientCmd("tcp-hold", web)
-	stdin, lines := startHolder(t, holder)
+	stdin, lines := startClient(t, holder)
 	cg.Close()
 	want := fmt.Sprintf("peer=%s reply=from %s", web, backend)
 	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "first "+want) {

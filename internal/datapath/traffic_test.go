@@ -216,7 +216,7 @@ func TestPacketLayerRestartKeepsFlows(t *testing.T) {
 	if err := first.Update(external(frontend, TCP, remote(backend))); err != nil {
 		t.Fatal(err)
 	}
-	stdin, lines := startHolder(t, c.clientCmd("tcp-hold", frontend))
+	stdin, lines := startClient(t, c.clientCmd("tcp-hold", frontend))
 	want := fmt.Sprintf("peer=%s reply=from %s", frontend, backend)
 	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "first "+want) {
 		t.Fatalf("before the restart the holder printed %q, want %q", lines.Text(), "first "+want)

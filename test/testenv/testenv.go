@@ -81,9 +81,13 @@ func Start() (*Env, error) {
 
 // WriteKubeconfig writes a kubeconfig for the API server's admin user, for kubectl and for
 // an operator run as its own process.
-func (e *Env) WriteKubeconfig(path string) error {
+func (e *Env) WriteKubeconfig(path string) error { return e.WriteKubeconfigFor(path, e.Config.Host) }
+
+// WriteKubeconfigFor is WriteKubeconfig for a client that reaches the API server at another
+// address (a forwarder into a network namespace); the certificate must still match it.
+func (e *Env) WriteKubeconfigFor(path, server string) error {
 	kc := clientcmdapi.NewConfig()
-	kc.Clusters["portico"] = &clientcmdapi.Cluster{Server: e.Config.Host, CertificateAuthorityData: e.Config.CAData}
+	kc.Clusters["portico"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: e.Config.CAData}
 	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: e.Config.CertData, ClientKeyData: e.Config.KeyData, Token: e.Config.BearerToken}
 	kc.Contexts["portico"] = &clientcmdapi.Context{Cluster: "portico", AuthInfo: "admin"}
 	kc.CurrentContext = "portico"
