@@ -1,0 +1,200 @@
+// Package agent runs on every node: it watches Services, EndpointSlices and its Node, and
+// keeps the node's datapath equal to what they ask for (docs/agent.md).
+package agent
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"reflect"
+	"slices"
+	"sync"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/portico-dev/portico/internal/datapath"
+)
+
+// Programmer is what the agent needs of the datapath (*datapath.Datapath).
+type Programmer interface {
+	Apply([]datapath.Frontend) error
+	Update(datapath.Frontend) error
+	Delete(addr netip.AddrPort, proto datapath.Protocol, scope datapath.Scope) error
+}
+
+// slot is one frontend entry of the datapath: two Services cannot both have it.
+type slot struct {
+	addr  netip.AddrPort
+	proto datapath.Protocol
+	scope datapath.Scope
+}
+
+func slotOf(f datapath.Frontend) slot { return slot{f.Address, f.Protocol, f.Scope} }
+
+func (s slot) String() string {
+	return fmt.Sprintf("%s/%s", s.addr, map[datapath.Protocol]string{datapath.TCP: "TCP", datapath.UDP: "UDP"}[s.proto])
+}
+
+// Claim is what one Service asks for: its frontends, and its age, which settles conflicts
+// (the older Service keeps an address and port, then the name that sorts first), so that
+// every node and every restart decide alike.
+type Claim struct {
+	Service   types.NamespacedName
+	Created   time.Time
+	Frontends []datapath.Frontend
+}
+
+func older(a, b Claim) bool {
+	if c := a.Created.Compare(b.Created); c != 0 {
+		return c < 0
+	}
+	return cmp.Or(cmp.Compare(a.Service.Namespace, b.Service.Namespace), cmp.Compare(a.Service.Name, b.Service.Name)) < 0
+}
+
+// Syncer keeps the datapath equal to the Services' claims, one Service at a time.
+type Syncer struct {
+	dp     Programmer
+	mu     sync.Mutex
+	claims map[types.NamespacedName]Claim
+	// claimants lists, per slot, the Services asking for it and their frontend there.
+	claimants map[slot]map[types.NamespacedName]datapath.Frontend
+	// owner says which Service each programmed slot belongs to; programmed is what it holds.
+	owner      map[slot]types.NamespacedName
+	programmed map[slot]datapath.Frontend
+}
+
+// NewSyncer returns a Syncer that programs dp.
+func NewSyncer(dp Programmer) *Syncer {
+	return &Syncer{dp: dp, claims: map[types.NamespacedName]Claim{}, claimants: map[slot]map[types.NamespacedName]datapath.Frontend{},
+		owner: map[slot]types.NamespacedName{}, programmed: map[slot]datapath.Frontend{}}
+}
+
+// record makes c the Service's claim (none when it has no frontends), keeping claimants.
+func (s *Syncer) record(c Claim) {
+	for _, f := range s.claims[c.Service].Frontends {
+		k := slotOf(f)
+		delete(s.claimants[k], c.Service)
+		if len(s.claimants[k]) == 0 {
+			delete(s.claimants, k)
+		}
+	}
+	delete(s.claims, c.Service)
+	if len(c.Frontends) == 0 {
+		return
+	}
+	s.claims[c.Service] = c
+	for _, f := range c.Frontends {
+		k := slotOf(f)
+		if s.claimants[k] == nil {
+			s.claimants[k] = map[types.NamespacedName]datapath.Frontend{}
+		}
+		s.claimants[k][c.Service] = f
+	}
+}
+
+// Resync replaces everything at once with the claims (the start, adopting pinned maps:
+// entries that stay are rewritten in place, flows and sockets go on).
+func (s *Syncer) Resync(claims []Claim) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.claims, s.claimants = map[types.NamespacedName]Claim{}, map[slot]map[types.NamespacedName]datapath.Frontend{}
+	for _, c := range claims {
+		s.record(c)
+	}
+	owner, programmed := map[slot]types.NamespacedName{}, map[slot]datapath.Frontend{}
+	all := make([]datapath.Frontend, 0, len(s.claimants))
+	for k := range s.claimants {
+		winner, f, _ := s.winner(k)
+		owner[k], programmed[k] = winner, f
+		all = append(all, f)
+	}
+	if err := s.dp.Apply(all); err != nil {
+		return fmt.Errorf("apply %d frontends: %w", len(all), err)
+	}
+	s.owner, s.programmed = owner, programmed
+	return nil
+}
+
+// Set records a Service's claim (nil Frontends: the Service is gone or not ours) and
+// changes only the slots whose winner or content changed. It returns the slots the Service
+// lost to an older one, and the other Services whose slots changed hands (their owners
+// may want to tell their users).
+func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// Only the slots this Service had or asks for can change.
+	touched := map[slot]bool{}
+	for _, f := range s.claims[c.Service].Frontends {
+		touched[slotOf(f)] = true
+	}
+	for _, f := range c.Frontends {
+		touched[slotOf(f)] = true
+	}
+	s.record(c)
+	var errs []error
+	for k := range touched {
+		winner, f, ok := s.winner(k)
+		if ok && winner != c.Service && ownsIn(c, k) {
+			lost = append(lost, fmt.Sprintf("%s is %s/%s's (older)", k, winner.Namespace, winner.Name))
+		}
+		if prev, had := s.owner[k]; had && prev != winner {
+			for _, o := range []types.NamespacedName{prev, winner} {
+				if o != c.Service && o != (types.NamespacedName{}) && !slices.Contains(affected, o) {
+					affected = append(affected, o)
+				}
+			}
+		}
+		switch {
+		case !ok:
+			if _, had := s.programmed[k]; !had {
+				continue
+			}
+			if err := s.dp.Delete(k.addr, k.proto, k.scope); err != nil {
+				errs = append(errs, fmt.Errorf("delete %s: %w", k, err))
+				continue
+			}
+			delete(s.programmed, k)
+			delete(s.owner, k)
+		case !reflect.DeepEqual(s.programmed[k], f):
+			if err := s.dp.Update(f); err != nil {
+				errs = append(errs, fmt.Errorf("program %s: %w", k, err))
+				continue
+			}
+			s.programmed[k], s.owner[k] = f, winner
+		default:
+			s.owner[k] = winner
+		}
+	}
+	slices.Sort(lost)
+	return lost, affected, errors.Join(errs...)
+}
+
+// winner returns which Service gets a slot, and its frontend there.
+func (s *Syncer) winner(k slot) (types.NamespacedName, datapath.Frontend, bool) {
+	var best Claim
+	var front datapath.Frontend
+	found := false
+	for name, f := range s.claimants[k] {
+		if c := s.claims[name]; !found || older(c, best) {
+			best, front, found = c, f, true
+		}
+	}
+	return best.Service, front, found
+}
+
+func ownsIn(c Claim, k slot) bool {
+	return slices.ContainsFunc(c.Frontends, func(f datapath.Frontend) bool { return slotOf(f) == k })
+}
+
+// Counts returns how many Services have frontends programmed and how many frontends.
+func (s *Syncer) Counts() (services, frontends int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	owners := map[types.NamespacedName]bool{}
+	for _, o := range s.owner {
+		owners[o] = true
+	}
+	return len(owners), len(s.programmed)
+}
