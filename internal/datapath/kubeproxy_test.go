@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
+	"github.com/portico-dev/portico/test/nstest"
 	"github.com/portico-dev/portico/test/testenv"
 )
 
@@ -155,7 +156,7 @@ type kubeProxy struct {
 // the machine's, not the namespace's).
 func (api *clusterAPI) startKubeProxy(t testing.TB, bin, netns, mode string) *kubeProxy {
 	t.Helper()
-	in := inNamespace(t, netns)
+	in := nstest.Enter(t, netns)
 	var ln net.Listener
 	var err error
 	in(func() { ln, err = net.Listen("tcp", "127.0.0.1:0") })

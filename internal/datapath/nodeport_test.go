@@ -7,13 +7,14 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/portico-dev/portico/test/nstest"
 )
 
 // Link-layer addresses of the node's neighbours: the gateway to other nodes and the outside,
@@ -102,7 +103,7 @@ func newNode(t testing.TB) *node {
 			t.Fatalf("%v: %v\n%s", c, err, out)
 		}
 	}
-	n.exec = inNamespace(t, n.name)
+	n.exec = nstest.Enter(t, n.name)
 	n.exec(func() {
 		ifc, err := net.InterfaceByName("ext0")
 		if err != nil {
@@ -157,45 +158,6 @@ func (n *node) update(fs ...Frontend) {
 		if err := n.d.Update(f); err != nil {
 			n.t.Fatal(err)
 		}
-	}
-}
-
-// inNamespace starts a thread inside a network namespace and returns a function that runs
-// code on it, for what acts on the calling thread's namespace (test runs' FIB lookups,
-// interface indexes, TCX attachment). The thread ends with the test.
-func inNamespace(t testing.TB, name string) func(func()) {
-	t.Helper()
-	calls := make(chan func())
-	stop := make(chan struct{})
-	ready := make(chan error)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := os.Open("/run/netns/" + name)
-		if err == nil {
-			err = unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET)
-			ns.Close()
-		}
-		ready <- err
-		if err != nil {
-			return
-		}
-		for {
-			select {
-			case f := <-calls:
-				f()
-			case <-stop:
-				return
-			}
-		}
-	}()
-	if err := <-ready; err != nil {
-		t.Fatalf("enter namespace %s: %v", name, err)
-	}
-	t.Cleanup(func() { close(stop) })
-	return func(f func()) {
-		done := make(chan struct{})
-		calls <- func() { defer close(done); f() }
-		<-done
 	}
 }
 

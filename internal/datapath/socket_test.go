@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/portico-dev/portico/test/nstest"
 )
 
 // The client runs as a child process of this test binary, so that it can live in the test's
@@ -227,73 +228,7 @@ func (top *topology) serve(port uint16) {
 // serveOn listens in the backend namespace.
 func (top *topology) serveOn(addr netip.AddrPort) {
 	top.t.Helper()
-	serveIn(top.t, top.backend, addr)
-}
-
-// serveIn starts TCP and UDP echo servers on addr in a namespace; they answer each line or
-// datagram with their own address and the client's as they see it. The sockets stay in that
-// namespace; the thread that made them is discarded.
-func serveIn(t testing.TB, netns string, addr netip.AddrPort) {
-	t.Helper()
-	type result struct {
-		tcp net.Listener
-		udp net.PacketConn
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := os.Open("/run/netns/" + netns)
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		defer ns.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- result{err: err}
-			return
-		}
-		tcp, err := net.Listen("tcp", addr.String())
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		udp, err := net.ListenPacket("udp", addr.String())
-		done <- result{tcp, udp, err}
-	}()
-	r := <-done
-	if r.err != nil {
-		t.Fatalf("listen in namespace %s: %v", netns, r.err)
-	}
-	t.Cleanup(func() { r.tcp.Close(); r.udp.Close() })
-	go func() {
-		for {
-			c, err := r.tcp.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					if _, err := r.ReadString('\n'); err != nil {
-						return
-					}
-					fmt.Fprintf(c, "from %s for %s\n", c.LocalAddr(), c.RemoteAddr())
-				}
-			}()
-		}
-	}()
-	go func() {
-		buf := make([]byte, 256)
-		for {
-			_, from, err := r.udp.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			_, _ = r.udp.WriteTo([]byte(fmt.Sprintf("from %s for %s\n", r.udp.LocalAddr(), from)), from)
-		}
-	}()
+	nstest.Serve(top.t, top.backend, addr)
 }
 
 // command prepares a client process in the client namespace, outside the test's cgroup (no

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/portico-dev/portico/test/nstest"
 )
 
 // cluster is four network namespaces on veth pairs: a client outside, a node with the
@@ -94,7 +96,7 @@ func newCluster(t testing.TB) *cluster {
 			t.Fatalf("%s: %v\n%s", strings.Join(cmd, " "), err, out)
 		}
 	}
-	c.exec = inNamespace(t, c.node)
+	c.exec = nstest.Enter(t, c.node)
 	c.exec(func() {
 		for name, into := range map[string]*int{ext: &c.ext, rem: &c.toRemote} {
 			if ifc, err := net.InterfaceByName(name); err == nil {
@@ -103,8 +105,8 @@ func newCluster(t testing.TB) *cluster {
 		}
 	})
 	for _, fam := range []string{"v4", "v6"} {
-		serveIn(t, c.pod, netip.AddrPortFrom(c.localPod[fam], 8080))
-		serveIn(t, c.remote, netip.AddrPortFrom(c.other[fam], 8080))
+		nstest.Serve(t, c.pod, netip.AddrPortFrom(c.localPod[fam], 8080))
+		nstest.Serve(t, c.remote, netip.AddrPortFrom(c.other[fam], 8080))
 	}
 	return c
 }

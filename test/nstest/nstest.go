@@ -1,0 +1,120 @@
+// Package nstest helps tests that use network namespaces: run code on a thread inside one,
+// and serve echo traffic there.
+package nstest
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// Enter starts a thread inside a network namespace and returns a function that runs
+// code on it, for what acts on the calling thread's namespace (test runs' FIB lookups,
+// interface indexes, TCX attachment). The thread ends with the test.
+func Enter(t testing.TB, name string) func(func()) {
+	t.Helper()
+	calls := make(chan func())
+	stop := make(chan struct{})
+	ready := make(chan error)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		ns, err := os.Open("/run/netns/" + name)
+		if err == nil {
+			err = unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET)
+			ns.Close()
+		}
+		ready <- err
+		if err != nil {
+			return
+		}
+		for {
+			select {
+			case f := <-calls:
+				f()
+			case <-stop:
+				return
+			}
+		}
+	}()
+	if err := <-ready; err != nil {
+		t.Fatalf("enter namespace %s: %v", name, err)
+	}
+	t.Cleanup(func() { close(stop) })
+	return func(f func()) {
+		done := make(chan struct{})
+		calls <- func() { defer close(done); f() }
+		<-done
+	}
+}
+
+// Serve starts TCP and UDP echo servers on addr in a namespace; they answer each line or
+// datagram with their own address and the client's as they see it. The sockets stay in that
+// namespace; the thread that made them is discarded.
+func Serve(t testing.TB, netns string, addr netip.AddrPort) {
+	t.Helper()
+	type result struct {
+		tcp net.Listener
+		udp net.PacketConn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		ns, err := os.Open("/run/netns/" + netns)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer ns.Close()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			done <- result{err: err}
+			return
+		}
+		tcp, err := net.Listen("tcp", addr.String())
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		udp, err := net.ListenPacket("udp", addr.String())
+		done <- result{tcp, udp, err}
+	}()
+	r := <-done
+	if r.err != nil {
+		t.Fatalf("listen in namespace %s: %v", netns, r.err)
+	}
+	t.Cleanup(func() { r.tcp.Close(); r.udp.Close() })
+	go func() {
+		for {
+			c, err := r.tcp.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					if _, err := r.ReadString('\n'); err != nil {
+						return
+					}
+					fmt.Fprintf(c, "from %s for %s\n", c.LocalAddr(), c.RemoteAddr())
+				}
+			}()
+		}
+	}()
+	go func() {
+		buf := make([]byte, 256)
+		for {
+			_, from, err := r.udp.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = r.udp.WriteTo([]byte(fmt.Sprintf("from %s for %s\n", r.udp.LocalAddr(), from)), from)
+		}
+	}()
+}
