@@ -89,8 +89,9 @@ bench: bench-tools ## Run the benchmarks and print their numbers (see docs/bench
 ##@ Run
 
 .PHONY: build
-build: ## Build the operator binary into bin/.
+build: ## Build the operator and agent binaries into bin/.
 	$(GO) build -o $(LOCALBIN)/operator ./cmd/operator
+	$(GO) build -o $(LOCALBIN)/agent ./cmd/agent
 
 .PHONY: demo
 demo: envtest ## Start a real API server with the operator, apply config/samples, show what happens.

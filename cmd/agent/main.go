@@ -1,0 +1,66 @@
+// Command agent runs on every node: it loads Portico's datapath, attaches it, and keeps it
+// equal to the cluster's Services and EndpointSlices. Only wiring lives here.
+package main
+
+import (
+	"flag"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/portico-dev/portico/internal/agent"
+	"github.com/portico-dev/portico/internal/datapath"
+)
+
+func main() {
+	var o agent.Options
+	flag.StringVar(&o.NodeName, "node-name", os.Getenv("NODE_NAME"), "The Node this agent programs (default $NODE_NAME).")
+	devices := flag.String("devices", "", "Comma-separated interfaces external traffic arrives on (NodePort, externalIPs, LoadBalancer addresses); none: only clients on the node are served.")
+	cgroupRoot := flag.String("cgroup-root", "/sys/fs/cgroup", "cgroup v2 directory whose processes get their Service connections translated at the socket layer.")
+	bpffs := flag.String("bpffs", "/sys/fs/bpf", "bpffs mount; maps and links are pinned under <bpffs>/portico/<node>, so forwarding goes on while the agent restarts.")
+	maglevSize := flag.Uint("maglev-table-size", 16381, "Maglev table size (a prime) for Services that use Maglev.")
+	flag.StringVar(&o.ProxyName, "service-proxy-name", "", "Serve only Services labelled service.kubernetes.io/service-proxy-name with this value (empty: only Services without the label).")
+	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":9090", "Address of the Prometheus metrics endpoint; 0 turns it off.")
+	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":9091", "Address of the /healthz and /readyz endpoints.")
+	zo := zap.Options{}
+	zo.BindFlags(flag.CommandLine)
+	flag.Parse()
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zo)))
+	log := ctrl.Log.WithName("setup")
+	fail := func(err error, msg string, kv ...any) {
+		log.Error(err, msg, kv...)
+		os.Exit(1)
+	}
+
+	dp, err := datapath.Load(datapath.Options{PinDir: filepath.Join(*bpffs, "portico", o.NodeName), MaglevTableSize: uint32(*maglevSize)})
+	if err != nil {
+		fail(err, "Failed to load the datapath")
+	}
+	if err := dp.AttachCgroup(*cgroupRoot); err != nil {
+		fail(err, "Failed to attach to the cgroup", "cgroup", *cgroupRoot)
+	}
+	for _, name := range strings.FieldsFunc(*devices, func(r rune) bool { return r == ',' }) {
+		iface, err := net.InterfaceByName(name)
+		if err != nil {
+			fail(err, "No such device", "device", name)
+		}
+		if err := dp.AttachInterface(iface.Index); err != nil {
+			fail(err, "Failed to attach to the device", "device", name)
+		}
+	}
+	mgr, err := agent.NewManager(ctrl.GetConfigOrDie(), dp, o)
+	if err != nil {
+		fail(err, "Failed to set up the agent")
+	}
+	log.Info("Starting the agent", "node", o.NodeName, "devices", *devices, "cgroup", *cgroupRoot)
+	err = mgr.Start(ctrl.SetupSignalHandler())
+	// Pins stay: the node keeps forwarding with the last state while the agent is away.
+	_ = dp.Close()
+	if err != nil {
+		fail(err, "The agent stopped with an error")
+	}
+}

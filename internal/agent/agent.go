@@ -1,0 +1,281 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
+
+	"github.com/portico-dev/portico/internal/agent/desired"
+)
+
+// Options configure one agent.
+type Options struct {
+	// NodeName is the Node this agent programs.
+	NodeName string
+	// ProxyName, when set, serves only Services labelled service.kubernetes.io/service-proxy-name
+	// with it; empty serves only Services without the label.
+	ProxyName string
+	// MetricsAddr and ProbeAddr are the metrics and health endpoints ("0": off).
+	MetricsAddr, ProbeAddr string
+	// SeveralPerProcess lets tests run several agents in one process.
+	SeveralPerProcess bool
+}
+
+// serviceNameIndex indexes EndpointSlices by the Service they belong to.
+const serviceNameIndex = "portico.serviceName"
+
+// NewManager returns a manager running the agent for one node over dp. Nothing is written
+// to the maps before the caches have synced; then one Resync adopts what is pinned.
+func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error) {
+	if o.NodeName == "" {
+		return nil, fmt.Errorf("no node name")
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("build scheme: %w", err)
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme: scheme,
+		Cache: cache.Options{
+			DefaultTransform: cache.TransformStripManagedFields(),
+			// Only this node's Node object.
+			ByObject: map[client.Object]cache.ByObject{&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", o.NodeName)}},
+		},
+		Metrics:                metricsserver.Options{BindAddress: o.MetricsAddr},
+		HealthProbeBindAddress: o.ProbeAddr,
+		Controller:             config.Controller{SkipNameValidation: &o.SeveralPerProcess},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create manager: %w", err)
+	}
+	err = mgr.GetFieldIndexer().IndexField(context.Background(), &discoveryv1.EndpointSlice{}, serviceNameIndex, func(obj client.Object) []string {
+		if name := obj.GetLabels()[discoveryv1.LabelServiceName]; name != "" {
+			return []string{name}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("index EndpointSlices: %w", err)
+	}
+	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: NewSyncer(dp), opts: o,
+		ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
+	if err := mgr.Add(manager.RunnableFunc(r.resync(mgr.GetCache()))); err != nil {
+		return nil, fmt.Errorf("add the first sync: %w", err)
+	}
+	err = ctrl.NewControllerManagedBy(mgr).Named("agent").
+		For(&corev1.Service{}).
+		Watches(&discoveryv1.EndpointSlice{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, obj client.Object) []reconcile.Request {
+			name := obj.GetLabels()[discoveryv1.LabelServiceName]
+			if name == "" {
+				return nil
+			}
+			return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: obj.GetNamespace(), Name: name}}}
+		})).
+		WatchesRawSource(source.Channel(r.requeue, &handler.EnqueueRequestForObject{})).
+		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.everyService), builder.WithPredicates(predicate.Funcs{
+			UpdateFunc: func(e event.UpdateEvent) bool {
+				return !equalAddresses(e.ObjectOld.(*corev1.Node), e.ObjectNew.(*corev1.Node))
+			},
+		})).
+		Complete(r)
+	if err != nil {
+		return nil, fmt.Errorf("set up the agent controller: %w", err)
+	}
+	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {
+		return nil, fmt.Errorf("add health check: %w", err)
+	}
+	if err := mgr.AddReadyzCheck("readyz", r.readyz); err != nil {
+		return nil, fmt.Errorf("add ready check: %w", err)
+	}
+	return mgr, nil
+}
+
+// reconciler programs one Service at a time, once the first sync is done.
+type reconciler struct {
+	client   client.Client
+	recorder record.EventRecorder
+	syncer   *Syncer
+	opts     Options
+	ready    chan struct{}
+	// requeue takes Services whose frontends another Service's change moved.
+	requeue chan event.GenericEvent
+}
+
+// resync waits for the caches, programs every Service at once, and then lets the
+// reconciler go.
+func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
+	return func(ctx context.Context) error {
+		if !c.WaitForCacheSync(ctx) {
+			return ctx.Err()
+		}
+		var services corev1.ServiceList
+		if err := r.client.List(ctx, &services); err != nil {
+			return fmt.Errorf("list Services: %w", err)
+		}
+		node, err := r.node(ctx)
+		if err != nil {
+			return err
+		}
+		claims := make([]Claim, 0, len(services.Items))
+		for i := range services.Items {
+			c, _, err := r.claim(ctx, node, &services.Items[i])
+			if err != nil {
+				return err
+			}
+			claims = append(claims, c)
+		}
+		t0 := time.Now()
+		if err := r.syncer.Resync(claims); err != nil {
+			return fmt.Errorf("first sync: %w", err)
+		}
+		svcs, fs := r.syncer.Counts()
+		ctrl.LoggerFrom(ctx).Info("Programmed the datapath", "services", svcs, "frontends", fs, "took", time.Since(t0))
+		close(r.ready)
+		return nil
+	}
+}
+
+func (r *reconciler) readyz(_ *http.Request) error {
+	select {
+	case <-r.ready:
+		return nil
+	default:
+		return fmt.Errorf("first sync not done")
+	}
+}
+
+func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	select {
+	case <-r.ready:
+	case <-ctx.Done():
+		return ctrl.Result{}, ctx.Err()
+	}
+	node, err := r.node(ctx)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	var svc corev1.Service
+	if err := r.client.Get(ctx, req.NamespacedName, &svc); err != nil {
+		if !apierrors.IsNotFound(err) {
+			return ctrl.Result{}, fmt.Errorf("get Service: %w", err)
+		}
+		svc.Namespace, svc.Name = req.Namespace, req.Name // gone: claims nothing
+	}
+	c, problems, err := r.claim(ctx, node, &svc)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	lost, affected, err := r.syncer.Set(c)
+	for _, o := range affected {
+		// Synced again, they learn (and say in an Event) what they hold now.
+		go func() {
+			select {
+			case r.requeue <- event.GenericEvent{Object: &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: o.Namespace, Name: o.Name}}}:
+			case <-ctx.Done():
+			}
+		}()
+	}
+	if len(problems)+len(lost) > 0 && svc.UID != "" {
+		r.recorder.Eventf(&svc, corev1.EventTypeWarning, "NotProgrammed", "Node %s: %s", r.opts.NodeName, strings.Join(append(problems, lost...), "; "))
+	}
+	if err != nil {
+		if svc.UID != "" {
+			r.recorder.Eventf(&svc, corev1.EventTypeWarning, "ProgrammingFailed", "Node %s: %v", r.opts.NodeName, err)
+		}
+		return ctrl.Result{}, err
+	}
+	return ctrl.Result{}, nil
+}
+
+// claim computes what a Service asks of this node.
+func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, []string, error) {
+	c := Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
+	if svc.UID == "" || !desired.Serves(svc, r.opts.ProxyName) {
+		return c, nil, nil
+	}
+	var slices discoveryv1.EndpointSliceList
+	if err := r.client.List(ctx, &slices, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
+		return c, nil, fmt.Errorf("list EndpointSlices: %w", err)
+	}
+	ptrs := make([]*discoveryv1.EndpointSlice, len(slices.Items))
+	for i := range slices.Items {
+		ptrs[i] = &slices.Items[i]
+	}
+	var problems []string
+	c.Frontends, problems = desired.Frontends(node, svc, ptrs, desired.Settings{})
+	return c, problems, nil
+}
+
+// node reads this node's addresses; a Node not (yet) there has none.
+func (r *reconciler) node(ctx context.Context) (desired.Node, error) {
+	n := desired.Node{Name: r.opts.NodeName}
+	var obj corev1.Node
+	if err := r.client.Get(ctx, types.NamespacedName{Name: r.opts.NodeName}, &obj); err != nil {
+		if apierrors.IsNotFound(err) {
+			return n, nil
+		}
+		return n, fmt.Errorf("get Node: %w", err)
+	}
+	for _, a := range obj.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil {
+			n.Addresses = append(n.Addresses, ip)
+		}
+	}
+	return n, nil
+}
+
+// everyService requeues every Service (the node's addresses changed: NodePorts move).
+func (r *reconciler) everyService(ctx context.Context, _ client.Object) []reconcile.Request {
+	var services corev1.ServiceList
+	if err := r.client.List(ctx, &services); err != nil {
+		ctrl.LoggerFrom(ctx).Error(err, "List Services after a Node change")
+		return nil
+	}
+	out := make([]reconcile.Request, len(services.Items))
+	for i, s := range services.Items {
+		out[i] = reconcile.Request{NamespacedName: types.NamespacedName{Namespace: s.Namespace, Name: s.Name}}
+	}
+	return out
+}
+
+func equalAddresses(a, b *corev1.Node) bool {
+	if len(a.Status.Addresses) != len(b.Status.Addresses) {
+		return false
+	}
+	for i := range a.Status.Addresses {
+		if a.Status.Addresses[i] != b.Status.Addresses[i] {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,169 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/portico-dev/portico/internal/datapath"
+	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/test/testenv"
+)
+
+// node is a client namespace standing for a node's pods, its own cgroup with Portico's
+// socket programs, and a backend namespace on a veth pair. The client namespace has no
+// route to Service addresses: untranslated, they are unreachable.
+type node struct {
+	t              *testing.T
+	client, cgroup string
+	backend        netip.AddrPort
+}
+
+func newNode(t *testing.T) *node {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces, a cgroup and BPF programs")
+	}
+	root := "/sys/fs/cgroup/unified"
+	if _, err := os.Stat(filepath.Join(root, "cgroup.procs")); err != nil {
+		t.Skipf("needs cgroup v2 at %s: %v", root, err)
+	}
+	id := fmt.Sprint(os.Getpid() % 100000)
+	n := &node{t: t, client: "pta-c" + id, cgroup: filepath.Join(root, "portico-agent-test-"+id), backend: netip.MustParseAddrPort("10.251.0.2:8080")}
+	backendNS := "pta-b" + id
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "netns", "del", n.client).Run()
+		_ = exec.Command("ip", "netns", "del", backendNS).Run()
+		for range 50 { // the kernel releases the cgroup shortly after its last process exits
+			if err := os.Remove(n.cgroup); err == nil || os.IsNotExist(err) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Errorf("could not remove cgroup %s", n.cgroup)
+	})
+	for _, args := range [][]string{
+		{"netns", "add", n.client}, {"netns", "add", backendNS},
+		{"link", "add", "pta-v" + id, "netns", n.client, "type", "veth", "peer", "name", "pta-p" + id, "netns", backendNS},
+		{"-n", n.client, "addr", "add", "10.251.0.1/30", "dev", "pta-v" + id},
+		{"-n", backendNS, "addr", "add", "10.251.0.2/30", "dev", "pta-p" + id},
+		{"-n", n.client, "link", "set", "pta-v" + id, "up"}, {"-n", backendNS, "link", "set", "pta-p" + id, "up"},
+		{"-n", n.client, "link", "set", "lo", "up"}, {"-n", backendNS, "link", "set", "lo", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	if err := os.Mkdir(n.cgroup, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	nstest.Serve(t, backendNS, n.backend)
+	return n
+}
+
+// dial connects from a process in the client namespace and cgroup (bash's /dev/tcp), sends
+// a line and returns the reply or the error.
+func (n *node) dial(to netip.AddrPort) string {
+	cg, err := os.Open(n.cgroup)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	defer cg.Close()
+	script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%d && echo hello >&3 && read -t 2 line <&3 && echo \"$line\"", to.Addr(), to.Port())
+	cmd := exec.Command("ip", "netns", "exec", n.client, "bash", "-c", script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	out, _ := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out))
+}
+
+// eventually dials until the answer contains want, for up to 10 seconds.
+func (n *node) eventually(to netip.AddrPort, want string) {
+	n.t.Helper()
+	var got string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if got = n.dial(to); strings.Contains(got, want) {
+			return
+		}
+	}
+	n.t.Fatalf("dial %s: got %q, want %q", to, got, want)
+}
+
+func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
+	n := newNode(t)
+	if testenv.Assets() == "" {
+		t.Skip("needs kube-apiserver and etcd: run `make test`")
+	}
+	env, err := testenv.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Stop() })
+	dp, err := datapath.Load(datapath.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = dp.Close() })
+	if err := dp.AttachCgroup(n.cgroup); err != nil {
+		t.Fatal(err)
+	}
+	mgr, err := NewManager(env.Config, dp, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan error)
+	go func() { stopped <- mgr.Start(ctx) }()
+	t.Cleanup(func() { cancel(); <-stopped })
+
+	c := env.Client
+	vip := netip.MustParseAddrPort("10.96.7.7:80")
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "default"},
+		Spec: corev1.ServiceSpec{ClusterIP: vip.Addr().String(),
+			Ports: []corev1.ServicePort{{Name: "http", Port: int32(vip.Port()), TargetPort: intstr.FromString("http")}}},
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: "web-1", Namespace: "default", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(n.backend.Port()))}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{n.backend.Addr().String()}, NodeName: ptr.To("n2")}},
+	}
+	for _, obj := range []client.Object{svc, slice} {
+		if err := c.Create(ctx, obj); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The Service and its endpoint arrive: connections reach the backend.
+	n.eventually(vip, "from "+n.backend.String())
+
+	// No endpoint left: refused, at once.
+	slice.Endpoints = nil
+	if err := c.Update(ctx, slice); err != nil {
+		t.Fatal(err)
+	}
+	n.eventually(vip, "refused")
+
+	// The endpoint is back, then the Service goes: the address is nobody's again.
+	slice.Endpoints = []discoveryv1.Endpoint{{Addresses: []string{n.backend.Addr().String()}}}
+	if err := c.Update(ctx, slice); err != nil {
+		t.Fatal(err)
+	}
+	n.eventually(vip, "from "+n.backend.String())
+	if err := c.Delete(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	n.eventually(vip, "unreachable")
+}
