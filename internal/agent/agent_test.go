@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"net/netip"
@@ -8,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -101,8 +103,8 @@ func (n *node) eventually(to netip.AddrPort, want string) {
 	n.t.Fatalf("dial %s: got %q, want %q", to, got, want)
 }
 
-func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
-	n := newNode(t)
+// startAPI starts an API server for the test.
+func startAPI(t *testing.T) *testenv.Env {
 	if testenv.Assets() == "" {
 		t.Skip("needs kube-apiserver and etcd: run `make test`")
 	}
@@ -111,25 +113,44 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = env.Stop() })
-	dp, err := datapath.Load(datapath.Options{})
+	return env
+}
+
+// startAgent loads the datapath (pinned under pins when set), attaches it to the node's
+// cgroup and runs an agent for node n1 on it. stop ends the agent and closes the datapath;
+// pins stay.
+func (n *node) startAgent(env *testenv.Env, pins string) (stop func()) {
+	n.t.Helper()
+	dp, err := datapath.Load(datapath.Options{PinDir: pins})
 	if err != nil {
-		t.Fatal(err)
+		n.t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = dp.Close() })
 	if err := dp.AttachCgroup(n.cgroup); err != nil {
-		t.Fatal(err)
+		_ = dp.Close()
+		n.t.Fatal(err)
 	}
 	mgr, err := NewManager(env.Config, dp, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true})
 	if err != nil {
-		t.Fatal(err)
+		_ = dp.Close()
+		n.t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	stopped := make(chan error)
 	go func() { stopped <- mgr.Start(ctx) }()
-	t.Cleanup(func() { cancel(); <-stopped })
+	stop = sync.OnceFunc(func() {
+		cancel()
+		if err := <-stopped; err != nil {
+			n.t.Errorf("agent: %v", err)
+		}
+		_ = dp.Close()
+	})
+	n.t.Cleanup(stop)
+	return stop
+}
 
-	c := env.Client
-	vip := netip.MustParseAddrPort("10.96.7.7:80")
+// web is a ClusterIP Service on vip with a named target port, and its EndpointSlice with
+// the node's backend (on another node).
+func (n *node) web(vip netip.AddrPort) (*corev1.Service, *discoveryv1.EndpointSlice) {
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "default"},
 		Spec: corev1.ServiceSpec{ClusterIP: vip.Addr().String(),
@@ -141,6 +162,16 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(n.backend.Port()))}},
 		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{n.backend.Addr().String()}, NodeName: ptr.To("n2")}},
 	}
+	return svc, slice
+}
+
+func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
+	n := newNode(t)
+	env := startAPI(t)
+	n.startAgent(env, "")
+	ctx, c := context.Background(), env.Client
+	vip := netip.MustParseAddrPort("10.96.7.7:80")
+	svc, slice := n.web(vip)
 	for _, obj := range []client.Object{svc, slice} {
 		if err := c.Create(ctx, obj); err != nil {
 			t.Fatal(err)
@@ -166,4 +197,76 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 	n.eventually(vip, "unreachable")
+}
+
+// TestAgentRestartKeepsServing stops the agent with a connection open, checks that the
+// pinned datapath goes on translating while no agent runs, and that a new agent adopts it
+// and follows the API again; the connection lives through it all.
+func TestAgentRestartKeepsServing(t *testing.T) {
+	n := newNode(t)
+	env := startAPI(t)
+	pins := filepath.Join(nstest.BPFFS(t), "n1")
+	stop := n.startAgent(env, pins)
+	ctx, c := context.Background(), env.Client
+	vip := netip.MustParseAddrPort("10.96.7.8:80")
+	svc, slice := n.web(vip)
+	for _, obj := range []client.Object{svc, slice} {
+		if err := c.Create(ctx, obj); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n.eventually(vip, "from "+n.backend.String())
+	say, replies := n.hold(vip)
+	if got := replies(); !strings.Contains(got, "from "+n.backend.String()) {
+		t.Fatalf("held connection: %q", got)
+	}
+
+	stop()
+	if got := n.dial(vip); !strings.Contains(got, "from "+n.backend.String()) {
+		t.Fatalf("with no agent running: %q", got)
+	}
+	n.startAgent(env, pins)
+	slice.Endpoints = nil
+	if err := c.Update(ctx, slice); err != nil {
+		t.Fatal(err)
+	}
+	n.eventually(vip, "refused")
+	say()
+	if got := replies(); !strings.Contains(got, "from "+n.backend.String()) {
+		t.Fatalf("held connection after the restart: %q", got)
+	}
+}
+
+// hold opens a connection from the client namespace and cgroup and exchanges a line on it;
+// say makes it exchange another on the same connection; replies returns the next reply.
+func (n *node) hold(to netip.AddrPort) (say func(), replies func() string) {
+	n.t.Helper()
+	cg, err := os.Open(n.cgroup)
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	defer cg.Close()
+	script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%d || exit 1; for i in 1 2; do echo hello >&3; read -t 5 line <&3; echo \"$line\"; read -t 30 go; done", to.Addr(), to.Port())
+	cmd := exec.Command("ip", "netns", "exec", n.client, "bash", "-c", script)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	n.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	lines := bufio.NewScanner(stdout)
+	return func() { fmt.Fprintln(stdin, "go") }, func() string {
+		if !lines.Scan() {
+			return "client ended: " + fmt.Sprint(lines.Err())
+		}
+		return lines.Text()
+	}
 }

@@ -431,26 +431,10 @@ func TestApplyRejectsInvalidFrontends(t *testing.T) {
 	}
 }
 
-// mountBPF mounts a private bpffs instance for the test's pins, so that nothing is pinned in
-// the machine's /sys/fs/bpf.
-func mountBPF(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
-		t.Fatalf("mount bpffs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount bpffs: %v", err)
-		}
-	})
-	return dir
-}
-
 func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 	top := newTopology(t)
 	top.serve(8080)
-	pins := filepath.Join(mountBPF(t), "node-a")
+	pins := filepath.Join(nstest.BPFFS(t), "node-a")
 	web := netip.MustParseAddrPort("10.96.0.10:80")
 	backend := netip.AddrPortFrom(top.backIP, 8080)
 	frontends := []Frontend{internal(web, TCP, backend)}

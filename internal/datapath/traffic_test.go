@@ -211,7 +211,7 @@ func bracket(addr string) string {
 // to a remote backend, made before the restart, goes on after it.
 func TestPacketLayerRestartKeepsFlows(t *testing.T) {
 	c := newCluster(t)
-	pins := filepath.Join(mountBPF(t), "node")
+	pins := filepath.Join(nstest.BPFFS(t), "node")
 	frontend := netip.AddrPortFrom(c.lb["v4"], 81)
 	backend := netip.AddrPortFrom(c.other["v4"], 8080)
 	first := c.attach(pins)

@@ -1,5 +1,5 @@
-// Package nstest helps tests that use network namespaces: run code on a thread inside one,
-// and serve echo traffic there.
+// Package nstest helps tests that use network namespaces and BPF: run code on a thread
+// inside a namespace, serve echo traffic there, mount a private bpffs.
 package nstest
 
 import (
@@ -117,4 +117,20 @@ func Serve(t testing.TB, netns string, addr netip.AddrPort) {
 			_, _ = r.udp.WriteTo([]byte(fmt.Sprintf("from %s for %s\n", r.udp.LocalAddr(), from)), from)
 		}
 	}()
+}
+
+// BPFFS mounts a bpffs of the test's own (unmounted when the test ends) and returns it, so
+// that nothing is pinned in the machine's /sys/fs/bpf.
+func BPFFS(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, ""); err != nil {
+		t.Fatalf("mount bpffs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, 0); err != nil {
+			t.Errorf("unmount bpffs: %v", err)
+		}
+	})
+	return dir
 }
