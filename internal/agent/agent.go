@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -27,6 +28,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
+	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -46,6 +48,8 @@ type Options struct {
 	MetricsAddr, ProbeAddr string
 	// SeveralPerProcess lets tests run several agents in one process.
 	SeveralPerProcess bool
+	// Registry takes the agent's metrics; nil: controller-runtime's, which MetricsAddr serves.
+	Registry prometheus.Registerer
 }
 
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
@@ -84,8 +88,16 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	if err != nil {
 		return nil, fmt.Errorf("index EndpointSlices: %w", err)
 	}
+	reg := o.Registry
+	if reg == nil {
+		reg = crmetrics.Registry
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
 	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: NewSyncer(dp), opts: o,
-		ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
+		metrics: m, ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
 	if err := mgr.Add(manager.RunnableFunc(r.resync(mgr.GetCache()))); err != nil {
 		return nil, fmt.Errorf("add the first sync: %w", err)
 	}
@@ -123,6 +135,7 @@ type reconciler struct {
 	recorder record.EventRecorder
 	syncer   *Syncer
 	opts     Options
+	metrics  *metrics
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
 	requeue chan event.GenericEvent
@@ -135,6 +148,7 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 		if !c.WaitForCacheSync(ctx) {
 			return ctx.Err()
 		}
+		t0 := time.Now()
 		var services corev1.ServiceList
 		if err := r.client.List(ctx, &services); err != nil {
 			return fmt.Errorf("list Services: %w", err)
@@ -151,12 +165,15 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 			}
 			claims = append(claims, c)
 		}
-		t0 := time.Now()
 		if err := r.syncer.Resync(claims); err != nil {
+			r.metrics.errors.Inc()
 			return fmt.Errorf("first sync: %w", err)
 		}
+		took := time.Since(t0)
+		r.metrics.sync.WithLabelValues("full").Observe(took.Seconds())
+		r.metrics.programmed(r.syncer)
 		svcs, fs := r.syncer.Counts()
-		ctrl.LoggerFrom(ctx).Info("Programmed the datapath", "services", svcs, "frontends", fs, "took", time.Since(t0))
+		ctrl.LoggerFrom(ctx).Info("Programmed the datapath", "services", svcs, "frontends", fs, "took", took)
 		close(r.ready)
 		return nil
 	}
@@ -177,6 +194,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	case <-ctx.Done():
 		return ctrl.Result{}, ctx.Err()
 	}
+	t0 := time.Now()
 	node, err := r.node(ctx)
 	if err != nil {
 		return ctrl.Result{}, err
@@ -193,6 +211,8 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		return ctrl.Result{}, err
 	}
 	lost, affected, err := r.syncer.Set(c)
+	r.metrics.sync.WithLabelValues("service").Observe(time.Since(t0).Seconds())
+	r.metrics.programmed(r.syncer)
 	for _, o := range affected {
 		// Synced again, they learn (and say in an Event) what they hold now.
 		go func() {
@@ -206,6 +226,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		r.recorder.Eventf(&svc, corev1.EventTypeWarning, "NotProgrammed", "Node %s: %s", r.opts.NodeName, strings.Join(append(problems, lost...), "; "))
 	}
 	if err != nil {
+		r.metrics.errors.Inc()
 		if svc.UID != "" {
 			r.recorder.Eventf(&svc, corev1.EventTypeWarning, "ProgrammingFailed", "Node %s: %v", r.opts.NodeName, err)
 		}

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -117,9 +118,9 @@ func startAPI(t *testing.T) *testenv.Env {
 }
 
 // startAgent loads the datapath (pinned under pins when set), attaches it to the node's
-// cgroup and runs an agent for node n1 on it. stop ends the agent and closes the datapath;
-// pins stay.
-func (n *node) startAgent(env *testenv.Env, pins string) (stop func()) {
+// cgroup and runs an agent for node n1 on it, with its metrics in reg. stop ends the agent
+// and closes the datapath; pins stay.
+func (n *node) startAgent(env *testenv.Env, pins string) (stop func(), reg *prometheus.Registry) {
 	n.t.Helper()
 	dp, err := datapath.Load(datapath.Options{PinDir: pins})
 	if err != nil {
@@ -129,7 +130,8 @@ func (n *node) startAgent(env *testenv.Env, pins string) (stop func()) {
 		_ = dp.Close()
 		n.t.Fatal(err)
 	}
-	mgr, err := NewManager(env.Config, dp, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true})
+	reg = prometheus.NewRegistry()
+	mgr, err := NewManager(env.Config, dp, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true, Registry: reg})
 	if err != nil {
 		_ = dp.Close()
 		n.t.Fatal(err)
@@ -145,7 +147,33 @@ func (n *node) startAgent(env *testenv.Env, pins string) (stop func()) {
 		_ = dp.Close()
 	})
 	n.t.Cleanup(stop)
-	return stop
+	return stop, reg
+}
+
+// metric returns the value of a gauge, or the sample count of a histogram with the label
+// kind=service, in reg.
+func metric(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			if m.GetGauge() != nil {
+				return m.GetGauge().GetValue()
+			}
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "kind" && l.GetValue() == "service" {
+					return float64(m.GetHistogram().GetSampleCount())
+				}
+			}
+		}
+	}
+	return 0
 }
 
 // web is a ClusterIP Service on vip with a named target port, and its EndpointSlice with
@@ -168,7 +196,7 @@ func (n *node) web(vip netip.AddrPort) (*corev1.Service, *discoveryv1.EndpointSl
 func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	n := newNode(t)
 	env := startAPI(t)
-	n.startAgent(env, "")
+	_, reg := n.startAgent(env, "")
 	ctx, c := context.Background(), env.Client
 	vip := netip.MustParseAddrPort("10.96.7.7:80")
 	svc, slice := n.web(vip)
@@ -179,6 +207,10 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	}
 	// The Service and its endpoint arrive: connections reach the backend.
 	n.eventually(vip, "from "+n.backend.String())
+	// The API server's own Service, default/kubernetes, is programmed too.
+	if s, f, syncs := metric(t, reg, "portico_agent_services"), metric(t, reg, "portico_agent_frontends"), metric(t, reg, "portico_agent_sync_duration_seconds"); s != 2 || f != 2 || syncs == 0 {
+		t.Errorf("metrics: %v services, %v frontends, %v syncs; want 2, 2, some", s, f, syncs)
+	}
 
 	// No endpoint left: refused, at once.
 	slice.Endpoints = nil
@@ -197,6 +229,9 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 	n.eventually(vip, "unreachable")
+	if s, f := metric(t, reg, "portico_agent_services"), metric(t, reg, "portico_agent_frontends"); s != 1 || f != 1 {
+		t.Errorf("metrics after the delete: %v services, %v frontends", s, f)
+	}
 }
 
 // TestAgentRestartKeepsServing stops the agent with a connection open, checks that the
@@ -206,7 +241,7 @@ func TestAgentRestartKeepsServing(t *testing.T) {
 	n := newNode(t)
 	env := startAPI(t)
 	pins := filepath.Join(nstest.BPFFS(t), "n1")
-	stop := n.startAgent(env, pins)
+	stop, _ := n.startAgent(env, pins)
 	ctx, c := context.Background(), env.Client
 	vip := netip.MustParseAddrPort("10.96.7.8:80")
 	svc, slice := n.web(vip)
