@@ -48,6 +48,8 @@ type Options struct {
 	MetricsAddr, ProbeAddr string
 	// SeveralPerProcess lets tests run several agents in one process.
 	SeveralPerProcess bool
+	// HealthCheckAddr is the IP the healthCheckNodePorts listen on ("": every address).
+	HealthCheckAddr string
 	// Registry takes the agent's metrics; nil: controller-runtime's, which MetricsAddr serves.
 	Registry prometheus.Registerer
 }
@@ -97,7 +99,10 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		return nil, err
 	}
 	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: NewSyncer(dp), opts: o,
-		metrics: m, ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
+		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
+	if err := mgr.Add(r.health); err != nil {
+		return nil, fmt.Errorf("add the health checks: %w", err)
+	}
 	if err := mgr.Add(manager.RunnableFunc(r.resync(mgr.GetCache()))); err != nil {
 		return nil, fmt.Errorf("add the first sync: %w", err)
 	}
@@ -136,6 +141,7 @@ type reconciler struct {
 	syncer   *Syncer
 	opts     Options
 	metrics  *metrics
+	health   *healthChecks
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
 	requeue chan event.GenericEvent
@@ -222,9 +228,6 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 			}
 		}()
 	}
-	if len(problems)+len(lost) > 0 && svc.UID != "" {
-		r.recorder.Eventf(&svc, corev1.EventTypeWarning, "NotProgrammed", "Node %s: %s", r.opts.NodeName, strings.Join(append(problems, lost...), "; "))
-	}
 	if err != nil {
 		r.metrics.errors.Inc()
 		if svc.UID != "" {
@@ -232,14 +235,19 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		}
 		return ctrl.Result{}, err
 	}
+	if len(problems)+len(lost) > 0 && svc.UID != "" {
+		r.recorder.Eventf(&svc, corev1.EventTypeWarning, "NotProgrammed", "Node %s: %s", r.opts.NodeName, strings.Join(append(problems, lost...), "; "))
+		// Some problems pass (a port freed, an older Service gone); look again later.
+		return ctrl.Result{RequeueAfter: time.Minute}, nil
+	}
 	return ctrl.Result{}, nil
 }
 
-// claim computes what a Service asks of this node.
+// claim computes what a Service asks of this node, and sets its health check.
 func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, []string, error) {
 	c := Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
 	if svc.UID == "" || !desired.Serves(svc, r.opts.ProxyName) {
-		return c, nil, nil
+		return c, nil, r.health.set(c.Service, 0, 0) // closing cannot fail
 	}
 	var slices discoveryv1.EndpointSliceList
 	if err := r.client.List(ctx, &slices, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
@@ -251,6 +259,14 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	}
 	var problems []string
 	c.Frontends, problems = desired.Frontends(node, svc, ptrs, desired.Settings{})
+	port := int32(0)
+	if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal {
+		port = svc.Spec.HealthCheckNodePort
+	}
+	// A health check that cannot listen (port taken) does not stop the Service's traffic.
+	if err := r.health.set(c.Service, port, desired.LocalReady(node.Name, svc, ptrs)); err != nil {
+		problems = append(problems, err.Error())
+	}
 	return c, problems, nil
 }
 

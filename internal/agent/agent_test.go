@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -131,7 +133,7 @@ func (n *node) startAgent(env *testenv.Env, pins string) (stop func(), reg *prom
 		n.t.Fatal(err)
 	}
 	reg = prometheus.NewRegistry()
-	mgr, err := NewManager(env.Config, dp, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true, Registry: reg})
+	mgr, err := NewManager(env.Config, dp, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true, Registry: reg, HealthCheckAddr: "127.0.0.1"})
 	if err != nil {
 		_ = dp.Close()
 		n.t.Fatal(err)
@@ -304,4 +306,56 @@ func (n *node) hold(to netip.AddrPort) (say func(), replies func() string) {
 		}
 		return lines.Text()
 	}
+}
+
+// TestAgentHealthCheckNodePort checks the health check of an externalTrafficPolicy Local
+// Service: 200 with a ready endpoint on this node, 503 without, gone with the Service.
+func TestAgentHealthCheckNodePort(t *testing.T) {
+	n := newNode(t)
+	env := startAPI(t)
+	n.startAgent(env, "")
+	ctx, c := context.Background(), env.Client
+	svc, slice := n.web(netip.MustParseAddrPort("10.96.7.9:80"))
+	svc.Spec.Type = corev1.ServiceTypeLoadBalancer
+	svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+	slice.Endpoints[0].NodeName = ptr.To("n1")
+	for _, obj := range []client.Object{svc, slice} {
+		if err := c.Create(ctx, obj); err != nil {
+			t.Fatal(err)
+		}
+	}
+	url := fmt.Sprintf("http://127.0.0.1:%d/", svc.Spec.HealthCheckNodePort) // allocated by the API server
+	check := func(wantCode int, wantBody string) {
+		t.Helper()
+		var got string
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			resp, err := http.Get(url)
+			if err != nil {
+				got = err.Error()
+				if wantCode == 0 && strings.Contains(got, "refused") {
+					return
+				}
+				continue
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			got = fmt.Sprintf("%d %s", resp.StatusCode, body)
+			if resp.StatusCode == wantCode && strings.Contains(string(body), wantBody) {
+				return
+			}
+		}
+		t.Fatalf("GET %s: %s; want %d with %s", url, got, wantCode, wantBody)
+	}
+	check(http.StatusOK, `"localEndpoints":1`)
+
+	slice.Endpoints[0].NodeName = ptr.To("n2")
+	if err := c.Update(ctx, slice); err != nil {
+		t.Fatal(err)
+	}
+	check(http.StatusServiceUnavailable, `"localEndpoints":0`)
+
+	if err := c.Delete(ctx, svc); err != nil {
+		t.Fatal(err)
+	}
+	check(0, "") // connection refused: nothing listens any more
 }

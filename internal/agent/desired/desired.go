@@ -289,3 +289,18 @@ func derefOr[T any](p *T, def T) T {
 	}
 	return *p
 }
+
+// LocalReady counts the Service's ready endpoints on node (distinct addresses): what its
+// healthCheckNodePort reports.
+func LocalReady(node string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) int {
+	seen := map[string]bool{}
+	for _, es := range endpointSlices {
+		for _, ep := range es.Endpoints {
+			ready := derefOr(ep.Conditions.Ready, true) || svc.Spec.PublishNotReadyAddresses
+			if ready && len(ep.Addresses) > 0 && derefOr(ep.NodeName, "") == node {
+				seen[ep.Addresses[0]] = true
+			}
+		}
+	}
+	return len(seen)
+}
