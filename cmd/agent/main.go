@@ -52,6 +52,7 @@ func main() {
 			fail(err, "Failed to attach to the device", "device", name)
 		}
 	}
+	o.MaglevTableSize = uint32(*maglevSize)
 	mgr, err := agent.NewManager(ctrl.GetConfigOrDie(), dp, o)
 	if err != nil {
 		fail(err, "Failed to set up the agent")

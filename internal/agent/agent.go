@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -34,7 +36,10 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/agent/desired"
+	"github.com/portico-dev/portico/internal/maglev"
+	"github.com/portico-dev/portico/internal/policy"
 )
 
 // Options configure one agent.
@@ -48,6 +53,8 @@ type Options struct {
 	MetricsAddr, ProbeAddr string
 	// SeveralPerProcess lets tests run several agents in one process.
 	SeveralPerProcess bool
+	// MaglevTableSize is the datapath's Maglev table size, to tell policies that ask another.
+	MaglevTableSize uint32
 	// HealthCheckAddr is the IP the healthCheckNodePorts listen on ("": every address).
 	HealthCheckAddr string
 	// Registry takes the agent's metrics; nil: controller-runtime's, which MetricsAddr serves.
@@ -63,8 +70,14 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	if o.NodeName == "" {
 		return nil, fmt.Errorf("no node name")
 	}
+	if o.MaglevTableSize == 0 {
+		o.MaglevTableSize = maglev.DefaultTableSize
+	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return nil, fmt.Errorf("build scheme: %w", err)
+	}
+	if err := lbv1.AddToScheme(scheme); err != nil {
 		return nil, fmt.Errorf("build scheme: %w", err)
 	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
@@ -116,6 +129,7 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 			return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: obj.GetNamespace(), Name: name}}}
 		})).
 		WatchesRawSource(source.Channel(r.requeue, &handler.EnqueueRequestForObject{})).
+		Watches(&lbv1.ServicePolicy{}, handler.EnqueueRequestsFromMapFunc(r.servicesOf)).
 		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.everyService), builder.WithPredicates(predicate.Funcs{
 			UpdateFunc: func(e event.UpdateEvent) bool {
 				return !equalAddresses(e.ObjectOld.(*corev1.Node), e.ObjectNew.(*corev1.Node))
@@ -257,8 +271,13 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	for i := range slices.Items {
 		ptrs[i] = &slices.Items[i]
 	}
-	var problems []string
-	c.Frontends, problems = desired.Frontends(node, svc, ptrs, desired.Settings{})
+	set, problems, err := r.policy(ctx, svc)
+	if err != nil {
+		return c, nil, err
+	}
+	var more []string
+	c.Frontends, more = desired.Frontends(node, svc, ptrs, set)
+	problems = append(problems, more...)
 	port := int32(0)
 	if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal {
 		port = svc.Spec.HealthCheckNodePort
@@ -268,6 +287,33 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 		problems = append(problems, err.Error())
 	}
 	return c, problems, nil
+}
+
+// policy returns the settings of the ServicePolicy that applies to svc (the same choice
+// the operator reports in the policies' status), and what of it this node cannot do.
+func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.Settings, []string, error) {
+	var list lbv1.ServicePolicyList
+	if err := r.client.List(ctx, &list, client.InNamespace(svc.Namespace)); err != nil {
+		return desired.Settings{}, nil, fmt.Errorf("list ServicePolicies: %w", err)
+	}
+	if len(list.Items) == 0 {
+		return desired.Settings{}, nil, nil
+	}
+	attach := make([]policy.Policy, len(list.Items))
+	for i := range list.Items {
+		attach[i], _ = policy.FromServicePolicy(&list.Items[i]) // a bad selector attaches by name only
+	}
+	results := policy.Resolve(attach, []policy.Service{{Name: svc.Name, Labels: labels.Set(svc.Labels)}}, false)
+	for i := range list.Items {
+		if res := results[list.Items[i].Name]; res != nil && slices.Contains(res.Attached, svc.Name) {
+			set, problems := settings(&list.Items[i].Spec, r.opts.MaglevTableSize)
+			for j := range problems {
+				problems[j] = fmt.Sprintf("ServicePolicy %s: %s", list.Items[i].Name, problems[j])
+			}
+			return set, problems, nil
+		}
+	}
+	return desired.Settings{}, nil, nil
 }
 
 // node reads this node's addresses; a Node not (yet) there has none.
@@ -293,9 +339,19 @@ func (r *reconciler) node(ctx context.Context) (desired.Node, error) {
 
 // everyService requeues every Service (the node's addresses changed: NodePorts move).
 func (r *reconciler) everyService(ctx context.Context, _ client.Object) []reconcile.Request {
+	return r.services(ctx)
+}
+
+// servicesOf requeues the Services of a policy's namespace (which it selected before and
+// after a change is not known).
+func (r *reconciler) servicesOf(ctx context.Context, p client.Object) []reconcile.Request {
+	return r.services(ctx, client.InNamespace(p.GetNamespace()))
+}
+
+func (r *reconciler) services(ctx context.Context, opts ...client.ListOption) []reconcile.Request {
 	var services corev1.ServiceList
-	if err := r.client.List(ctx, &services); err != nil {
-		ctrl.LoggerFrom(ctx).Error(err, "List Services after a Node change")
+	if err := r.client.List(ctx, &services, opts...); err != nil {
+		ctrl.LoggerFrom(ctx).Error(err, "List Services to sync again")
 		return nil
 	}
 	out := make([]reconcile.Request, len(services.Items))

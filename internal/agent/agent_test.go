@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -24,6 +25,7 @@ import (
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/datapath"
 	"github.com/portico-dev/portico/test/nstest"
 	"github.com/portico-dev/portico/test/testenv"
@@ -358,4 +360,77 @@ func TestAgentHealthCheckNodePort(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(0, "") // connection refused: nothing listens any more
+}
+
+// TestAgentAppliesServicePolicies runs an agent on a recording datapath (the translation
+// itself is tested with real traffic above) and checks that the ServicePolicy that applies
+// to a Service sets its frontends, that what the node cannot do becomes an Event, and that
+// removing the policy restores the Service's own settings.
+func TestAgentAppliesServicePolicies(t *testing.T) {
+	env := startAPI(t)
+	rec := &recorder{}
+	mgr, err := NewManager(env.Config, rec, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true, Registry: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan error)
+	go func() { stopped <- mgr.Start(ctx) }()
+	t.Cleanup(func() { cancel(); <-stopped })
+
+	c := env.Client
+	vip := netip.MustParseAddrPort("10.96.8.1:80")
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "default"},
+		Spec:       corev1.ServiceSpec{ClusterIP: vip.Addr().String(), Ports: []corev1.ServicePort{{Port: 80}}},
+	}
+	pol := &lbv1.ServicePolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "sticky", Namespace: "default"},
+		Spec: lbv1.ServicePolicySpec{
+			TargetRefs:      []lbv1.ServiceTargetReference{{Name: "web"}},
+			LoadBalancing:   &lbv1.LoadBalancing{Algorithm: lbv1.AlgorithmMaglev},
+			SessionAffinity: &lbv1.SessionAffinity{Type: "ClientIP", TimeoutSeconds: ptr.To(int32(60))},
+			ForwardingMode:  lbv1.ForwardingDSR,
+		},
+	}
+	for _, obj := range []client.Object{svc, pol} {
+		if err := c.Create(ctx, obj); err != nil {
+			t.Fatal(err)
+		}
+	}
+	programmed := func(what string, ok func(datapath.Frontend) bool) {
+		t.Helper()
+		var f datapath.Frontend
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			var found bool
+			if f, found = rec.frontend(vip); found && ok(f) {
+				return
+			}
+		}
+		t.Fatalf("%s: last programmed %+v", what, f)
+	}
+	programmed("Maglev with 60s affinity", func(f datapath.Frontend) bool {
+		return f.Balancing == datapath.Maglev && f.Affinity == time.Minute
+	})
+	var events corev1.EventList
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if err := c.List(ctx, &events, client.InNamespace("default")); err != nil {
+			t.Fatal(err)
+		}
+		if slices.ContainsFunc(events.Items, func(e corev1.Event) bool {
+			return e.InvolvedObject.Name == "web" && e.Reason == "NotProgrammed" && strings.Contains(e.Message, "ServicePolicy sticky: forwardingMode DSR")
+		}) {
+			break
+		}
+	}
+	if !slices.ContainsFunc(events.Items, func(e corev1.Event) bool { return e.Reason == "NotProgrammed" }) {
+		t.Errorf("no NotProgrammed Event for DSR; events: %v", events.Items)
+	}
+
+	if err := c.Delete(ctx, pol); err != nil {
+		t.Fatal(err)
+	}
+	programmed("the Service's own settings", func(f datapath.Frontend) bool {
+		return f.Balancing == datapath.Random && f.Affinity == 0
+	})
 }

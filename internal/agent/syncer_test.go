@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,16 +15,23 @@ import (
 	"github.com/portico-dev/portico/internal/datapath"
 )
 
-// recorder is a Programmer that writes down each call; fail makes the next Update fail.
+// recorder is a Programmer that writes down each call and keeps what it was told last of
+// each address (any scope); fail makes the next Update fail.
 type recorder struct {
+	mu    sync.Mutex
 	calls []string
 	fail  bool
+	last  map[netip.AddrPort]datapath.Frontend
 }
 
 func (r *recorder) Apply(fs []datapath.Frontend) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	var names []string
+	r.last = map[netip.AddrPort]datapath.Frontend{}
 	for _, f := range fs {
 		names = append(names, describe(f))
+		r.last[f.Address] = f
 	}
 	slices.Sort(names)
 	r.calls = append(r.calls, "apply "+strings.Join(names, " "))
@@ -31,25 +39,44 @@ func (r *recorder) Apply(fs []datapath.Frontend) error {
 }
 
 func (r *recorder) Update(f datapath.Frontend) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.fail {
 		r.fail = false
 		return errors.New("map full")
 	}
 	r.calls = append(r.calls, "update "+describe(f))
+	if r.last == nil {
+		r.last = map[netip.AddrPort]datapath.Frontend{}
+	}
+	r.last[f.Address] = f
 	return nil
 }
 
 func (r *recorder) Delete(addr netip.AddrPort, proto datapath.Protocol, scope datapath.Scope) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.calls = append(r.calls, fmt.Sprintf("delete %s", addr))
+	delete(r.last, addr)
 	return nil
 }
 
 // take returns the calls since the last take, sorted (Set's order among slots is free).
 func (r *recorder) take() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	c := slices.Clone(r.calls)
 	r.calls = nil
 	slices.Sort(c)
 	return strings.Join(c, "; ")
+}
+
+// frontend returns what the recorder was last told of an address.
+func (r *recorder) frontend(addr netip.AddrPort) (datapath.Frontend, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	f, ok := r.last[addr]
+	return f, ok
 }
 
 func describe(f datapath.Frontend) string {

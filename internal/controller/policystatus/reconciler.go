@@ -23,7 +23,6 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/statuspatch"
 	"github.com/portico-dev/portico/internal/policy"
-	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
 // Condition reasons of policies.
@@ -63,13 +62,8 @@ var ServicePolicies = Kind{Name: "servicepolicy", Object: &lbv1.ServicePolicy{},
 	out := make([]entry, len(l.Items))
 	for i := range l.Items {
 		p := &l.Items[i]
-		sel, err := poolconfig.Selector(p.Spec.Selector)
-		if err == nil && sel == nil && p.Spec.Selector != nil {
-			sel = labels.Everything() // an empty selector selects every Service
-		}
-		out[i] = entry{obj: p, status: &p.Status, invalid: err, policy: policy.Policy{
-			Name: p.Name, Created: p.CreationTimestamp.Time, Targets: serviceTargets(p.Spec.TargetRefs), Selector: sel,
-		}}
+		attach, err := policy.FromServicePolicy(p)
+		out[i] = entry{obj: p, status: &p.Status, invalid: err, policy: attach}
 	}
 	return out, nil
 }}
@@ -91,14 +85,6 @@ var L7Policies = Kind{Name: "l7policy", Object: &lbv1.L7Policy{}, PerPort: true,
 	}
 	return out, nil
 }}
-
-func serviceTargets(refs []lbv1.ServiceTargetReference) []policy.Target {
-	out := make([]policy.Target, len(refs))
-	for i, r := range refs {
-		out[i] = policy.Target{Service: r.Name}
-	}
-	return out
-}
 
 // Reconciler writes the status of one policy kind.
 type Reconciler struct {
