@@ -24,6 +24,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/datapath"
@@ -81,17 +82,24 @@ func newNode(t *testing.T) *node {
 	return n
 }
 
-// dial connects from a process in the client namespace and cgroup (bash's /dev/tcp), sends
-// a line and returns the reply or the error.
-func (n *node) dial(to netip.AddrPort) string {
+// bash prepares a bash script in the client namespace and cgroup; the caller closes the
+// cgroup file once the process has started.
+func (n *node) bash(script string) (*exec.Cmd, *os.File) {
+	n.t.Helper()
 	cg, err := os.Open(n.cgroup)
 	if err != nil {
 		n.t.Fatal(err)
 	}
-	defer cg.Close()
-	script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%d && echo hello >&3 && read -t 2 line <&3 && echo \"$line\"", to.Addr(), to.Port())
 	cmd := exec.Command("ip", "netns", "exec", n.client, "bash", "-c", script)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	return cmd, cg
+}
+
+// dial connects from a process in the client namespace and cgroup (bash's /dev/tcp), sends
+// a line and returns the reply or the error.
+func (n *node) dial(to netip.AddrPort) string {
+	cmd, cg := n.bash(fmt.Sprintf("exec 3<>/dev/tcp/%s/%d && echo hello >&3 && read -t 2 line <&3 && echo \"$line\"", to.Addr(), to.Port()))
+	defer cg.Close()
 	out, _ := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out))
 }
@@ -106,6 +114,31 @@ func (n *node) eventually(to netip.AddrPort, want string) {
 		}
 	}
 	n.t.Fatalf("dial %s: got %q, want %q", to, got, want)
+}
+
+// create creates objects in the API server.
+func create(t *testing.T, c client.Client, objs ...client.Object) {
+	t.Helper()
+	for _, obj := range objs {
+		if err := c.Create(context.Background(), obj); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// run starts a manager and returns what stops it (also at the end of the test).
+func run(t *testing.T, mgr manager.Manager) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan error)
+	go func() { stopped <- mgr.Start(ctx) }()
+	stop = sync.OnceFunc(func() {
+		cancel()
+		if err := <-stopped; err != nil {
+			t.Errorf("agent: %v", err)
+		}
+	})
+	t.Cleanup(stop)
+	return stop
 }
 
 // startAPI starts an API server for the test.
@@ -140,16 +173,8 @@ func (n *node) startAgent(env *testenv.Env, pins string) (stop func(), reg *prom
 		_ = dp.Close()
 		n.t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	stopped := make(chan error)
-	go func() { stopped <- mgr.Start(ctx) }()
-	stop = sync.OnceFunc(func() {
-		cancel()
-		if err := <-stopped; err != nil {
-			n.t.Errorf("agent: %v", err)
-		}
-		_ = dp.Close()
-	})
+	stopAgent := run(n.t, mgr)
+	stop = sync.OnceFunc(func() { stopAgent(); _ = dp.Close() })
 	n.t.Cleanup(stop)
 	return stop, reg
 }
@@ -204,11 +229,7 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	ctx, c := context.Background(), env.Client
 	vip := netip.MustParseAddrPort("10.96.7.7:80")
 	svc, slice := n.web(vip)
-	for _, obj := range []client.Object{svc, slice} {
-		if err := c.Create(ctx, obj); err != nil {
-			t.Fatal(err)
-		}
-	}
+	create(t, c, svc, slice)
 	// The Service and its endpoint arrive: connections reach the backend.
 	n.eventually(vip, "from "+n.backend.String())
 	// The API server's own Service, default/kubernetes, is programmed too.
@@ -249,11 +270,7 @@ func TestAgentRestartKeepsServing(t *testing.T) {
 	ctx, c := context.Background(), env.Client
 	vip := netip.MustParseAddrPort("10.96.7.8:80")
 	svc, slice := n.web(vip)
-	for _, obj := range []client.Object{svc, slice} {
-		if err := c.Create(ctx, obj); err != nil {
-			t.Fatal(err)
-		}
-	}
+	create(t, c, svc, slice)
 	n.eventually(vip, "from "+n.backend.String())
 	say, replies := n.hold(vip)
 	if got := replies(); !strings.Contains(got, "from "+n.backend.String()) {
@@ -280,14 +297,8 @@ func TestAgentRestartKeepsServing(t *testing.T) {
 // say makes it exchange another on the same connection; replies returns the next reply.
 func (n *node) hold(to netip.AddrPort) (say func(), replies func() string) {
 	n.t.Helper()
-	cg, err := os.Open(n.cgroup)
-	if err != nil {
-		n.t.Fatal(err)
-	}
+	cmd, cg := n.bash(fmt.Sprintf("exec 3<>/dev/tcp/%s/%d || exit 1; for i in 1 2; do echo hello >&3; read -t 5 line <&3; echo \"$line\"; read -t 30 go; done", to.Addr(), to.Port()))
 	defer cg.Close()
-	script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%d || exit 1; for i in 1 2; do echo hello >&3; read -t 5 line <&3; echo \"$line\"; read -t 30 go; done", to.Addr(), to.Port())
-	cmd := exec.Command("ip", "netns", "exec", n.client, "bash", "-c", script)
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		n.t.Fatal(err)
@@ -321,11 +332,7 @@ func TestAgentHealthCheckNodePort(t *testing.T) {
 	svc.Spec.Type = corev1.ServiceTypeLoadBalancer
 	svc.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
 	slice.Endpoints[0].NodeName = ptr.To("n1")
-	for _, obj := range []client.Object{svc, slice} {
-		if err := c.Create(ctx, obj); err != nil {
-			t.Fatal(err)
-		}
-	}
+	create(t, c, svc, slice)
 	url := fmt.Sprintf("http://127.0.0.1:%d/", svc.Spec.HealthCheckNodePort) // allocated by the API server
 	check := func(wantCode int, wantBody string) {
 		t.Helper()
@@ -373,12 +380,8 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	stopped := make(chan error)
-	go func() { stopped <- mgr.Start(ctx) }()
-	t.Cleanup(func() { cancel(); <-stopped })
-
-	c := env.Client
+	run(t, mgr)
+	ctx, c := context.Background(), env.Client
 	vip := netip.MustParseAddrPort("10.96.8.1:80")
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "default"},
@@ -393,11 +396,7 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 			ForwardingMode:  lbv1.ForwardingDSR,
 		},
 	}
-	for _, obj := range []client.Object{svc, pol} {
-		if err := c.Create(ctx, obj); err != nil {
-			t.Fatal(err)
-		}
-	}
+	create(t, c, svc, pol)
 	programmed := func(what string, ok func(datapath.Frontend) bool) {
 		t.Helper()
 		var f datapath.Frontend
