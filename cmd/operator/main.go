@@ -5,13 +5,20 @@ package main
 import (
 	"flag"
 	"os"
+	"runtime/debug"
+	"strings"
 
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/internal/operator"
 )
+
+// version is the operator's version, set at build time (-ldflags "-X main.version=v0.1.0");
+// the agents' DaemonSet rolls when it changes.
+var version = ""
 
 func main() {
 	var o operator.Options
@@ -24,12 +31,21 @@ func main() {
 	flag.IntVar(&o.Workers, "workers", 16, "Services reconciled at once (allocation itself is serialised).")
 	qps := flag.Float64("kube-api-qps", 200, "Requests per second the operator may send to the API server.")
 	flag.IntVar(&o.Burst, "kube-api-burst", 400, "Requests the operator may send at once above kube-api-qps.")
+	agentImage := flag.String("agent-image", "", "Image of the node agent; the operator runs it as a DaemonSet. Empty: no agents.")
+	agentNamespace := flag.String("agent-namespace", os.Getenv("POD_NAMESPACE"), "Namespace of the agents' DaemonSet (default $POD_NAMESPACE).")
+	agentName := flag.String("agent-name", "portico-agent", "Name of the agents' DaemonSet.")
+	agentAccount := flag.String("agent-service-account", "portico-agent", "ServiceAccount the agents run as.")
+	agentDevices := flag.String("agent-devices", "", "Comma-separated interfaces external traffic arrives on, on every node (the agents' --devices).")
 	zo := zap.Options{}
 	zo.BindFlags(flag.CommandLine)
 	flag.Parse()
 	o.QPS = float32(*qps)
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zo)))
 	log := ctrl.Log.WithName("setup")
+	if *agentImage != "" {
+		o.Agents = &agentds.Config{Namespace: *agentNamespace, Name: *agentName, Image: *agentImage, Version: buildVersion(),
+			ServiceAccount: *agentAccount, Devices: strings.FieldsFunc(*agentDevices, func(r rune) bool { return r == ',' })}
+	}
 
 	mgr, err := operator.NewManager(ctrl.GetConfigOrDie(), o)
 	if err != nil {
@@ -41,4 +57,15 @@ func main() {
 		log.Error(err, "The manager stopped with an error")
 		os.Exit(1)
 	}
+}
+
+// buildVersion is version, or else the module version Go recorded at build time.
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		return bi.Main.Version
+	}
+	return "unknown"
 }

@@ -64,6 +64,11 @@ type Options struct {
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
 const serviceNameIndex = "portico.serviceName"
 
+// +kubebuilder:rbac:groups="",resources=services;nodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
+
 // NewManager returns a manager running the agent for one node over dp. Nothing is written
 // to the maps before the caches have synced; then one Resync adopts what is pinned.
 func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error) {

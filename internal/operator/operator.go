@@ -16,6 +16,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/internal/controller/lbpool"
 	"github.com/portico-dev/portico/internal/controller/policystatus"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
@@ -33,6 +34,9 @@ type Options struct {
 	// SeveralPerProcess allows more than one manager in a process (tests, benchmarks), which
 	// otherwise refuses duplicate controller names because they share metrics.
 	SeveralPerProcess bool
+
+	// Agents, when set, is how the operator runs the node agents' DaemonSet.
+	Agents *agentds.Config
 
 	LeaderElect       bool
 	LeaderNamespace   string
@@ -94,6 +98,11 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	for _, kind := range []policystatus.Kind{policystatus.ServicePolicies, policystatus.L7Policies} {
 		if err := (&policystatus.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Kind: kind}).SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("set up the %s controller: %w", kind.Name, err)
+		}
+	}
+	if o.Agents != nil {
+		if err := (&agentds.Reconciler{Client: mgr.GetClient(), Config: *o.Agents}).SetupWithManager(mgr); err != nil {
+			return nil, fmt.Errorf("set up the agent DaemonSet controller: %w", err)
 		}
 	}
 	if err := mgr.AddHealthzCheck("healthz", healthz.Ping); err != nil {

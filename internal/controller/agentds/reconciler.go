@@ -1,0 +1,154 @@
+// Package agentds keeps the node agents' DaemonSet as the operator's configuration says:
+// created at start, repaired when edited or deleted, rolled when the operator's version
+// changes. It applies with server-side apply, so that an unchanged DaemonSet is not
+// written (no update loop) and fields others add are left alone.
+package agentds
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/source"
+)
+
+// fieldOwner is the operator's name in the DaemonSet's managedFields.
+const fieldOwner = "portico-operator"
+
+// VersionAnnotation on the pod template carries the operator's version: a new operator
+// rolls the agents.
+const VersionAnnotation = "lb.portico.dev/operator-version"
+
+// Config is how the agents run.
+type Config struct {
+	Namespace, Name string
+	Image           string
+	// Version is the operator's version.
+	Version        string
+	ServiceAccount string
+	// Devices are the interfaces external traffic arrives on (the agent's --devices).
+	Devices      []string
+	NodeSelector map[string]string
+}
+
+// Reconciler applies the DaemonSet.
+type Reconciler struct {
+	Client client.Client
+	Config Config
+}
+
+// +kubebuilder:rbac:groups=apps,resources=daemonsets,verbs=get;list;watch;create;patch
+
+// SetupWithManager applies once at start and again whenever the DaemonSet changes.
+func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
+	start := make(chan event.GenericEvent, 1)
+	start <- event.GenericEvent{Object: &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: r.Config.Namespace, Name: r.Config.Name}}}
+	ours := predicate.NewPredicateFuncs(func(o client.Object) bool {
+		return o.GetNamespace() == r.Config.Namespace && o.GetName() == r.Config.Name
+	})
+	return ctrl.NewControllerManagedBy(mgr).Named("agent-daemonset").
+		For(&appsv1.DaemonSet{}, builder.WithPredicates(ours)).
+		WatchesRawSource(source.Channel(start, &handler.EnqueueRequestForObject{})).
+		Complete(r)
+}
+
+// Reconcile applies the DaemonSet as configured.
+func (r *Reconciler) Reconcile(ctx context.Context, _ ctrl.Request) (ctrl.Result, error) {
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(r.DaemonSet())
+	if err != nil {
+		return ctrl.Result{}, fmt.Errorf("convert the DaemonSet: %w", err)
+	}
+	// Only what the operator decides: no status, no empty timestamps.
+	delete(obj, "status")
+	unstructured.RemoveNestedField(obj, "metadata", "creationTimestamp")
+	unstructured.RemoveNestedField(obj, "spec", "template", "metadata", "creationTimestamp")
+	u := &unstructured.Unstructured{Object: obj}
+	if err := r.Client.Patch(ctx, u, client.Apply, client.ForceOwnership, client.FieldOwner(fieldOwner)); err != nil {
+		return ctrl.Result{}, fmt.Errorf("apply DaemonSet %s/%s: %w", r.Config.Namespace, r.Config.Name, err)
+	}
+	return ctrl.Result{}, nil
+}
+
+// DaemonSet is the agents' DaemonSet: host network, the capabilities the datapath needs
+// (load BPF, attach to cgroups and interfaces) and no more, bpffs and cgroup v2 from the host,
+// on every Linux node whatever its taints, like kube-proxy.
+func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
+	c := r.Config
+	labels := map[string]string{"app.kubernetes.io/name": "portico", "app.kubernetes.io/component": "agent"}
+	nodeSelector := map[string]string{"kubernetes.io/os": "linux"}
+	for k, v := range c.NodeSelector {
+		nodeSelector[k] = v
+	}
+	args := []string{"--cgroup-root=/sys/fs/cgroup", "--bpffs=/sys/fs/bpf", "--metrics-bind-address=:9090", "--health-probe-bind-address=:9091"}
+	if len(c.Devices) > 0 {
+		args = append(args, "--devices="+strings.Join(c.Devices, ","))
+	}
+	hostPath := func(name, path string) corev1.Volume {
+		return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: path, Type: ptr.To(corev1.HostPathDirectory)}}}
+	}
+	probe := func(path string) *corev1.Probe {
+		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: path, Port: intstr.FromInt32(9091)}}}
+	}
+	return &appsv1.DaemonSet{
+		TypeMeta:   metav1.TypeMeta{APIVersion: "apps/v1", Kind: "DaemonSet"},
+		ObjectMeta: metav1.ObjectMeta{Name: c.Name, Namespace: c.Namespace, Labels: labels},
+		Spec: appsv1.DaemonSetSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			UpdateStrategy: appsv1.DaemonSetUpdateStrategy{Type: appsv1.RollingUpdateDaemonSetStrategyType,
+				RollingUpdate: &appsv1.RollingUpdateDaemonSet{MaxUnavailable: ptr.To(intstr.FromInt32(1))}},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels, Annotations: map[string]string{VersionAnnotation: c.Version}},
+				Spec: corev1.PodSpec{
+					ServiceAccountName: c.ServiceAccount,
+					HostNetwork:        true,
+					DNSPolicy:          corev1.DNSClusterFirstWithHostNet,
+					PriorityClassName:  "system-node-critical",
+					NodeSelector:       nodeSelector,
+					Tolerations:        []corev1.Toleration{{Operator: corev1.TolerationOpExists}},
+					Containers: []corev1.Container{{
+						Name:  "agent",
+						Image: c.Image,
+						Args:  args,
+						Env: []corev1.EnvVar{{Name: "NODE_NAME", ValueFrom: &corev1.EnvVarSource{
+							FieldRef: &corev1.ObjectFieldSelector{FieldPath: "spec.nodeName"}}}},
+						Ports:          []corev1.ContainerPort{{Name: "metrics", ContainerPort: 9090}, {Name: "probes", ContainerPort: 9091}},
+						LivenessProbe:  probe("/healthz"),
+						ReadinessProbe: probe("/readyz"),
+						SecurityContext: &corev1.SecurityContext{
+							RunAsUser:                ptr.To(int64(0)),
+							AllowPrivilegeEscalation: ptr.To(false),
+							ReadOnlyRootFilesystem:   ptr.To(true),
+							Capabilities: &corev1.Capabilities{
+								Drop: []corev1.Capability{"ALL"},
+								Add:  []corev1.Capability{"BPF", "NET_ADMIN", "PERFMON"},
+							},
+						},
+						VolumeMounts: []corev1.VolumeMount{
+							{Name: "bpffs", MountPath: "/sys/fs/bpf"},
+							{Name: "cgroup", MountPath: "/sys/fs/cgroup", ReadOnly: true},
+						},
+						Resources: corev1.ResourceRequirements{
+							Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("50m"), corev1.ResourceMemory: resource.MustParse("64Mi")},
+							Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("256Mi")},
+						},
+					}},
+					Volumes: []corev1.Volume{hostPath("bpffs", "/sys/fs/bpf"), hostPath("cgroup", "/sys/fs/cgroup")},
+				},
+			},
+		},
+	}
+}

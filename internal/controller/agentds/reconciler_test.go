@@ -1,0 +1,123 @@
+package agentds_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"github.com/portico-dev/portico/internal/controller/agentds"
+	"github.com/portico-dev/portico/test/testenv"
+)
+
+var key = types.NamespacedName{Namespace: "default", Name: "portico-agent"}
+
+// start runs a manager with only the DaemonSet reconciler, at an operator version.
+func start(t *testing.T, env *testenv.Env, version string) (stop func()) {
+	t.Helper()
+	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Client.Scheme(), Metrics: metricsserver.Options{BindAddress: "0"},
+		Controller: config.Controller{SkipNameValidation: ptr.To(true)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &agentds.Reconciler{Client: mgr.GetClient(), Config: agentds.Config{Namespace: key.Namespace, Name: key.Name, Image: "portico-agent:test",
+		Version: version, ServiceAccount: "portico-agent", Devices: []string{"eth0", "eth1"}}}
+	if err := r.SetupWithManager(mgr); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- mgr.Start(ctx) }()
+	return func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// await reads the DaemonSet until ok says yes, for up to 10 seconds.
+func await(t *testing.T, c client.Client, what string, ok func(*appsv1.DaemonSet) bool) *appsv1.DaemonSet {
+	t.Helper()
+	ds := &appsv1.DaemonSet{}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if err := c.Get(context.Background(), key, ds); err == nil && ok(ds) {
+			return ds
+		}
+	}
+	t.Fatalf("%s: DaemonSet is %+v", what, ds.Spec.Template.Spec)
+	return nil
+}
+
+func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
+	if testenv.Assets() == "" {
+		t.Skip("needs kube-apiserver and etcd: run `make test`")
+	}
+	env, err := testenv.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = env.Stop() }()
+	ctx, c := context.Background(), env.Client
+	stop := start(t, env, "v1")
+
+	ds := await(t, c, "created", func(*appsv1.DaemonSet) bool { return true })
+	pod := ds.Spec.Template.Spec
+	ctr := pod.Containers[0]
+	switch {
+	case !pod.HostNetwork || pod.ServiceAccountName != "portico-agent" || ctr.Image != "portico-agent:test":
+		t.Errorf("pod spec: %+v", pod)
+	case ctr.Env[0].ValueFrom.FieldRef.FieldPath != "spec.nodeName":
+		t.Errorf("NODE_NAME: %+v", ctr.Env)
+	case *ctr.SecurityContext.AllowPrivilegeEscalation || ctr.SecurityContext.Privileged != nil && *ctr.SecurityContext.Privileged:
+		t.Errorf("security context grants more than capabilities: %+v", ctr.SecurityContext)
+	case len(pod.Tolerations) != 1 || pod.Tolerations[0].Operator != corev1.TolerationOpExists:
+		t.Errorf("tolerations: %+v", pod.Tolerations)
+	case ds.Spec.Template.Annotations[agentds.VersionAnnotation] != "v1":
+		t.Errorf("annotations: %v", ds.Spec.Template.Annotations)
+	}
+	if got := ctr.Args; len(got) != 5 || got[4] != "--devices=eth0,eth1" {
+		t.Errorf("args: %v", got)
+	}
+
+	// Stable: another manager's label triggers a reconcile that writes nothing.
+	ds.Labels["team"] = "net"
+	if err := c.Update(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	rv := ds.ResourceVersion
+	time.Sleep(2 * time.Second)
+	if err := c.Get(ctx, key, ds); err != nil {
+		t.Fatal(err)
+	}
+	if ds.ResourceVersion != rv || ds.Labels["team"] != "net" {
+		t.Errorf("after an unrelated edit: resourceVersion %s -> %s, labels %v (want unchanged, the label kept)", rv, ds.ResourceVersion, ds.Labels)
+	}
+
+	// Repaired: an edited image comes back; a deleted DaemonSet is recreated.
+	ds.Spec.Template.Spec.Containers[0].Image = "someone-else:latest"
+	if err := c.Update(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	await(t, c, "image restored", func(ds *appsv1.DaemonSet) bool {
+		return ds.Spec.Template.Spec.Containers[0].Image == "portico-agent:test"
+	})
+	if err := c.Delete(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	old := ds.UID
+	await(t, c, "recreated", func(ds *appsv1.DaemonSet) bool { return ds.UID != old })
+
+	// A new operator version rolls the agents: the template changes.
+	stop()
+	defer start(t, env, "v2")()
+	await(t, c, "rolled to v2", func(ds *appsv1.DaemonSet) bool { return ds.Spec.Template.Annotations[agentds.VersionAnnotation] == "v2" })
+}
