@@ -85,7 +85,7 @@ bench-tools: envtest ## Provide the kube-proxy baseline: kube-proxy built from t
 bench: bench-tools ## Run the benchmarks and print their numbers (see docs/benchmarks.md); root for the datapath.
 	$(GO) test ./internal/allocator ./internal/maglev -run '^$$' -bench . -benchmem -count 5
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./internal/datapath -run '^$$' -bench . -benchtime 1x -count 1 -timeout 60m
-	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/bench -run '^$$' -bench . -benchtime 1x -count 1 -timeout 30m
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/bench -run '^$$' -bench . -benchtime 1x -count 1 -timeout 60m
 
 ##@ Run
 

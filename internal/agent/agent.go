@@ -21,11 +21,13 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
@@ -88,7 +90,10 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme,
 		Cache: cache.Options{
-			DefaultTransform: cache.TransformStripManagedFields(),
+			// The cache keeps only what the translation reads, and hands out its own copies:
+			// nothing here modifies what it reads.
+			DefaultTransform:             keepWhatIsRead,
+			DefaultUnsafeDisableDeepCopy: ptr.To(true),
 			// Only this node's Node object.
 			ByObject: map[client.Object]cache.ByObject{&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", o.NodeName)}},
 		},
@@ -125,6 +130,7 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		return nil, fmt.Errorf("add the first sync: %w", err)
 	}
 	err = ctrl.NewControllerManagedBy(mgr).Named("agent").
+		WithOptions(controller.Options{MaxConcurrentReconciles: 4}).
 		For(&corev1.Service{}).
 		Watches(&discoveryv1.EndpointSlice{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, obj client.Object) []reconcile.Request {
 			name := obj.GetLabels()[discoveryv1.LabelServiceName]
@@ -151,6 +157,22 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		return nil, fmt.Errorf("add ready check: %w", err)
 	}
 	return mgr, nil
+}
+
+// keepWhatIsRead drops from cached objects what the agent never reads: managed fields and
+// annotations of everything, and per endpoint the target reference, hostname, zone and hints.
+func keepWhatIsRead(obj any) (any, error) {
+	if m, ok := obj.(metav1.Object); ok {
+		m.SetManagedFields(nil)
+		m.SetAnnotations(nil)
+	}
+	if es, ok := obj.(*discoveryv1.EndpointSlice); ok {
+		for i := range es.Endpoints {
+			ep := &es.Endpoints[i]
+			ep.TargetRef, ep.Hostname, ep.Zone, ep.Hints, ep.DeprecatedTopology = nil, nil, nil, nil, nil
+		}
+	}
+	return obj, nil
 }
 
 // reconciler programs one Service at a time, once the first sync is done.

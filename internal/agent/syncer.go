@@ -63,12 +63,28 @@ type Syncer struct {
 	// owner says which Service each programmed slot belongs to; programmed is what it holds.
 	owner      map[slot]types.NamespacedName
 	programmed map[slot]datapath.Frontend
+	// slots counts the programmed slots of each Service.
+	slots map[types.NamespacedName]int
 }
 
 // NewSyncer returns a Syncer that programs dp.
 func NewSyncer(dp Programmer) *Syncer {
 	return &Syncer{dp: dp, claims: map[types.NamespacedName]Claim{}, claimants: map[slot]map[types.NamespacedName]datapath.Frontend{},
-		owner: map[slot]types.NamespacedName{}, programmed: map[slot]datapath.Frontend{}}
+		owner: map[slot]types.NamespacedName{}, programmed: map[slot]datapath.Frontend{}, slots: map[types.NamespacedName]int{}}
+}
+
+// own gives slot k to svc ({} for nobody), keeping the counts.
+func (s *Syncer) own(k slot, svc types.NamespacedName) {
+	if prev, had := s.owner[k]; had {
+		if s.slots[prev]--; s.slots[prev] == 0 {
+			delete(s.slots, prev)
+		}
+		delete(s.owner, k)
+	}
+	if svc != (types.NamespacedName{}) {
+		s.owner[k] = svc
+		s.slots[svc]++
+	}
 }
 
 // record makes c the Service's claim (none when it has no frontends), keeping claimants.
@@ -103,17 +119,18 @@ func (s *Syncer) Resync(claims []Claim) error {
 	for _, c := range claims {
 		s.record(c)
 	}
-	owner, programmed := map[slot]types.NamespacedName{}, map[slot]datapath.Frontend{}
+	owner, programmed, slots := map[slot]types.NamespacedName{}, map[slot]datapath.Frontend{}, map[types.NamespacedName]int{}
 	all := make([]datapath.Frontend, 0, len(s.claimants))
 	for k := range s.claimants {
 		winner, f, _ := s.winner(k)
 		owner[k], programmed[k] = winner, f
+		slots[winner]++
 		all = append(all, f)
 	}
 	if err := s.dp.Apply(all); err != nil {
 		return fmt.Errorf("apply %d frontends: %w", len(all), err)
 	}
-	s.owner, s.programmed = owner, programmed
+	s.owner, s.programmed, s.slots = owner, programmed, slots
 	return nil
 }
 
@@ -156,15 +173,16 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 				continue
 			}
 			delete(s.programmed, k)
-			delete(s.owner, k)
+			s.own(k, types.NamespacedName{})
 		case !reflect.DeepEqual(s.programmed[k], f):
 			if err := s.dp.Update(f); err != nil {
 				errs = append(errs, fmt.Errorf("program %s: %w", k, err))
 				continue
 			}
-			s.programmed[k], s.owner[k] = f, winner
+			s.programmed[k] = f
+			s.own(k, winner)
 		default:
-			s.owner[k] = winner
+			s.own(k, winner)
 		}
 	}
 	slices.Sort(lost)
@@ -192,9 +210,5 @@ func ownsIn(c Claim, k slot) bool {
 func (s *Syncer) Counts() (services, frontends int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	owners := map[types.NamespacedName]bool{}
-	for _, o := range s.owner {
-		owners[o] = true
-	}
-	return len(owners), len(s.programmed)
+	return len(s.slots), len(s.programmed)
 }

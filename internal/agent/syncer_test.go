@@ -124,6 +124,9 @@ func TestSetChangesOnlyWhatChanged(t *testing.T) {
 		if got := r.take(); got != step.want {
 			t.Errorf("step %d: calls %q, want %q", i, got, step.want)
 		}
+		if svcs, fs := s.Counts(); i == 0 && (svcs != 1 || fs != 2) {
+			t.Errorf("after the first step: %d Services, %d frontends programmed; want 1, 2", svcs, fs)
+		}
 	}
 	if svcs, fs := s.Counts(); svcs != 0 || fs != 0 {
 		t.Errorf("after deleting everything: %d Services, %d frontends programmed", svcs, fs)

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/portico-dev/portico/test/nstest"
 )
 
 // Connection measurements interleave the paths they compare: long-lived client processes
@@ -132,51 +134,6 @@ func (p *path) mark() mark { return mark{len(p.latency), p.elapsed} }
 
 func (p *path) rateSince(m mark) float64 {
 	return float64(len(p.latency)-m.n) / (p.elapsed - m.elapsed).Seconds()
-}
-
-// waitConnect says "trying", then opens a connection every millisecond until one succeeds
-// (each failed attempt is refused at once, see routeServiceRanges) and prints when, in Unix
-// nanoseconds; the pause leaves the CPU to what is being waited for. It gives up
-// after 10 minutes (kube-proxy's first sync of 10,000 Services can take minutes).
-func waitConnect(addr string) {
-	fmt.Println("trying")
-	for deadline := time.Now().Add(10 * time.Minute); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		if c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond); err == nil {
-			fmt.Println(time.Now().UnixNano())
-			c.Close()
-			return
-		}
-	}
-	fmt.Println("error: no connection within 10 minutes")
-}
-
-// timeToConnect starts a waitConnect client, calls change once it is trying, and returns how
-// long after the change its first connection succeeded.
-func (top *topology) timeToConnect(cmd *exec.Cmd, change func()) (time.Duration, error) {
-	t := top.t
-	t.Helper()
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-	lines := bufio.NewScanner(out)
-	if !lines.Scan() || lines.Text() != "trying" {
-		t.Fatalf("client: %q", lines.Text())
-	}
-	t0 := time.Now()
-	change()
-	if !lines.Scan() {
-		return 0, fmt.Errorf("client ended without a line: %w", lines.Err())
-	}
-	ns, err := strconv.ParseInt(lines.Text(), 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("client: %s", lines.Text())
-	}
-	return time.Unix(0, ns).Sub(t0), nil
 }
 
 // routeServiceRanges sends the client namespace's traffic for 10.96.0.0/12 to the backend
@@ -322,7 +279,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 		baseline := map[*path]float64{}
 		for _, mode := range modes {
 			kp := api.startKubeProxy(b, bin, kpNode, mode)
-			synced, err := top.timeToConnect(top.commandIn(kpNode, "tcp-wait", serviceVIP(n-1)), func() {})
+			synced, err := nstest.TimeToConnect(top.t, top.commandIn(kpNode, "tcp-wait", serviceVIP(n-1)), func() {})
 			if err != nil {
 				b.Fatalf("kube-proxy %s never served %s: %v\n%s", mode, serviceVIP(n-1), err, kp.tail())
 			}
@@ -338,7 +295,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 					vip := serviceVIP(created)
 					created++
 					time.Sleep(time.Second) // past kube-proxy's minimum sync period: each change waits for nothing else
-					d, err := top.timeToConnect(top.commandIn(kpNode, "tcp-wait", vip), func() {
+					d, err := nstest.TimeToConnect(top.t, top.commandIn(kpNode, "tcp-wait", vip), func() {
 						if err := api.createService(vip, backend); err != nil {
 							b.Fatal(err)
 						}
@@ -372,7 +329,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 			for i := range porticoSamples {
 				vip := porticoVIP(n + 1 + i)
 				cmd, cg := top.clientCmd("tcp-wait", vip)
-				d, err := top.timeToConnect(cmd, func() {
+				d, err := nstest.TimeToConnect(top.t, cmd, func() {
 					if err := lb.Update(internal(vip, TCP, backend)); err != nil {
 						b.Fatal(err)
 					}

@@ -48,7 +48,7 @@ func client(target string) {
 		connectBlocks()
 		return
 	case "tcp-wait":
-		waitConnect(addr)
+		nstest.WaitConnect(addr)
 		return
 	}
 	conn, err := net.DialTimeout(proto, addr, 2*time.Second)

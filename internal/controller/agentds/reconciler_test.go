@@ -119,5 +119,7 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	// A new operator version rolls the agents: the template changes.
 	stop()
 	defer start(t, env, "v2")()
-	await(t, c, "rolled to v2", func(ds *appsv1.DaemonSet) bool { return ds.Spec.Template.Annotations[agentds.VersionAnnotation] == "v2" })
+	await(t, c, "rolled to v2", func(ds *appsv1.DaemonSet) bool {
+		return ds.Spec.Template.Annotations[agentds.VersionAnnotation] == "v2"
+	})
 }

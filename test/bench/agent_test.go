@@ -1,0 +1,331 @@
+package bench
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/common/expfmt"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/ptr"
+
+	"github.com/portico-dev/portico/internal/controller/agentds"
+	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/test/testenv"
+)
+
+// The waiting clients are this test binary run again in a namespace and cgroup.
+const clientEnv = "PORTICO_BENCH_WAIT_CONNECT"
+
+func TestMain(m *testing.M) {
+	if addr := os.Getenv(clientEnv); addr != "" {
+		nstest.WaitConnect(addr)
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// agentServices and agentEndpoints size BenchmarkAgentSync; BENCH_AGENT_SERVICES overrides
+// the first.
+var (
+	agentServices  = envInt("BENCH_AGENT_SERVICES", 10000)
+	agentEndpoints = 10
+)
+
+// BenchmarkAgentSync runs the node agent (cmd/agent, its own process) against an API server
+// holding 10,000 Services of 10 endpoints each, and measures: its first sync (start to
+// /readyz), its memory, the time from an EndpointSlice change to the change carrying
+// traffic, and from a new Service to its first connection. Clients run in a namespace and
+// cgroup of the test's with the agent's socket programs; the endpoints of the 10,000 are
+// addresses nothing routes to, so a connection succeeds only once the test's change (to the
+// real backend) is programmed. Run it as root with -benchtime 1x.
+func BenchmarkAgentSync(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: network namespaces, a cgroup and BPF")
+	}
+	if testenv.Assets() == "" {
+		b.Skip("needs kube-apiserver and etcd: run `make bench`")
+	}
+	env, err := testenv.Start()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = env.Stop() }()
+	ctx := context.Background()
+	cs := kubernetes.NewForConfigOrDie(env.Config)
+	netns, cgroup, backend := benchNode(b)
+
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bench-node"}}
+	if _, err := cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	vip := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, byte(1 + i>>8), byte(i)}), 80)
+	}
+	// Endpoints nothing routes to: connecting through them fails at once.
+	nowhere := func(i int) []netip.AddrPort {
+		out := make([]netip.AddrPort, agentEndpoints)
+		for j := range out {
+			n := 10<<24 | 240<<16 + uint32(i*agentEndpoints+j) // in 10.240.0.0/12
+			out[j] = netip.AddrPortFrom(netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}), backend.Port())
+		}
+		return out
+	}
+	t0 := time.Now()
+	parallel(b, agentServices, func(i int) error { return createService(ctx, cs, i, vip(i), nowhere(i)) })
+	fmt.Printf("\ncreated %d Services with %d endpoints each in %s\n", agentServices, agentEndpoints, time.Since(t0).Round(time.Millisecond))
+
+	// The agent, as on a node: its own process, pins in a bpffs of the test's.
+	dir := b.TempDir()
+	bin := filepath.Join(dir, "agent")
+	if out, err := exec.Command("go", "build", "-o", bin, filepath.Join(testenv.Root(), "cmd", "agent")).CombinedOutput(); err != nil {
+		b.Fatalf("build agent: %v\n%s", err, out)
+	}
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := env.WriteKubeconfig(kubeconfig); err != nil {
+		b.Fatal(err)
+	}
+	metricsAddr, err := freeLoopbackAddr()
+	if err != nil {
+		b.Fatal(err)
+	}
+	probeAddr, err := freeLoopbackAddr()
+	if err != nil {
+		b.Fatal(err)
+	}
+	agent := exec.Command(bin, "--node-name=bench-node", "--cgroup-root="+cgroup, "--bpffs="+nstest.BPFFS(b),
+		"--metrics-bind-address="+metricsAddr, "--health-probe-bind-address="+probeAddr, "--zap-log-level=error")
+	// As deployed (internal/controller/agentds): a soft memory limit under the container's.
+	agent.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig, "GOMEMLIMIT="+agentds.MemoryLimit)
+	agent.Stderr = os.Stderr
+	t0 = time.Now()
+	if err := agent.Start(); err != nil {
+		b.Fatal(err)
+	}
+	defer func() { _ = agent.Process.Signal(os.Interrupt); _ = agent.Wait() }()
+	for {
+		if resp, err := http.Get("http://" + probeAddr + "/readyz"); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Since(t0) > 5*time.Minute {
+			b.Fatal("agent not ready after 5 minutes")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	firstSync := time.Since(t0)
+	rssAfterSync := rssMiB(agent.Process.Pid)
+	// After the first sync the watch's initial events still pass through the queue (each a
+	// no-op): changes are measured once it is empty.
+	for depth := 1.0; depth > 0; time.Sleep(10 * time.Millisecond) {
+		if depth, err = queueDepth(metricsAddr, "agent"); err != nil {
+			b.Fatal(err)
+		}
+		if time.Since(t0) > 5*time.Minute {
+			b.Fatal("the agent's queue did not empty in 5 minutes")
+		}
+	}
+	settled := time.Since(t0)
+
+	// One change at a time: a Service's endpoints become the real backend; a client in the
+	// cgroup retries until a connection gets through.
+	client := func(to netip.AddrPort) *exec.Cmd {
+		cg, err := os.Open(cgroup)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { cg.Close() })
+		cmd := exec.Command("ip", "netns", "exec", netns, os.Args[0])
+		cmd.Env = append(os.Environ(), clientEnv+"="+to.String())
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+		return cmd
+	}
+	const samples = 100
+	var change, changeWrite, create, createWrite []time.Duration
+	// The first change also pays for cold paths (the first connection to the backend, the
+	// first neighbour lookup): a warm-up, not counted. The samples are Services 0, n/100, ...
+	for k := -1; k < samples; k++ {
+		i := k * (agentServices / samples)
+		if k < 0 {
+			i = agentServices - 1
+		}
+		slice, err := cs.DiscoveryV1().EndpointSlices("default").Get(ctx, fmt.Sprintf("svc-%d-1", i), metav1.GetOptions{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		slice.Endpoints = endpoints([]netip.AddrPort{backend})
+		d, err := nstest.TimeToConnect(b, client(vip(i)), func() {
+			t0 := time.Now()
+			if _, err := cs.DiscoveryV1().EndpointSlices("default").Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			if k >= 0 {
+				changeWrite = append(changeWrite, time.Since(t0))
+			}
+		})
+		if err != nil {
+			b.Fatalf("EndpointSlice change of Service %d: %v", i, err)
+		}
+		if k >= 0 {
+			change = append(change, d)
+		}
+	}
+	for k := range samples {
+		i := agentServices + k
+		d, err := nstest.TimeToConnect(b, client(vip(i)), func() {
+			t0 := time.Now()
+			if err := createService(ctx, cs, i, vip(i), []netip.AddrPort{backend}); err != nil {
+				b.Fatal(err)
+			}
+			createWrite = append(createWrite, time.Since(t0))
+		})
+		if err != nil {
+			b.Fatalf("new Service %d: %v", i, err)
+		}
+		create = append(create, d)
+	}
+	row := func(what string, d, write []time.Duration) {
+		fmt.Printf("  %-36s p50 %8s  p99 %8s   (the API writes alone: p50 %8s  p99 %8s)\n", what,
+			pct(d, 50).Round(10*time.Microsecond), pct(d, 99).Round(10*time.Microsecond), pct(write, 50).Round(10*time.Microsecond), pct(write, 99).Round(10*time.Microsecond))
+	}
+	fmt.Printf("Portico agent, %d Services x %d endpoints (clients retry every millisecond)\n", agentServices, agentEndpoints)
+	fmt.Printf("  first sync (start to ready)          %s; initial events drained at %s\n", firstSync.Round(time.Millisecond), settled.Round(time.Millisecond))
+	row(fmt.Sprintf("EndpointSlice change to traffic (%d)", samples), change, changeWrite)
+	row(fmt.Sprintf("new Service to first connection (%d)", samples), create, createWrite)
+	fmt.Printf("  agent RSS after first sync / at end  %.0f / %.0f MiB\n\n", rssAfterSync, rssMiB(agent.Process.Pid))
+	b.ReportMetric(firstSync.Seconds(), "first-sync-s")
+	b.ReportMetric(float64(pct(change, 99).Microseconds())/1000, "change-p99-ms")
+	b.ReportMetric(rssMiB(agent.Process.Pid), "rss-MiB")
+}
+
+// benchNode makes a client namespace with its own cgroup and a backend namespace serving on
+// 10.253.0.2:8080, on a veth pair; everything goes when the benchmark ends.
+func benchNode(b *testing.B) (netns, cgroup string, backend netip.AddrPort) {
+	id := fmt.Sprint(os.Getpid() % 100000)
+	netns, backendNS := "ptb-c"+id, "ptb-b"+id
+	cgroup = "/sys/fs/cgroup/unified/portico-bench-" + id
+	backend = netip.MustParseAddrPort("10.253.0.2:8080")
+	b.Cleanup(func() {
+		_ = exec.Command("ip", "netns", "del", netns).Run()
+		_ = exec.Command("ip", "netns", "del", backendNS).Run()
+		for range 50 { // released shortly after the last client exits
+			if err := os.Remove(cgroup); err == nil || os.IsNotExist(err) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+	for _, args := range [][]string{
+		{"netns", "add", netns}, {"netns", "add", backendNS},
+		{"link", "add", "ptb-v" + id, "netns", netns, "type", "veth", "peer", "name", "ptb-p" + id, "netns", backendNS},
+		{"-n", netns, "addr", "add", "10.253.0.1/30", "dev", "ptb-v" + id},
+		{"-n", backendNS, "addr", "add", "10.253.0.2/30", "dev", "ptb-p" + id},
+		{"-n", netns, "link", "set", "ptb-v" + id, "up"}, {"-n", backendNS, "link", "set", "ptb-p" + id, "up"},
+		{"-n", netns, "link", "set", "lo", "up"}, {"-n", backendNS, "link", "set", "lo", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			b.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	if err := os.Mkdir(cgroup, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	nstest.Serve(b, backendNS, backend)
+	return netns, cgroup, backend
+}
+
+// parallel runs do(0..n-1) with 16 writers.
+func parallel(b *testing.B, n int, do func(int) error) {
+	work := make(chan int)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var first error
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range work {
+				if err := do(i); err != nil {
+					mu.Lock()
+					first = cmp.Or(first, err)
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	if first != nil {
+		b.Fatal(first)
+	}
+}
+
+// createService creates ClusterIP Service svc-i on vip and its EndpointSlice svc-i-1.
+func createService(ctx context.Context, cs *kubernetes.Clientset, i int, vip netip.AddrPort, eps []netip.AddrPort) error {
+	name := fmt.Sprintf("svc-%d", i)
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.ServiceSpec{
+		ClusterIP: vip.Addr().String(),
+		Ports:     []corev1.ServicePort{{Name: "http", Port: int32(vip.Port()), TargetPort: intstr.FromString("http")}},
+	}}
+	if _, err := cs.CoreV1().Services("default").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create Service %s: %w", name, err)
+	}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(eps[0].Port()))}},
+		Endpoints:   endpoints(eps),
+	}
+	if _, err := cs.DiscoveryV1().EndpointSlices("default").Create(ctx, slice, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create EndpointSlice %s: %w", slice.Name, err)
+	}
+	return nil
+}
+
+func endpoints(eps []netip.AddrPort) []discoveryv1.Endpoint {
+	out := make([]discoveryv1.Endpoint, len(eps))
+	for i, e := range eps {
+		out[i] = discoveryv1.Endpoint{Addresses: []string{e.Addr().String()}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}
+	}
+	return out
+}
+
+// queueDepth reads how many items wait in a controller's queue, from its metrics.
+func queueDepth(addr, name string) (float64, error) {
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return 0, fmt.Errorf("scrape metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	families, err := new(expfmt.TextParser).TextToMetricFamilies(resp.Body)
+	if err != nil {
+		return 0, fmt.Errorf("parse metrics: %w", err)
+	}
+	for _, m := range families["workqueue_depth"].GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "name" && l.GetValue() == name {
+				return m.GetGauge().GetValue(), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("no workqueue_depth for %s", name)
+}
