@@ -98,6 +98,19 @@ type tables struct {
 	applied6     map[sockLBSvc6Key]sockLBSvcValue
 	ranges       map[uint32][]netip.Prefix // source ranges written, by frontend number
 	maglevOf     map[uint32]string         // whose Maglev table each frontend's table was built from
+	// pend4 and pend6 collect the writes of an Apply into empty maps (nil otherwise).
+	pend4 *pending[sockLBSvc4Key, sockLBBackend4]
+	pend6 *pending[sockLBSvc6Key, sockLBBackend6]
+}
+
+// pending holds the writes of an Apply into empty maps, made at the end in a few batches
+// (BPF_MAP_UPDATE_BATCH) instead of a syscall per entry: backends, then slots, then the
+// frontend entries, so that no frontend is visible before its backends.
+type pending[K comparable, B any] struct {
+	beKeys             []uint32
+	beVals             []B
+	slotKeys, headKeys []K
+	slotVals, headVals []sockLBSvcValue
 }
 
 type backendRef struct {
@@ -185,6 +198,7 @@ func (d *Datapath) adoptID(id uint32, ref backendRef, flags uint8) {
 type family[K comparable, B any, R any] struct {
 	svc, be, srcrange *ebpf.Map
 	applied           map[K]sockLBSvcValue
+	pend              *pending[K, B]
 	is                func(netip.Addr) bool
 	key               func(f netip.AddrPort, proto Protocol, scope Scope, slot uint16) K
 	slot              func(K) uint16
@@ -226,23 +240,27 @@ var (
 
 func (d *Datapath) v4() family[sockLBSvc4Key, sockLBBackend4, sockLBSrcrange4Key] {
 	fam := ipv4
-	fam.svc, fam.be, fam.srcrange, fam.applied = d.sock.PorticoSvc4, d.sock.PorticoBe4, d.sock.PorticoSrcrange4, d.applied4
+	fam.svc, fam.be, fam.srcrange, fam.applied, fam.pend = d.sock.PorticoSvc4, d.sock.PorticoBe4, d.sock.PorticoSrcrange4, d.applied4, d.pend4
 	return fam
 }
 
 func (d *Datapath) v6() family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key] {
 	fam := ipv6
-	fam.svc, fam.be, fam.srcrange, fam.applied = d.sock.PorticoSvc6, d.sock.PorticoBe6, d.sock.PorticoSrcrange6, d.applied6
+	fam.svc, fam.be, fam.srcrange, fam.applied, fam.pend = d.sock.PorticoSvc6, d.sock.PorticoBe6, d.sock.PorticoSrcrange6, d.applied6, d.pend6
 	return fam
 }
 
 // Apply makes the maps hold exactly these frontends (a full resync): it updates each one and
-// deletes the frontends it does not list.
+// deletes the frontends it does not list. Into empty maps (a first start) it writes in
+// batches; if a batch fails, the maps may hold part of it, and a new Load reads what they hold.
 func (d *Datapath) Apply(frontends []Frontend) error {
 	for _, f := range frontends {
 		if err := validate(f); err != nil {
 			return err
 		}
+	}
+	if len(d.applied4) == 0 && len(d.applied6) == 0 {
+		return d.applyIntoEmpty(frontends)
 	}
 	for _, f := range frontends {
 		if err := d.Update(f); err != nil {
@@ -250,6 +268,45 @@ func (d *Datapath) Apply(frontends []Frontend) error {
 		}
 	}
 	return errors.Join(deleteUnlisted(d, d.v4(), frontends), deleteUnlisted(d, d.v6(), frontends))
+}
+
+// applyIntoEmpty is Apply into empty maps: the entries are collected, then written in a few
+// batches. On failure the mirror is read back from the maps, which may hold part of it.
+func (d *Datapath) applyIntoEmpty(frontends []Frontend) error {
+	d.pend4, d.pend6 = &pending[sockLBSvc4Key, sockLBBackend4]{}, &pending[sockLBSvc6Key, sockLBBackend6]{}
+	var err error
+	for _, f := range frontends {
+		if err = d.Update(f); err != nil {
+			break
+		}
+	}
+	if err == nil {
+		err = errors.Join(flush(d.v4()), flush(d.v6()))
+	}
+	d.pend4, d.pend6 = nil, nil
+	if err != nil {
+		d.tables = newTables()
+		return errors.Join(fmt.Errorf("write the first frontends: %w", err), d.adopt())
+	}
+	return nil
+}
+
+// flush writes a family's pending entries, backends first and frontend entries last.
+func flush[K comparable, B any, R any](fam family[K, B, R]) error {
+	p := fam.pend
+	for _, w := range []struct {
+		m          *ebpf.Map
+		keys, vals any
+		n          int
+	}{{fam.be, p.beKeys, p.beVals, len(p.beKeys)}, {fam.svc, p.slotKeys, p.slotVals, len(p.slotKeys)}, {fam.svc, p.headKeys, p.headVals, len(p.headKeys)}} {
+		if w.n == 0 {
+			continue
+		}
+		if _, err := w.m.BatchUpdate(w.keys, w.vals, nil); err != nil {
+			return fmt.Errorf("batch of %d entries: %w", w.n, err)
+		}
+	}
+	return nil
 }
 
 // Update adds a frontend or changes it, in an order that never lets a reader see it without
@@ -350,7 +407,7 @@ func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f Fron
 			flags |= backendLocal
 		}
 		if written, ok := d.flagsOf[ids[i]]; !ok || written != flags {
-			if err := fam.be.Put(ids[i], fam.backend(b.Address, f.Protocol, flags)); err != nil {
+			if err := putBackend(fam, ids[i], fam.backend(b.Address, f.Protocol, flags)); err != nil {
 				if !ok {
 					d.forget(ref)
 				}
@@ -534,11 +591,27 @@ func put[K comparable, B any, R any](fam family[K, B, R], k K, v sockLBSvcValue)
 	if old, ok := fam.applied[k]; ok && old == v {
 		return nil
 	}
-	if err := fam.svc.Put(k, v); err != nil {
-		return err
+	switch {
+	case fam.pend != nil && fam.slot(k) == 0:
+		fam.pend.headKeys, fam.pend.headVals = append(fam.pend.headKeys, k), append(fam.pend.headVals, v)
+	case fam.pend != nil:
+		fam.pend.slotKeys, fam.pend.slotVals = append(fam.pend.slotKeys, k), append(fam.pend.slotVals, v)
+	default:
+		if err := fam.svc.Put(k, v); err != nil {
+			return err
+		}
 	}
 	fam.applied[k] = v
 	return nil
+}
+
+// putBackend writes a backend entry.
+func putBackend[K comparable, B any, R any](fam family[K, B, R], id uint32, b B) error {
+	if fam.pend != nil {
+		fam.pend.beKeys, fam.pend.beVals = append(fam.pend.beKeys, id), append(fam.pend.beVals, b)
+		return nil
+	}
+	return fam.be.Put(id, b)
 }
 
 func del[K comparable, B any, R any](fam family[K, B, R], k K) error {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -529,4 +530,63 @@ func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
 	check("apply replaces everything", 2, 0, 1)
 	must(s.Apply(nil))
 	check("apply nothing", 0, 0, 0)
+}
+
+// TestApplyIntoEmptyMapsMatchesUpdates checks the batched first Apply against the same
+// frontends written one Update at a time: every map must hold the same entries.
+func TestApplyIntoEmptyMapsMatchesUpdates(t *testing.T) {
+	batched, oneByOne := loaded(t), loaded(t)
+	shared := netip.MustParseAddrPort("10.0.0.1:8080")
+	fs := []Frontend{
+		internal(netip.MustParseAddrPort("10.96.0.1:80"), TCP, shared, netip.MustParseAddrPort("10.0.0.2:8080")),
+		internal(netip.MustParseAddrPort("10.96.0.2:53"), UDP, shared),
+		internal(netip.MustParseAddrPort("[fd00::1]:80"), TCP, netip.MustParseAddrPort("[fd00::10]:8080")),
+		{Address: netip.MustParseAddrPort("203.0.113.1:443"), Protocol: TCP, Scope: External, Balancing: Maglev, Affinity: time.Minute,
+			SourceRanges: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")},
+			Backends:     []Backend{local(shared), {Address: netip.MustParseAddrPort("10.0.0.3:8080"), Terminating: true}}},
+		internal(netip.MustParseAddrPort("10.96.0.3:80"), TCP), // no backends
+	}
+	if err := batched.Apply(fs); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fs {
+		if err := oneByOne.Update(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, pair := range [][2]*ebpf.Map{
+		{batched.sock.PorticoSvc4, oneByOne.sock.PorticoSvc4}, {batched.sock.PorticoSvc6, oneByOne.sock.PorticoSvc6},
+		{batched.sock.PorticoBe4, oneByOne.sock.PorticoBe4}, {batched.sock.PorticoBe6, oneByOne.sock.PorticoBe6},
+		{batched.sock.PorticoMaglev, oneByOne.sock.PorticoMaglev}, {batched.sock.PorticoSrcrange4, oneByOne.sock.PorticoSrcrange4},
+	} {
+		got, want := dump(t, pair[0]), dump(t, pair[1])
+		if len(got) == 0 || !maps.Equal(got, want) {
+			t.Errorf("%s: batched Apply wrote %d entries, one Update at a time %d, or they differ", pair[1], len(got), len(want))
+		}
+	}
+	// The mirror is right too: a change after the batched Apply writes only what changed.
+	if err := batched.Update(internal(netip.MustParseAddrPort("10.96.0.2:53"), UDP)); err != nil {
+		t.Fatal(err)
+	}
+	if err := oneByOne.Update(internal(netip.MustParseAddrPort("10.96.0.2:53"), UDP)); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := dump(t, batched.sock.PorticoSvc4), dump(t, oneByOne.sock.PorticoSvc4); !maps.Equal(got, want) {
+		t.Errorf("after an Update: the service maps differ")
+	}
+}
+
+// dump reads a map's entries as raw bytes.
+func dump(t *testing.T, m *ebpf.Map) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	var k, v []byte
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		out[string(k)] = string(v)
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
