@@ -90,8 +90,8 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme,
 		Cache: cache.Options{
-			// The cache keeps only what the translation reads, and hands out its own copies:
-			// nothing here modifies what it reads.
+			// The cache keeps only what the translation reads, and hands out its objects
+			// without copying them: nothing here modifies what it reads.
 			DefaultTransform:             keepWhatIsRead,
 			DefaultUnsafeDisableDeepCopy: ptr.To(true),
 			// Only this node's Node object.
