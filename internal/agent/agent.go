@@ -305,12 +305,12 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	var more []string
 	c.Frontends, more = desired.Frontends(node, svc, ptrs, set)
 	problems = append(problems, more...)
-	port := int32(0)
-	if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal {
-		port = svc.Spec.HealthCheckNodePort
+	port, local := int32(0), 0
+	if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal && svc.Spec.HealthCheckNodePort != 0 {
+		port, local = svc.Spec.HealthCheckNodePort, desired.LocalReady(node.Name, svc, ptrs)
 	}
 	// A health check that cannot listen (port taken) does not stop the Service's traffic.
-	if err := r.health.set(c.Service, port, desired.LocalReady(node.Name, svc, ptrs)); err != nil {
+	if err := r.health.set(c.Service, port, local); err != nil {
 		problems = append(problems, err.Error())
 	}
 	return c, problems, nil

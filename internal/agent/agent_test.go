@@ -13,7 +13,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -36,63 +35,19 @@ import (
 // socket programs, and a backend namespace on a veth pair. The client namespace has no
 // route to Service addresses: untranslated, they are unreachable.
 type node struct {
-	t              *testing.T
-	client, cgroup string
-	backend        netip.AddrPort
+	t *testing.T
+	*nstest.Pair
 }
 
 func newNode(t *testing.T) *node {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces, a cgroup and BPF programs")
-	}
-	root := "/sys/fs/cgroup/unified"
-	if _, err := os.Stat(filepath.Join(root, "cgroup.procs")); err != nil {
-		t.Skipf("needs cgroup v2 at %s: %v", root, err)
-	}
-	id := fmt.Sprint(os.Getpid() % 100000)
-	n := &node{t: t, client: "pta-c" + id, cgroup: filepath.Join(root, "portico-agent-test-"+id), backend: netip.MustParseAddrPort("10.251.0.2:8080")}
-	backendNS := "pta-b" + id
-	t.Cleanup(func() {
-		_ = exec.Command("ip", "netns", "del", n.client).Run()
-		_ = exec.Command("ip", "netns", "del", backendNS).Run()
-		for range 50 { // the kernel releases the cgroup shortly after its last process exits
-			if err := os.Remove(n.cgroup); err == nil || os.IsNotExist(err) {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		t.Errorf("could not remove cgroup %s", n.cgroup)
-	})
-	for _, args := range [][]string{
-		{"netns", "add", n.client}, {"netns", "add", backendNS},
-		{"link", "add", "pta-v" + id, "netns", n.client, "type", "veth", "peer", "name", "pta-p" + id, "netns", backendNS},
-		{"-n", n.client, "addr", "add", "10.251.0.1/30", "dev", "pta-v" + id},
-		{"-n", backendNS, "addr", "add", "10.251.0.2/30", "dev", "pta-p" + id},
-		{"-n", n.client, "link", "set", "pta-v" + id, "up"}, {"-n", backendNS, "link", "set", "pta-p" + id, "up"},
-		{"-n", n.client, "link", "set", "lo", "up"}, {"-n", backendNS, "link", "set", "lo", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	if err := os.Mkdir(n.cgroup, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	nstest.Serve(t, backendNS, n.backend)
-	return n
+	return &node{t: t, Pair: nstest.NewPair(t, "pta", netip.MustParsePrefix("10.251.0.0/30"), 8080)}
 }
 
 // bash prepares a bash script in the client namespace and cgroup; the caller closes the
 // cgroup file once the process has started.
 func (n *node) bash(script string) (*exec.Cmd, *os.File) {
 	n.t.Helper()
-	cg, err := os.Open(n.cgroup)
-	if err != nil {
-		n.t.Fatal(err)
-	}
-	cmd := exec.Command("ip", "netns", "exec", n.client, "bash", "-c", script)
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
-	return cmd, cg
+	return n.Command(n.t, "bash", "-c", script)
 }
 
 // dial connects from a process in the client namespace and cgroup (bash's /dev/tcp), sends
@@ -163,7 +118,7 @@ func (n *node) startAgent(env *testenv.Env, pins string) (stop func(), reg *prom
 	if err != nil {
 		n.t.Fatal(err)
 	}
-	if err := dp.AttachCgroup(n.cgroup); err != nil {
+	if err := dp.AttachCgroup(n.Cgroup); err != nil {
 		_ = dp.Close()
 		n.t.Fatal(err)
 	}
@@ -216,8 +171,8 @@ func (n *node) web(vip netip.AddrPort) (*corev1.Service, *discoveryv1.EndpointSl
 	slice := &discoveryv1.EndpointSlice{
 		ObjectMeta:  metav1.ObjectMeta{Name: "web-1", Namespace: "default", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
 		AddressType: discoveryv1.AddressTypeIPv4,
-		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(n.backend.Port()))}},
-		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{n.backend.Addr().String()}, NodeName: ptr.To("n2")}},
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(n.Backend.Port()))}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{n.Backend.Addr().String()}, NodeName: ptr.To("n2")}},
 	}
 	return svc, slice
 }
@@ -231,7 +186,7 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	svc, slice := n.web(vip)
 	create(t, c, svc, slice)
 	// The Service and its endpoint arrive: connections reach the backend.
-	n.eventually(vip, "from "+n.backend.String())
+	n.eventually(vip, "from "+n.Backend.String())
 	// The API server's own Service, default/kubernetes, is programmed too.
 	if s, f, syncs := metric(t, reg, "portico_agent_services"), metric(t, reg, "portico_agent_frontends"), metric(t, reg, "portico_agent_sync_duration_seconds"); s != 2 || f != 2 || syncs == 0 {
 		t.Errorf("metrics: %v services, %v frontends, %v syncs; want 2, 2, some", s, f, syncs)
@@ -245,11 +200,11 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	n.eventually(vip, "refused")
 
 	// The endpoint is back, then the Service goes: the address is nobody's again.
-	slice.Endpoints = []discoveryv1.Endpoint{{Addresses: []string{n.backend.Addr().String()}}}
+	slice.Endpoints = []discoveryv1.Endpoint{{Addresses: []string{n.Backend.Addr().String()}}}
 	if err := c.Update(ctx, slice); err != nil {
 		t.Fatal(err)
 	}
-	n.eventually(vip, "from "+n.backend.String())
+	n.eventually(vip, "from "+n.Backend.String())
 	if err := c.Delete(ctx, svc); err != nil {
 		t.Fatal(err)
 	}
@@ -271,14 +226,14 @@ func TestAgentRestartKeepsServing(t *testing.T) {
 	vip := netip.MustParseAddrPort("10.96.7.8:80")
 	svc, slice := n.web(vip)
 	create(t, c, svc, slice)
-	n.eventually(vip, "from "+n.backend.String())
+	n.eventually(vip, "from "+n.Backend.String())
 	say, replies := n.hold(vip)
-	if got := replies(); !strings.Contains(got, "from "+n.backend.String()) {
+	if got := replies(); !strings.Contains(got, "from "+n.Backend.String()) {
 		t.Fatalf("held connection: %q", got)
 	}
 
 	stop()
-	if got := n.dial(vip); !strings.Contains(got, "from "+n.backend.String()) {
+	if got := n.dial(vip); !strings.Contains(got, "from "+n.Backend.String()) {
 		t.Fatalf("with no agent running: %q", got)
 	}
 	n.startAgent(env, pins)
@@ -288,7 +243,7 @@ func TestAgentRestartKeepsServing(t *testing.T) {
 	}
 	n.eventually(vip, "refused")
 	say()
-	if got := replies(); !strings.Contains(got, "from "+n.backend.String()) {
+	if got := replies(); !strings.Contains(got, "from "+n.Backend.String()) {
 		t.Fatalf("held connection after the restart: %q", got)
 	}
 }

@@ -153,7 +153,7 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 	var errs []error
 	for k := range touched {
 		winner, f, ok := s.winner(k)
-		if ok && winner != c.Service && ownsIn(c, k) {
+		if _, asks := s.claimants[k][c.Service]; asks && winner != c.Service {
 			lost = append(lost, fmt.Sprintf("%s is %s/%s's (older)", k, winner.Namespace, winner.Name))
 		}
 		if prev, had := s.owner[k]; had && prev != winner {
@@ -200,10 +200,6 @@ func (s *Syncer) winner(k slot) (types.NamespacedName, datapath.Frontend, bool) 
 		}
 	}
 	return best.Service, front, found
-}
-
-func ownsIn(c Claim, k slot) bool {
-	return slices.ContainsFunc(c.Frontends, func(f datapath.Frontend) bool { return slotOf(f) == k })
 }
 
 // Counts returns how many Services have frontends programmed and how many frontends.

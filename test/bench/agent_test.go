@@ -8,10 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -55,9 +52,6 @@ var (
 // addresses nothing routes to, so a connection succeeds only once the test's change (to the
 // real backend) is programmed. Run it as root with -benchtime 1x.
 func BenchmarkAgentSync(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("needs root: network namespaces, a cgroup and BPF")
-	}
 	if testenv.Assets() == "" {
 		b.Skip("needs kube-apiserver and etcd: run `make bench`")
 	}
@@ -68,7 +62,8 @@ func BenchmarkAgentSync(b *testing.B) {
 	defer func() { _ = env.Stop() }()
 	ctx := context.Background()
 	cs := kubernetes.NewForConfigOrDie(env.Config)
-	netns, cgroup, backend := benchNode(b)
+	pair := nstest.NewPair(b, "ptb", netip.MustParsePrefix("10.253.0.0/30"), 8080)
+	backend := pair.Backend
 
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bench-node"}}
 	if _, err := cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
@@ -91,15 +86,7 @@ func BenchmarkAgentSync(b *testing.B) {
 	fmt.Printf("\ncreated %d Services with %d endpoints each in %s\n", agentServices, agentEndpoints, time.Since(t0).Round(time.Millisecond))
 
 	// The agent, as on a node: its own process, pins in a bpffs of the test's.
-	dir := b.TempDir()
-	bin := filepath.Join(dir, "agent")
-	if out, err := exec.Command("go", "build", "-o", bin, filepath.Join(testenv.Root(), "cmd", "agent")).CombinedOutput(); err != nil {
-		b.Fatalf("build agent: %v\n%s", err, out)
-	}
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := env.WriteKubeconfig(kubeconfig); err != nil {
-		b.Fatal(err)
-	}
+	bin, kubeconfig := build(b, env, "agent")
 	metricsAddr, err := freeLoopbackAddr()
 	if err != nil {
 		b.Fatal(err)
@@ -108,7 +95,7 @@ func BenchmarkAgentSync(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	agent := exec.Command(bin, "--node-name=bench-node", "--cgroup-root="+cgroup, "--bpffs="+nstest.BPFFS(b),
+	agent := exec.Command(bin, "--node-name=bench-node", "--cgroup-root="+pair.Cgroup, "--bpffs="+nstest.BPFFS(b),
 		"--metrics-bind-address="+metricsAddr, "--health-probe-bind-address="+probeAddr, "--zap-log-level=error")
 	// As deployed (internal/controller/agentds): a soft memory limit under the container's.
 	agent.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig, "GOMEMLIMIT="+agentds.MemoryLimit)
@@ -147,14 +134,9 @@ func BenchmarkAgentSync(b *testing.B) {
 	// One change at a time: a Service's endpoints become the real backend; a client in the
 	// cgroup retries until a connection gets through.
 	client := func(to netip.AddrPort) *exec.Cmd {
-		cg, err := os.Open(cgroup)
-		if err != nil {
-			b.Fatal(err)
-		}
+		cmd, cg := pair.Command(b, os.Args[0])
 		b.Cleanup(func() { cg.Close() })
-		cmd := exec.Command("ip", "netns", "exec", netns, os.Args[0])
 		cmd.Env = append(os.Environ(), clientEnv+"="+to.String())
-		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 		return cmd
 	}
 	const samples = 100
@@ -220,42 +202,6 @@ func BenchmarkAgentSync(b *testing.B) {
 	b.ReportMetric(firstSync.Seconds(), "first-sync-s")
 	b.ReportMetric(float64(pct(change, 99).Microseconds())/1000, "change-p99-ms")
 	b.ReportMetric(rssMiB(agent.Process.Pid), "rss-MiB")
-}
-
-// benchNode makes a client namespace with its own cgroup and a backend namespace serving on
-// 10.253.0.2:8080, on a veth pair; everything goes when the benchmark ends.
-func benchNode(b *testing.B) (netns, cgroup string, backend netip.AddrPort) {
-	id := fmt.Sprint(os.Getpid() % 100000)
-	netns, backendNS := "ptb-c"+id, "ptb-b"+id
-	cgroup = "/sys/fs/cgroup/unified/portico-bench-" + id
-	backend = netip.MustParseAddrPort("10.253.0.2:8080")
-	b.Cleanup(func() {
-		_ = exec.Command("ip", "netns", "del", netns).Run()
-		_ = exec.Command("ip", "netns", "del", backendNS).Run()
-		for range 50 { // released shortly after the last client exits
-			if err := os.Remove(cgroup); err == nil || os.IsNotExist(err) {
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
-	for _, args := range [][]string{
-		{"netns", "add", netns}, {"netns", "add", backendNS},
-		{"link", "add", "ptb-v" + id, "netns", netns, "type", "veth", "peer", "name", "ptb-p" + id, "netns", backendNS},
-		{"-n", netns, "addr", "add", "10.253.0.1/30", "dev", "ptb-v" + id},
-		{"-n", backendNS, "addr", "add", "10.253.0.2/30", "dev", "ptb-p" + id},
-		{"-n", netns, "link", "set", "ptb-v" + id, "up"}, {"-n", backendNS, "link", "set", "ptb-p" + id, "up"},
-		{"-n", netns, "link", "set", "lo", "up"}, {"-n", backendNS, "link", "set", "lo", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			b.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	if err := os.Mkdir(cgroup, 0o755); err != nil {
-		b.Fatal(err)
-	}
-	nstest.Serve(b, backendNS, backend)
-	return netns, cgroup, backend
 }
 
 // parallel runs do(0..n-1) with 16 writers.

@@ -57,15 +57,7 @@ func BenchmarkCreationToIP(b *testing.B) {
 	defer func() { _ = env.Stop() }()
 	ctx := context.Background()
 
-	dir := b.TempDir()
-	operatorBin := filepath.Join(dir, "operator")
-	if out, err := exec.Command("go", "build", "-o", operatorBin, filepath.Join(testenv.Root(), "cmd", "operator")).CombinedOutput(); err != nil {
-		b.Fatalf("build operator: %v\n%s", err, out)
-	}
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := env.WriteKubeconfig(kubeconfig); err != nil {
-		b.Fatal(err)
-	}
+	operatorBin, kubeconfig := build(b, env, "operator")
 	metricsAddr, err := freeLoopbackAddr()
 	if err != nil {
 		b.Fatal(err)
@@ -183,6 +175,21 @@ func BenchmarkCreationToIP(b *testing.B) {
 	}
 	fmt.Printf("  all created in %s (%.0f/s); all with an IP after %s; operator RSS %.0f MiB\n\n",
 		createdAll.Round(time.Millisecond), float64(services)/createdAll.Seconds(), total.Round(time.Millisecond), rss)
+}
+
+// build compiles cmd/<name> and writes a kubeconfig for env beside it: what a benchmark
+// needs to run a Portico binary as its own process.
+func build(b *testing.B, env *testenv.Env, name string) (bin, kubeconfig string) {
+	b.Helper()
+	dir := b.TempDir()
+	bin, kubeconfig = filepath.Join(dir, name), filepath.Join(dir, "kubeconfig")
+	if out, err := exec.Command("go", "build", "-o", bin, filepath.Join(testenv.Root(), "cmd", name)).CombinedOutput(); err != nil {
+		b.Fatalf("build %s: %v\n%s", name, err, out)
+	}
+	if err := env.WriteKubeconfig(kubeconfig); err != nil {
+		b.Fatal(err)
+	}
+	return bin, kubeconfig
 }
 
 func pct(d []time.Duration, p int) time.Duration {

@@ -1,5 +1,6 @@
 // Package nstest helps tests that use network namespaces and BPF: run code on a thread
-// inside a namespace, serve echo traffic there, mount a private bpffs.
+// inside a namespace, serve echo traffic there, make a client and backend pair of
+// namespaces, mount a private bpffs, time a client's first connection.
 package nstest
 
 import (
@@ -9,8 +10,11 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -181,4 +185,71 @@ func TimeToConnect(t testing.TB, cmd *exec.Cmd, change func()) (time.Duration, e
 		return 0, fmt.Errorf("client: %s", lines.Text())
 	}
 	return time.Unix(0, ns).Sub(t0), nil
+}
+
+// Pair is a client namespace with a cgroup of its own, and a backend namespace serving echo
+// traffic (Serve) on Backend, joined by a veth pair; the client has no other route.
+type Pair struct {
+	Client, Cgroup string
+	Backend        netip.AddrPort
+}
+
+// NewPair makes a Pair named after prefix (three letters) and the process: the client at .1
+// and the backend at .2 of subnet (a /30), serving on port. Everything goes when the test
+// ends. Without root or cgroup v2 the test is skipped.
+func NewPair(t testing.TB, prefix string, subnet netip.Prefix, port uint16) *Pair {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces, a cgroup and BPF programs")
+	}
+	root := "/sys/fs/cgroup/unified"
+	if _, err := os.Stat(filepath.Join(root, "cgroup.procs")); err != nil {
+		t.Skipf("needs cgroup v2 at %s: %v", root, err)
+	}
+	id := fmt.Sprint(os.Getpid() % 100000)
+	clientIP := subnet.Masked().Addr().Next()
+	p := &Pair{Client: prefix + "c" + id, Cgroup: filepath.Join(root, "portico-"+prefix+"-"+id), Backend: netip.AddrPortFrom(clientIP.Next(), port)}
+	backendNS := prefix + "b" + id
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "netns", "del", p.Client).Run()
+		_ = exec.Command("ip", "netns", "del", backendNS).Run()
+		for range 50 { // the kernel releases the cgroup shortly after its last process exits
+			if err := os.Remove(p.Cgroup); err == nil || os.IsNotExist(err) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Errorf("could not remove cgroup %s", p.Cgroup)
+	})
+	bits := fmt.Sprintf("/%d", subnet.Bits())
+	for _, args := range [][]string{
+		{"netns", "add", p.Client}, {"netns", "add", backendNS},
+		{"link", "add", prefix + "v" + id, "netns", p.Client, "type", "veth", "peer", "name", prefix + "p" + id, "netns", backendNS},
+		{"-n", p.Client, "addr", "add", clientIP.String() + bits, "dev", prefix + "v" + id},
+		{"-n", backendNS, "addr", "add", p.Backend.Addr().String() + bits, "dev", prefix + "p" + id},
+		{"-n", p.Client, "link", "set", prefix + "v" + id, "up"}, {"-n", backendNS, "link", "set", prefix + "p" + id, "up"},
+		{"-n", p.Client, "link", "set", "lo", "up"}, {"-n", backendNS, "link", "set", "lo", "up"},
+	} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	if err := os.Mkdir(p.Cgroup, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	Serve(t, backendNS, p.Backend)
+	return p
+}
+
+// Command prepares a process in the client namespace and cgroup; the caller closes the
+// returned cgroup file once the process has started.
+func (p *Pair) Command(t testing.TB, name string, args ...string) (*exec.Cmd, *os.File) {
+	t.Helper()
+	cg, err := os.Open(p.Cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", p.Client, name}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	return cmd, cg
 }

@@ -262,7 +262,7 @@ func backends(node string, svc *corev1.Service, endpointSlices []*discoveryv1.En
 			if err != nil || a.Is4() != is4 {
 				continue
 			}
-			ready := derefOr(ep.Conditions.Ready, true) || svc.Spec.PublishNotReadyAddresses
+			ready := isReady(svc, ep)
 			serving := derefOr(ep.Conditions.Serving, ready)
 			terminating := derefOr(ep.Conditions.Terminating, false)
 			if !ready && !(serving && terminating) {
@@ -283,6 +283,12 @@ func backends(node string, svc *corev1.Service, endpointSlices []*discoveryv1.En
 	return out
 }
 
+// isReady says whether an endpoint counts as ready: as it says (unset means ready), or
+// always with publishNotReadyAddresses.
+func isReady(svc *corev1.Service, ep discoveryv1.Endpoint) bool {
+	return derefOr(ep.Conditions.Ready, true) || svc.Spec.PublishNotReadyAddresses
+}
+
 func derefOr[T any](p *T, def T) T {
 	if p == nil {
 		return def
@@ -296,8 +302,7 @@ func LocalReady(node string, svc *corev1.Service, endpointSlices []*discoveryv1.
 	seen := map[string]bool{}
 	for _, es := range endpointSlices {
 		for _, ep := range es.Endpoints {
-			ready := derefOr(ep.Conditions.Ready, true) || svc.Spec.PublishNotReadyAddresses
-			if ready && len(ep.Addresses) > 0 && derefOr(ep.NodeName, "") == node {
+			if isReady(svc, ep) && len(ep.Addresses) > 0 && derefOr(ep.NodeName, "") == node {
 				seen[ep.Addresses[0]] = true
 			}
 		}
