@@ -37,10 +37,12 @@ import (
 type node struct {
 	t *testing.T
 	*nstest.Pair
+	backend netip.AddrPort
 }
 
 func newNode(t *testing.T) *node {
-	return &node{t: t, Pair: nstest.NewPair(t, "pta", netip.MustParsePrefix("10.251.0.0/30"), 8080)}
+	p := nstest.NewPair(t, "pta", 8080, netip.MustParsePrefix("10.251.0.0/30"))
+	return &node{t: t, Pair: p, backend: p.Backends[0]}
 }
 
 // bash prepares a bash script in the client namespace and cgroup; the caller closes the
@@ -171,8 +173,8 @@ func (n *node) web(vip netip.AddrPort) (*corev1.Service, *discoveryv1.EndpointSl
 	slice := &discoveryv1.EndpointSlice{
 		ObjectMeta:  metav1.ObjectMeta{Name: "web-1", Namespace: "default", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
 		AddressType: discoveryv1.AddressTypeIPv4,
-		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(n.Backend.Port()))}},
-		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{n.Backend.Addr().String()}, NodeName: ptr.To("n2")}},
+		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(n.backend.Port()))}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{n.backend.Addr().String()}, NodeName: ptr.To("n2")}},
 	}
 	return svc, slice
 }
@@ -186,7 +188,7 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	svc, slice := n.web(vip)
 	create(t, c, svc, slice)
 	// The Service and its endpoint arrive: connections reach the backend.
-	n.eventually(vip, "from "+n.Backend.String())
+	n.eventually(vip, "from "+n.backend.String())
 	// The API server's own Service, default/kubernetes, is programmed too.
 	if s, f, syncs := metric(t, reg, "portico_agent_services"), metric(t, reg, "portico_agent_frontends"), metric(t, reg, "portico_agent_sync_duration_seconds"); s != 2 || f != 2 || syncs == 0 {
 		t.Errorf("metrics: %v services, %v frontends, %v syncs; want 2, 2, some", s, f, syncs)
@@ -200,11 +202,11 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	n.eventually(vip, "refused")
 
 	// The endpoint is back, then the Service goes: the address is nobody's again.
-	slice.Endpoints = []discoveryv1.Endpoint{{Addresses: []string{n.Backend.Addr().String()}}}
+	slice.Endpoints = []discoveryv1.Endpoint{{Addresses: []string{n.backend.Addr().String()}}}
 	if err := c.Update(ctx, slice); err != nil {
 		t.Fatal(err)
 	}
-	n.eventually(vip, "from "+n.Backend.String())
+	n.eventually(vip, "from "+n.backend.String())
 	if err := c.Delete(ctx, svc); err != nil {
 		t.Fatal(err)
 	}
@@ -226,14 +228,14 @@ func TestAgentRestartKeepsServing(t *testing.T) {
 	vip := netip.MustParseAddrPort("10.96.7.8:80")
 	svc, slice := n.web(vip)
 	create(t, c, svc, slice)
-	n.eventually(vip, "from "+n.Backend.String())
+	n.eventually(vip, "from "+n.backend.String())
 	say, replies := n.hold(vip)
-	if got := replies(); !strings.Contains(got, "from "+n.Backend.String()) {
+	if got := replies(); !strings.Contains(got, "from "+n.backend.String()) {
 		t.Fatalf("held connection: %q", got)
 	}
 
 	stop()
-	if got := n.dial(vip); !strings.Contains(got, "from "+n.Backend.String()) {
+	if got := n.dial(vip); !strings.Contains(got, "from "+n.backend.String()) {
 		t.Fatalf("with no agent running: %q", got)
 	}
 	n.startAgent(env, pins)
@@ -243,7 +245,7 @@ func TestAgentRestartKeepsServing(t *testing.T) {
 	}
 	n.eventually(vip, "refused")
 	say()
-	if got := replies(); !strings.Contains(got, "from "+n.Backend.String()) {
+	if got := replies(); !strings.Contains(got, "from "+n.backend.String()) {
 		t.Fatalf("held connection after the restart: %q", got)
 	}
 }

@@ -194,7 +194,6 @@ func percentiles(xs []time.Duration) (p50, p99 time.Duration) {
 // table. Without kube-proxy (see kubeProxyBinary) it compares Portico and direct.
 func BenchmarkClusterIPConnect(b *testing.B) {
 	top := newTopology(b)
-	top.serve(8080)
 	top.routeServiceRanges()
 	lb := top.attach()
 	backend := netip.AddrPortFrom(top.backIP, 8080)

@@ -153,48 +153,20 @@ func sendto(addr string) {
 	fmt.Printf("peer=%s reply=%s\n", netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), strings.TrimSpace(string(buf[:n])))
 }
 
-// topology is a client namespace and a backend namespace on one veth pair, and a cgroup for
-// the client. The client namespace has no default route: an untranslated frontend address
-// goes nowhere.
+// topology is a client namespace and a backend namespace on one veth pair, a cgroup for
+// the client, and echo servers on the backend's addresses, port 8080. The client namespace
+// has no default route: an untranslated frontend address goes nowhere.
 type topology struct {
-	t                  testing.TB
-	client, backend    string
-	cgroup             string
-	clientIP, backIP   netip.Addr
-	clientIP6, backIP6 netip.Addr
-	clientCPU          string // for taskset; empty: any
+	t                       testing.TB
+	client, backend, cgroup string
+	backIP, backIP6         netip.Addr
+	clientCPU               string // for taskset; empty: any
 }
 
 func newTopology(t testing.TB) *topology {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces, a cgroup and BPF programs")
-	}
-	root := "/sys/fs/cgroup/unified"
-	if _, err := os.Stat(filepath.Join(root, "cgroup.procs")); err != nil {
-		t.Skipf("needs cgroup v2 at %s: %v", root, err)
-	}
-	id := fmt.Sprintf("%d", os.Getpid()%100000)
-	top := &topology{t: t, client: "ptc-c" + id, backend: "ptc-b" + id, cgroup: filepath.Join(root, "portico-test-"+id),
-		clientIP: netip.MustParseAddr("10.250.0.1"), backIP: netip.MustParseAddr("10.250.0.2"),
-		clientIP6: netip.MustParseAddr("fd00:250::1"), backIP6: netip.MustParseAddr("fd00:250::2")}
-	t.Cleanup(top.teardown)
-	top.run("ip", "netns", "add", top.client)
-	top.run("ip", "netns", "add", top.backend)
-	top.run("ip", "link", "add", "ptc-v"+id, "netns", top.client, "type", "veth", "peer", "name", "ptc-p"+id, "netns", top.backend)
-	top.run("ip", "-n", top.client, "addr", "add", top.clientIP.String()+"/30", "dev", "ptc-v"+id)
-	top.run("ip", "-n", top.backend, "addr", "add", top.backIP.String()+"/30", "dev", "ptc-p"+id)
-	top.run("ip", "-n", top.client, "addr", "add", top.clientIP6.String()+"/64", "dev", "ptc-v"+id, "nodad")
-	top.run("ip", "-n", top.backend, "addr", "add", top.backIP6.String()+"/64", "dev", "ptc-p"+id, "nodad")
-	for _, ns := range []string{top.client, top.backend} {
-		top.run("ip", "-n", ns, "link", "set", "lo", "up")
-	}
-	top.run("ip", "-n", top.client, "link", "set", "ptc-v"+id, "up")
-	top.run("ip", "-n", top.backend, "link", "set", "ptc-p"+id, "up")
-	if err := os.Mkdir(top.cgroup, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return top
+	p := nstest.NewPair(t, "ptc", 8080, netip.MustParsePrefix("10.250.0.0/30"), netip.MustParsePrefix("fd00:250::/64"))
+	return &topology{t: t, client: p.Client, backend: p.BackendNS, cgroup: p.Cgroup, backIP: p.Backends[0].Addr(), backIP6: p.Backends[1].Addr()}
 }
 
 func (top *topology) run(args ...string) {
@@ -202,34 +174,6 @@ func (top *topology) run(args ...string) {
 	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 		top.t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-}
-
-func (top *topology) teardown() {
-	_ = exec.Command("ip", "netns", "del", top.client).Run()
-	_ = exec.Command("ip", "netns", "del", top.backend).Run()
-	// The cgroup is empty once the clients have exited; rmdir retries while the kernel
-	// finishes releasing it.
-	for i := 0; i < 50; i++ {
-		if err := os.Remove(top.cgroup); err == nil || os.IsNotExist(err) {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	top.t.Errorf("could not remove cgroup %s", top.cgroup)
-}
-
-// serve starts TCP and UDP echo servers on port, on both backend addresses, in the backend
-// namespace; they answer with their own address.
-func (top *topology) serve(port uint16) {
-	top.t.Helper()
-	top.serveOn(netip.AddrPortFrom(top.backIP, port))
-	top.serveOn(netip.AddrPortFrom(top.backIP6, port))
-}
-
-// serveOn listens in the backend namespace.
-func (top *topology) serveOn(addr netip.AddrPort) {
-	top.t.Helper()
-	nstest.Serve(top.t, top.backend, addr)
 }
 
 // command prepares a client process in the client namespace, outside the test's cgroup (no
@@ -276,7 +220,6 @@ func (top *topology) dial(proto string, addr netip.AddrPort) string {
 
 func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 	top := newTopology(t)
-	top.serve(8080)
 	lb := top.attach()
 
 	type family struct {
@@ -434,7 +377,6 @@ func TestApplyRejectsInvalidFrontends(t *testing.T) {
 
 func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 	top := newTopology(t)
-	top.serve(8080)
 	pins := filepath.Join(nstest.BPFFS(t), "node-a")
 	web := netip.MustParseAddrPort("10.96.0.10:80")
 	backend := netip.AddrPortFrom(top.backIP, 8080)

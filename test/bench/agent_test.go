@@ -23,7 +23,6 @@ import (
 
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/test/nstest"
-	"github.com/portico-dev/portico/test/testenv"
 )
 
 // The waiting clients are this test binary run again in a namespace and cgroup.
@@ -52,18 +51,11 @@ var (
 // addresses nothing routes to, so a connection succeeds only once the test's change (to the
 // real backend) is programmed. Run it as root with -benchtime 1x.
 func BenchmarkAgentSync(b *testing.B) {
-	if testenv.Assets() == "" {
-		b.Skip("needs kube-apiserver and etcd: run `make bench`")
-	}
-	env, err := testenv.Start()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = env.Stop() }()
+	env := startAPI(b)
 	ctx := context.Background()
 	cs := kubernetes.NewForConfigOrDie(env.Config)
-	pair := nstest.NewPair(b, "ptb", netip.MustParsePrefix("10.253.0.0/30"), 8080)
-	backend := pair.Backend
+	pair := nstest.NewPair(b, "ptb", 8080, netip.MustParsePrefix("10.253.0.0/30"))
+	backend := pair.Backends[0]
 
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bench-node"}}
 	if _, err := cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {

@@ -47,14 +47,7 @@ func envInt(name string, def int) int {
 // them (16 writers) while the operator runs as its own process, and reports how long each
 // waited for its address. The baseline is the API server's own round trip for the create.
 func BenchmarkCreationToIP(b *testing.B) {
-	if testenv.Assets() == "" {
-		b.Skip("needs kube-apiserver and etcd: run `make bench`")
-	}
-	env, err := testenv.Start()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = env.Stop() }()
+	env := startAPI(b)
 	ctx := context.Background()
 
 	operatorBin, kubeconfig := build(b, env, "operator")
@@ -175,6 +168,21 @@ func BenchmarkCreationToIP(b *testing.B) {
 	}
 	fmt.Printf("  all created in %s (%.0f/s); all with an IP after %s; operator RSS %.0f MiB\n\n",
 		createdAll.Round(time.Millisecond), float64(services)/createdAll.Seconds(), total.Round(time.Millisecond), rss)
+}
+
+// startAPI starts an API server for a benchmark (stopped at its end), or skips the
+// benchmark without kube-apiserver.
+func startAPI(b *testing.B) *testenv.Env {
+	b.Helper()
+	if testenv.Assets() == "" {
+		b.Skip("needs kube-apiserver and etcd: run `make bench`")
+	}
+	env, err := testenv.Start()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = env.Stop() })
+	return env
 }
 
 // build compiles cmd/<name> and writes a kubeconfig for env beside it: what a benchmark

@@ -188,16 +188,18 @@ func TimeToConnect(t testing.TB, cmd *exec.Cmd, change func()) (time.Duration, e
 }
 
 // Pair is a client namespace with a cgroup of its own, and a backend namespace serving echo
-// traffic (Serve) on Backend, joined by a veth pair; the client has no other route.
+// traffic (Serve) on Backends, joined by a veth pair; the client has no other route.
 type Pair struct {
-	Client, Cgroup string
-	Backend        netip.AddrPort
+	Client, BackendNS, Cgroup string
+	// Backends are the backend's address and port in each subnet, in NewPair's order.
+	Backends []netip.AddrPort
 }
 
-// NewPair makes a Pair named after prefix (three letters) and the process: the client at .1
-// and the backend at .2 of subnet (a /30), serving on port. Everything goes when the test
-// ends. Without root or cgroup v2 the test is skipped.
-func NewPair(t testing.TB, prefix string, subnet netip.Prefix, port uint16) *Pair {
+// NewPair makes a Pair named after prefix (three letters) and the process: in each subnet
+// (an IPv4 /30, an IPv6 /64) the client at ::1 or .1 and the backend, serving on port, at
+// the next address. Everything goes when the test ends. Without root or cgroup v2 the test
+// is skipped.
+func NewPair(t testing.TB, prefix string, port uint16, subnets ...netip.Prefix) *Pair {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates network namespaces, a cgroup and BPF programs")
@@ -207,12 +209,10 @@ func NewPair(t testing.TB, prefix string, subnet netip.Prefix, port uint16) *Pai
 		t.Skipf("needs cgroup v2 at %s: %v", root, err)
 	}
 	id := fmt.Sprint(os.Getpid() % 100000)
-	clientIP := subnet.Masked().Addr().Next()
-	p := &Pair{Client: prefix + "c" + id, Cgroup: filepath.Join(root, "portico-"+prefix+"-"+id), Backend: netip.AddrPortFrom(clientIP.Next(), port)}
-	backendNS := prefix + "b" + id
+	p := &Pair{Client: prefix + "c" + id, BackendNS: prefix + "b" + id, Cgroup: filepath.Join(root, "portico-"+prefix+"-"+id)}
 	t.Cleanup(func() {
 		_ = exec.Command("ip", "netns", "del", p.Client).Run()
-		_ = exec.Command("ip", "netns", "del", backendNS).Run()
+		_ = exec.Command("ip", "netns", "del", p.BackendNS).Run()
 		for range 50 { // the kernel releases the cgroup shortly after its last process exits
 			if err := os.Remove(p.Cgroup); err == nil || os.IsNotExist(err) {
 				return
@@ -221,15 +221,27 @@ func NewPair(t testing.TB, prefix string, subnet netip.Prefix, port uint16) *Pai
 		}
 		t.Errorf("could not remove cgroup %s", p.Cgroup)
 	})
-	bits := fmt.Sprintf("/%d", subnet.Bits())
-	for _, args := range [][]string{
-		{"netns", "add", p.Client}, {"netns", "add", backendNS},
-		{"link", "add", prefix + "v" + id, "netns", p.Client, "type", "veth", "peer", "name", prefix + "p" + id, "netns", backendNS},
-		{"-n", p.Client, "addr", "add", clientIP.String() + bits, "dev", prefix + "v" + id},
-		{"-n", backendNS, "addr", "add", p.Backend.Addr().String() + bits, "dev", prefix + "p" + id},
-		{"-n", p.Client, "link", "set", prefix + "v" + id, "up"}, {"-n", backendNS, "link", "set", prefix + "p" + id, "up"},
-		{"-n", p.Client, "link", "set", "lo", "up"}, {"-n", backendNS, "link", "set", "lo", "up"},
-	} {
+	cv, bv := prefix+"v"+id, prefix+"p"+id
+	commands := [][]string{
+		{"netns", "add", p.Client}, {"netns", "add", p.BackendNS},
+		{"link", "add", cv, "netns", p.Client, "type", "veth", "peer", "name", bv, "netns", p.BackendNS},
+	}
+	for _, subnet := range subnets {
+		client := subnet.Masked().Addr().Next()
+		p.Backends = append(p.Backends, netip.AddrPortFrom(client.Next(), port))
+		bits := fmt.Sprintf("/%d", subnet.Bits())
+		var nodad []string // IPv6 addresses are usable at once, without duplicate detection
+		if client.Is6() {
+			nodad = []string{"nodad"}
+		}
+		commands = append(commands,
+			append([]string{"-n", p.Client, "addr", "add", client.String() + bits, "dev", cv}, nodad...),
+			append([]string{"-n", p.BackendNS, "addr", "add", client.Next().String() + bits, "dev", bv}, nodad...))
+	}
+	commands = append(commands,
+		[]string{"-n", p.Client, "link", "set", cv, "up"}, []string{"-n", p.BackendNS, "link", "set", bv, "up"},
+		[]string{"-n", p.Client, "link", "set", "lo", "up"}, []string{"-n", p.BackendNS, "link", "set", "lo", "up"})
+	for _, args := range commands {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
@@ -237,7 +249,9 @@ func NewPair(t testing.TB, prefix string, subnet netip.Prefix, port uint16) *Pai
 	if err := os.Mkdir(p.Cgroup, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	Serve(t, backendNS, p.Backend)
+	for _, b := range p.Backends {
+		Serve(t, p.BackendNS, b)
+	}
 	return p
 }
 
