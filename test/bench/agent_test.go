@@ -255,7 +255,7 @@ func endpoints(eps []netip.AddrPort) []discoveryv1.Endpoint {
 	return out
 }
 
-// scrape reads an agent's metrics.
+// scrape reads the metrics a process serves on addr.
 func scrape(addr string) (map[string]*dto.MetricFamily, error) {
 	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {

@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,7 +17,6 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -241,14 +239,9 @@ type ownTime struct {
 // its queue and how long they ran (the status write included): the operator's share of the
 // creation-to-IP latency.
 func operatorTimes(addr string) ([]ownTime, error) {
-	resp, err := http.Get("http://" + addr + "/metrics")
+	families, err := scrape(addr)
 	if err != nil {
-		return nil, fmt.Errorf("scrape operator metrics: %w", err)
-	}
-	defer resp.Body.Close()
-	families, err := new(expfmt.TextParser).TextToMetricFamilies(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("parse operator metrics: %w", err)
+		return nil, err
 	}
 	var out []ownTime
 	for _, m := range []struct{ family, label, value, what string }{
