@@ -288,7 +288,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, []string, error) {
 	c := Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
 	if svc.UID == "" || !desired.Serves(svc, r.opts.ProxyName) {
-		return c, nil, r.health.set(c.Service, 0, 0) // closing cannot fail
+		return c, nil, r.health.set(c.Service, 0, desired.Local{}) // closing cannot fail
 	}
 	var slices discoveryv1.EndpointSliceList
 	if err := r.client.List(ctx, &slices, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
@@ -305,7 +305,7 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	var more []string
 	c.Frontends, more = desired.Frontends(node, svc, ptrs, set)
 	problems = append(problems, more...)
-	port, local := int32(0), 0
+	port, local := int32(0), desired.Local{}
 	if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal && svc.Spec.HealthCheckNodePort != 0 {
 		port, local = svc.Spec.HealthCheckNodePort, desired.LocalReady(node.Name, svc, ptrs)
 	}

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/portico-dev/portico/internal/agent/desired"
 )
 
 // healthChecks serve the healthCheckNodePorts of externalTrafficPolicy Local Services, as
@@ -28,7 +30,7 @@ type healthChecks struct {
 type healthCheck struct {
 	port   int32
 	server *http.Server
-	local  atomic.Int64
+	local  atomic.Pointer[desired.Local]
 }
 
 func newHealthChecks(addr string) *healthChecks {
@@ -36,12 +38,12 @@ func newHealthChecks(addr string) *healthChecks {
 }
 
 // set makes svc's health check listen on port and report local endpoints (port 0: none).
-func (h *healthChecks) set(svc types.NamespacedName, port int32, local int) error {
+func (h *healthChecks) set(svc types.NamespacedName, port int32, local desired.Local) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if hc := h.byID[svc]; hc != nil {
 		if hc.port == port {
-			hc.local.Store(int64(local))
+			hc.local.Store(&local)
 			return nil
 		}
 		_ = hc.server.Close()
@@ -55,16 +57,21 @@ func (h *healthChecks) set(svc types.NamespacedName, port int32, local int) erro
 		return fmt.Errorf("health check port %d: %w", port, err)
 	}
 	hc := &healthCheck{port: port}
-	hc.local.Store(int64(local))
+	hc.local.Store(&local)
 	hc.server = &http.Server{Handler: hc.handler(svc), ReadHeaderTimeout: 5 * time.Second}
 	go func() { _ = hc.server.Serve(ln) }() // ends when the server is closed
 	h.byID[svc] = hc
 	return nil
 }
 
+// handler answers with the local endpoints of the probe's IP family.
 func (hc *healthCheck) handler(svc types.NamespacedName) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		local := hc.local.Load()
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		counts := hc.local.Load()
+		local := counts.IPv6
+		if a, ok := r.Context().Value(http.LocalAddrContextKey).(*net.TCPAddr); ok && a.IP.To4() != nil {
+			local = counts.IPv4
+		}
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		if local == 0 {

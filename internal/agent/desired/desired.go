@@ -296,16 +296,28 @@ func derefOr[T any](p *T, def T) T {
 	return *p
 }
 
-// LocalReady counts the Service's ready endpoints on node (distinct addresses): what its
-// healthCheckNodePort reports.
-func LocalReady(node string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) int {
+// Local counts a Service's ready endpoints on a node, per IP family: what its
+// healthCheckNodePort reports to a probe of that family (kube-proxy runs one health server
+// per family, so a dual-stack pod counts once in each).
+type Local struct{ IPv4, IPv6 int }
+
+// LocalReady counts the Service's ready endpoints on node (distinct addresses).
+func LocalReady(node string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) Local {
 	seen := map[string]bool{}
+	var n Local
 	for _, es := range endpointSlices {
 		for _, ep := range es.Endpoints {
-			if isReady(svc, ep) && len(ep.Addresses) > 0 && derefOr(ep.NodeName, "") == node {
-				seen[ep.Addresses[0]] = true
+			if !isReady(svc, ep) || len(ep.Addresses) == 0 || derefOr(ep.NodeName, "") != node || seen[ep.Addresses[0]] {
+				continue
+			}
+			seen[ep.Addresses[0]] = true
+			switch es.AddressType {
+			case discoveryv1.AddressTypeIPv4:
+				n.IPv4++
+			case discoveryv1.AddressTypeIPv6:
+				n.IPv6++
 			}
 		}
 	}
-	return len(seen)
+	return n
 }
