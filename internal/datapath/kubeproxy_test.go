@@ -3,8 +3,6 @@ package datapath
 import (
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"net/url"
 	"os"
@@ -22,7 +20,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/internal/lab"
 	"github.com/portico-dev/portico/test/testenv"
 )
 
@@ -156,22 +154,19 @@ type kubeProxy struct {
 // the machine's, not the namespace's).
 func (api *clusterAPI) startKubeProxy(t testing.TB, bin, netns, mode string) *kubeProxy {
 	t.Helper()
-	in := nstest.Enter(t, netns)
-	var ln net.Listener
-	var err error
-	in(func() { ln, err = net.Listen("tcp", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
 	server, err := url.Parse(api.env.Config.Host)
 	if err != nil {
 		t.Fatal(err)
 	}
-	stopForward := forward(ln, server.Host)
+	local := fmt.Sprintf("127.0.0.1:%d", lab.APIPort)
+	stopForward, err := lab.Forward(netns, local, server.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	dir := t.TempDir()
 	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := api.env.WriteKubeconfigFor(kubeconfig, "https://"+ln.Addr().String()); err != nil {
+	if err := api.env.WriteKubeconfigFor(kubeconfig, "https://"+local); err != nil {
 		t.Fatal(err)
 	}
 	logs, err := os.Create(filepath.Join(dir, "kube-proxy.log"))
@@ -217,50 +212,4 @@ func (kp *kubeProxy) tail() string {
 		b = b[len(b)-4000:]
 	}
 	return string(b)
-}
-
-// forward accepts connections on ln and copies each to and from a connection to addr; the
-// returned function closes the listener and every connection.
-func forward(ln net.Listener, addr string) func() {
-	var mu sync.Mutex
-	conns := map[net.Conn]struct{}{}
-	track := func(c net.Conn, add bool) {
-		mu.Lock()
-		defer mu.Unlock()
-		if add {
-			conns[c] = struct{}{}
-		} else {
-			delete(conns, c)
-		}
-	}
-	go func() {
-		for {
-			in, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				out, err := net.Dial("tcp", addr)
-				if err != nil {
-					in.Close()
-					return
-				}
-				track(in, true)
-				track(out, true)
-				go func() { _, _ = io.Copy(out, in); out.Close() }()
-				_, _ = io.Copy(in, out)
-				in.Close()
-				track(in, false)
-				track(out, false)
-			}()
-		}
-	}()
-	return func() {
-		ln.Close()
-		mu.Lock()
-		defer mu.Unlock()
-		for c := range conns {
-			c.Close()
-		}
-	}
 }

@@ -188,10 +188,11 @@ func startAPI(b *testing.B) *testenv.Env {
 func build(b *testing.B, env *testenv.Env, name string) (bin, kubeconfig string) {
 	b.Helper()
 	dir := b.TempDir()
-	bin, kubeconfig = filepath.Join(dir, name), filepath.Join(dir, "kubeconfig")
-	if out, err := exec.Command("go", "build", "-o", bin, filepath.Join(testenv.Root(), "cmd", name)).CombinedOutput(); err != nil {
-		b.Fatalf("build %s: %v\n%s", name, err, out)
+	bin, err := testenv.Build(dir, name)
+	if err != nil {
+		b.Fatal(err)
 	}
+	kubeconfig = filepath.Join(dir, "kubeconfig")
 	if err := env.WriteKubeconfig(kubeconfig); err != nil {
 		b.Fatal(err)
 	}

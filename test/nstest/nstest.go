@@ -259,11 +259,18 @@ func NewPair(t testing.TB, prefix string, port uint16, subnets ...netip.Prefix) 
 // returned cgroup file once the process has started.
 func (p *Pair) Command(t testing.TB, name string, args ...string) (*exec.Cmd, *os.File) {
 	t.Helper()
-	cg, err := os.Open(p.Cgroup)
+	return CommandIn(t, p.Client, p.Cgroup, name, args...)
+}
+
+// CommandIn prepares a process in a network namespace and a cgroup; the caller closes the
+// returned cgroup file once the process has started.
+func CommandIn(t testing.TB, netns, cgroup, name string, args ...string) (*exec.Cmd, *os.File) {
+	t.Helper()
+	cg, err := os.Open(cgroup)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", p.Client, name}, args...)...)
+	cmd := exec.Command("ip", append([]string{"netns", "exec", netns, name}, args...)...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	return cmd, cg
 }

@@ -1,0 +1,303 @@
+// Package lab builds simulated nodes on one machine: network namespaces on a shared bridge,
+// a router/client namespace on the same segment with no route out, pod namespaces on each
+// node's own bridge, and a cgroup per node for the node's processes. The end-to-end tests and
+// the local lab run Portico's agents there. Nothing touches the root network namespace.
+package lab
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// The addresses of the shared segment, outside config/samples' pool blocks (192.0.2.0/27,
+// 192.0.2.100-120, 2001:db8::/120) so that the lab can hand those out.
+var (
+	LAN4   = netip.MustParsePrefix("192.0.2.0/24")
+	LAN6   = netip.MustParsePrefix("2001:db8::/64")
+	router = [2]netip.Addr{netip.MustParseAddr("192.0.2.254"), netip.MustParseAddr("2001:db8::1:fe")}
+)
+
+// Network is the simulated segment: the router/client namespace and the nodes.
+type Network struct {
+	name   string
+	lan    string // the namespace holding the bridge
+	Client string // the router/client namespace
+	// ClientIPs are the client's addresses on the segment, IPv4 then IPv6.
+	ClientIPs []netip.Addr
+	Nodes     []*Node
+	cgroup    string
+}
+
+// Node is a simulated node: a namespace with eth0 on the segment and a bridge cni0 for its
+// pods, and a cgroup for its processes (the agent attaches its socket programs there).
+type Node struct {
+	Name   string // the Kubernetes Node name
+	NS     string
+	IPs    []netip.Addr   // on the segment, IPv4 then IPv6
+	Pods   []netip.Prefix // pod CIDRs, IPv4 then IPv6
+	Cgroup string
+	net    *Network
+	pods   []string
+}
+
+// Pod is a namespace on a node's pod bridge.
+type Pod struct {
+	Name string
+	Node string // the Node's name
+	NS   string
+	IPs  []netip.Addr // IPv4 then IPv6
+}
+
+// New builds a segment with nodes node-1 … node-N. name prefixes every namespace and the
+// cgroup (keep it short and unique: "pte1234"). On error, what was built is removed.
+func New(name string, nodes int) (*Network, error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("the lab needs root: it creates network namespaces, cgroups and BPF programs")
+	}
+	cg, err := cgroup2()
+	if err != nil {
+		return nil, err
+	}
+	n := &Network{name: name, lan: name + "-lan", Client: name + "-client", ClientIPs: router[:], cgroup: filepath.Join(cg, "portico-"+name)}
+	if err := n.build(nodes); err != nil {
+		return nil, errors.Join(err, n.Close())
+	}
+	return n, nil
+}
+
+func (n *Network) build(nodes int) error {
+	for _, ns := range []string{n.lan, n.Client} {
+		if err := addNS(ns); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(n.cgroup, 0o755); err != nil {
+		return fmt.Errorf("create cgroup: %w", err)
+	}
+	// Multicast snooping off: neighbour solicitations reach every port, as on a plain switch.
+	if err := ip(n.lan, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"); err != nil {
+		return err
+	}
+	if err := ip(n.lan, "link", "set", "br0", "up"); err != nil {
+		return err
+	}
+	if err := n.plug(n.Client, "client", router[:]); err != nil {
+		return err
+	}
+	for i := 1; i <= nodes; i++ {
+		node := &Node{
+			Name:   fmt.Sprintf("node-%d", i),
+			NS:     fmt.Sprintf("%s-node-%d", n.name, i),
+			IPs:    []netip.Addr{netip.AddrFrom4([4]byte{192, 0, 2, byte(240 + i)}), netip.MustParseAddr(fmt.Sprintf("2001:db8::1:%x", i))},
+			Pods:   []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("10.244.%d.0/24", i)), netip.MustParsePrefix(fmt.Sprintf("fd00:10:244:%x::/64", i))},
+			Cgroup: filepath.Join(n.cgroup, fmt.Sprintf("node-%d", i)),
+			net:    n,
+		}
+		n.Nodes = append(n.Nodes, node)
+		if err := n.addNode(node); err != nil {
+			return err
+		}
+	}
+	// Pod networks are routed through their nodes, as with a host-gateway CNI.
+	for _, from := range n.Nodes {
+		for _, to := range n.Nodes {
+			for f := range to.Pods {
+				if from != to {
+					if err := ip(from.NS, "route", "add", to.Pods[f].String(), "via", to.IPs[f].String()); err != nil {
+						return err
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func (n *Network) addNode(node *Node) error {
+	if err := addNS(node.NS); err != nil {
+		return err
+	}
+	if err := os.Mkdir(node.Cgroup, 0o755); err != nil {
+		return fmt.Errorf("create cgroup: %w", err)
+	}
+	if err := n.plug(node.NS, strings.TrimPrefix(node.Name, "node-"), node.IPs); err != nil {
+		return err
+	}
+	cmds := [][]string{{"link", "add", "cni0", "type", "bridge"}}
+	for _, p := range node.Pods {
+		cmds = append(cmds, []string{"addr", "add", prefixOf(first(p), p), "dev", "cni0"})
+	}
+	cmds = append(cmds, []string{"link", "set", "cni0", "up"})
+	for _, c := range cmds {
+		if err := ip(node.NS, c...); err != nil {
+			return err
+		}
+	}
+	return sysctl(node.NS, "net.ipv4.conf.all.forwarding=1", "net.ipv6.conf.all.forwarding=1")
+}
+
+// plug connects namespace ns to the bridge (port name in the bridge's namespace) as eth0
+// with addrs on the segment.
+func (n *Network) plug(ns, port string, addrs []netip.Addr) error {
+	if err := run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", "p"+port, "netns", n.lan); err != nil {
+		return err
+	}
+	cmds := [][]string{}
+	for _, a := range addrs {
+		lan := LAN4
+		if a.Is6() {
+			lan = LAN6
+		}
+		cmds = append(cmds, []string{"addr", "add", prefixOf(a, lan), "dev", "eth0"})
+	}
+	cmds = append(cmds, []string{"link", "set", "eth0", "up"})
+	for _, c := range cmds {
+		if err := ip(ns, c...); err != nil {
+			return err
+		}
+	}
+	if err := ip(n.lan, "link", "set", "p"+port, "master", "br0"); err != nil {
+		return err
+	}
+	return ip(n.lan, "link", "set", "p"+port, "up")
+}
+
+// AddPod makes a pod namespace on the node's bridge with the next free address of each pod
+// CIDR and default routes through the node.
+func (node *Node) AddPod(name string) (*Pod, error) {
+	k := len(node.pods) + 1
+	p := &Pod{Name: name, Node: node.Name, NS: fmt.Sprintf("%s-%s-p%d", node.net.name, node.Name, k)}
+	node.pods = append(node.pods, p.NS)
+	if err := addNS(p.NS); err != nil {
+		return nil, err
+	}
+	port := fmt.Sprintf("v%d", k)
+	if err := run("ip", "link", "add", "eth0", "netns", p.NS, "type", "veth", "peer", "name", port, "netns", node.NS); err != nil {
+		return nil, err
+	}
+	if err := ip(node.NS, "link", "set", port, "master", "cni0"); err != nil {
+		return nil, err
+	}
+	if err := ip(node.NS, "link", "set", port, "up"); err != nil {
+		return nil, err
+	}
+	for _, cidr := range node.Pods {
+		a := first(cidr)
+		for range 9 + k {
+			a = a.Next()
+		}
+		p.IPs = append(p.IPs, a)
+		if err := ip(p.NS, "addr", "add", prefixOf(a, cidr), "dev", "eth0"); err != nil {
+			return nil, err
+		}
+	}
+	if err := ip(p.NS, "link", "set", "eth0", "up"); err != nil {
+		return nil, err
+	}
+	for _, cidr := range node.Pods {
+		if err := ip(p.NS, "route", "add", "default", "via", first(cidr).String()); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// RouteVia sends the client's traffic for addr through node, as a router with a static
+// route (or one that learned it by BGP) would.
+func (n *Network) RouteVia(addr netip.Addr, node *Node) error {
+	via := node.IPs[0]
+	if addr.Is6() {
+		via = node.IPs[1]
+	}
+	return ip(n.Client, "route", "replace", netip.PrefixFrom(addr, addr.BitLen()).String(), "via", via.String())
+}
+
+// Close removes every namespace and cgroup of the network. Processes in the node cgroups
+// must have ended.
+func (n *Network) Close() error {
+	var errs []error
+	for _, node := range n.Nodes {
+		for _, ns := range append(node.pods, node.NS) {
+			errs = append(errs, delNS(ns))
+		}
+	}
+	errs = append(errs, delNS(n.Client), delNS(n.lan))
+	for _, node := range n.Nodes {
+		errs = append(errs, removeCgroup(node.Cgroup))
+	}
+	errs = append(errs, removeCgroup(n.cgroup))
+	return errors.Join(errs...)
+}
+
+// cgroup2 finds the cgroup v2 mount.
+func cgroup2() (string, error) {
+	mounts, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "", fmt.Errorf("find cgroup v2: %w", err)
+	}
+	for _, line := range strings.Split(string(mounts), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
+			return f[1], nil
+		}
+	}
+	return "", errors.New("the lab needs cgroup v2 mounted (the agent's socket programs attach to a cgroup)")
+}
+
+// removeCgroup removes a cgroup directory, waiting for the kernel to release it after its
+// last process ended.
+func removeCgroup(dir string) error {
+	var err error
+	for range 100 {
+		if err = os.Remove(dir); err == nil || os.IsNotExist(err) {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("remove cgroup: %w", err)
+}
+
+func addNS(ns string) error {
+	if err := run("ip", "netns", "add", ns); err != nil {
+		return err
+	}
+	// IPv6 addresses are usable at once, without duplicate address detection.
+	if err := sysctl(ns, "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"); err != nil {
+		return err
+	}
+	return ip(ns, "link", "set", "lo", "up")
+}
+
+func delNS(ns string) error {
+	if _, err := os.Stat(filepath.Join("/run/netns", ns)); os.IsNotExist(err) {
+		return nil
+	}
+	return run("ip", "netns", "del", ns)
+}
+
+func sysctl(ns string, settings ...string) error {
+	return run("ip", append([]string{"netns", "exec", ns, "sysctl", "-qw"}, settings...)...)
+}
+
+func ip(ns string, args ...string) error {
+	return run("ip", append([]string{"-n", ns}, args...)...)
+}
+
+func run(name string, args ...string) error {
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// first is the first host address of a prefix (the gateway of a pod network).
+func first(p netip.Prefix) netip.Addr { return p.Masked().Addr().Next() }
+
+func prefixOf(a netip.Addr, p netip.Prefix) string {
+	return netip.PrefixFrom(a, p.Bits()).String()
+}

@@ -1,0 +1,390 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/test/testenv"
+)
+
+// families are the rows of every scenario: index 0 is IPv4, 1 is IPv6, as in lab addresses.
+var families = []string{"v4", "v6"}
+
+// cluster is a real API server and three simulated nodes, each running cmd/agent: pods
+// web-1, web-2, web-3 (one per node) serve echo traffic on 8080, pod "probe" on node-1
+// runs clients inside node-1's cgroup (where the socket programs are), and the client
+// namespace outside the nodes has a second address per family for source-range tests.
+type cluster struct {
+	c      client.Client
+	net    *lab.Network
+	agents []*lab.Agent
+	config []lab.AgentConfig
+	logs   []string
+	web    []*lab.Pod
+	probe  *lab.Pod
+	// second are the client's second addresses (the first are net.ClientIPs).
+	second []netip.Addr
+}
+
+func start(t *testing.T) *cluster {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces, cgroups and BPF programs")
+	}
+	if testenv.Assets() == "" {
+		t.Skip("needs kube-apiserver and etcd: run `make test`")
+	}
+	dir := t.TempDir()
+	bin, err := testenv.Build(dir, "agent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bpffs := nstest.BPFFS(t)
+	env, err := testenv.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Stop() })
+	n, err := lab.New(fmt.Sprintf("pte%d", os.Getpid()%100000), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := n.Close(); err != nil {
+			t.Errorf("remove the lab network: %v", err)
+		}
+	})
+	c := &cluster{c: env.Client, net: n, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
+	for _, a := range c.second {
+		lan := lab.LAN4
+		if a.Is6() {
+			lan = lab.LAN6
+		}
+		if err := ip(n.Client, "addr", "add", netip.PrefixFrom(a, lan.Bits()).String(), "dev", "eth0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	server, err := url.Parse(env.Config.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := env.WriteKubeconfigFor(kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", lab.APIPort)); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i, node := range n.Nodes {
+		stop, err := lab.Forward(node.NS, fmt.Sprintf("127.0.0.1:%d", lab.APIPort), server.Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(stop)
+		obj := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name}}
+		if err := c.c.Create(ctx, obj); err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range node.IPs {
+			obj.Status.Addresses = append(obj.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: a.String()})
+		}
+		if err := c.c.Status().Update(ctx, obj); err != nil {
+			t.Fatal(err)
+		}
+		web, err := node.AddPod(fmt.Sprintf("web-%d", i+1))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range web.IPs {
+			nstest.Serve(t, web.NS, netip.AddrPortFrom(a, 8080))
+		}
+		c.web = append(c.web, web)
+		c.logs = append(c.logs, filepath.Join(dir, node.Name+".log"))
+		c.config = append(c.config, lab.AgentConfig{Binary: bin, Kubeconfig: kubeconfig, BPFFS: bpffs})
+		c.agents = append(c.agents, nil)
+		c.startAgent(t, i)
+	}
+	if c.probe, err = n.Nodes[0].AddPod("probe"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, l := range c.logs {
+				b, _ := os.ReadFile(l)
+				t.Logf("%s (end):\n%s", filepath.Base(l), tail(string(b), 3000))
+			}
+		}
+	})
+	return c
+}
+
+// startAgent starts node i's agent (again), logging to its file; it stops with the test.
+func (c *cluster) startAgent(t *testing.T, i int) {
+	t.Helper()
+	log, err := os.OpenFile(c.logs[i], os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { log.Close() })
+	cfg := c.config[i]
+	cfg.Log = log
+	a, err := c.net.Nodes[i].StartAgent(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.agents[i] = a
+	t.Cleanup(func() { _ = a.Stop() })
+}
+
+// service creates a dual-stack Service with port "web" 80 -> 8080, changed by edit.
+func (c *cluster) service(t *testing.T, name string, edit func(*corev1.Service)) *corev1.Service {
+	t.Helper()
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+		Spec: corev1.ServiceSpec{
+			IPFamilyPolicy: ptr.To(corev1.IPFamilyPolicyRequireDualStack),
+			IPFamilies:     []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol},
+			Ports:          []corev1.ServicePort{{Name: "web", Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}},
+		},
+	}
+	if edit != nil {
+		edit(svc)
+	}
+	if err := c.c.Create(context.Background(), svc); err != nil {
+		t.Fatal(err)
+	}
+	return svc
+}
+
+// update changes a Service (and retries on conflicts).
+func (c *cluster) update(t *testing.T, svc *corev1.Service, edit func(*corev1.Service)) {
+	t.Helper()
+	for {
+		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(svc), svc); err != nil {
+			t.Fatal(err)
+		}
+		edit(svc)
+		err := c.c.Update(context.Background(), svc)
+		if err == nil {
+			return
+		}
+		if !apierrors.IsConflict(err) {
+			t.Fatal(err)
+		}
+	}
+}
+
+// ingress gives a LoadBalancer Service its ingress addresses (IPv4, IPv6), as the
+// operator would, and has the client reach them through node.
+func (c *cluster) ingress(t *testing.T, svc *corev1.Service, node int, ips ...string) []netip.Addr {
+	t.Helper()
+	var addrs []netip.Addr
+	svc.Status.LoadBalancer.Ingress = nil
+	for _, s := range ips {
+		a := netip.MustParseAddr(s)
+		addrs = append(addrs, a)
+		svc.Status.LoadBalancer.Ingress = append(svc.Status.LoadBalancer.Ingress, corev1.LoadBalancerIngress{IP: s})
+		c.routeVia(t, a, node)
+	}
+	if err := c.c.Status().Update(context.Background(), svc); err != nil {
+		t.Fatal(err)
+	}
+	return addrs
+}
+
+func (c *cluster) routeVia(t *testing.T, a netip.Addr, node int) {
+	t.Helper()
+	if err := c.net.RouteVia(a, c.net.Nodes[node]); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// endpoints makes the Service's EndpointSlices (one per family) list pods, ready, on
+// port "web" 8080.
+func (c *cluster) endpoints(t *testing.T, svc string, pods ...*lab.Pod) {
+	t.Helper()
+	ctx := context.Background()
+	for f, fam := range families {
+		slice := &discoveryv1.EndpointSlice{
+			ObjectMeta:  metav1.ObjectMeta{Name: svc + "-" + fam, Namespace: "default", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+			AddressType: []discoveryv1.AddressType{discoveryv1.AddressTypeIPv4, discoveryv1.AddressTypeIPv6}[f],
+			Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("web"), Protocol: ptr.To(corev1.ProtocolTCP), Port: ptr.To[int32](8080)}},
+		}
+		for _, p := range pods {
+			slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{
+				Addresses:  []string{p.IPs[f].String()},
+				NodeName:   ptr.To(p.Node),
+				Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)},
+			})
+		}
+		var old discoveryv1.EndpointSlice
+		err := c.c.Get(ctx, client.ObjectKeyFromObject(slice), &old)
+		switch {
+		case apierrors.IsNotFound(err):
+			err = c.c.Create(ctx, slice)
+		case err == nil:
+			slice.ResourceVersion = old.ResourceVersion
+			err = c.c.Update(ctx, slice)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// dial connects from the client namespace (from the client's first address of the family
+// unless from is valid), sends a line and returns the echo server's answer:
+// "from <backend> for <client as seen>".
+func (c *cluster) dial(from netip.AddrPort, to netip.AddrPort) (string, error) {
+	conn, err := c.connect(from, to)
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	return exchange(conn)
+}
+
+// connect opens a TCP connection from the client namespace. It closes with a reset, so that
+// its source port is free again at once.
+func (c *cluster) connect(from netip.AddrPort, to netip.AddrPort) (*net.TCPConn, error) {
+	var conn net.Conn
+	err := lab.In(c.net.Client, func() error {
+		if !from.IsValid() {
+			from = netip.AddrPortFrom(c.net.ClientIPs[0], 0)
+			if to.Addr().Is6() {
+				from = netip.AddrPortFrom(c.net.ClientIPs[1], 0)
+			}
+		}
+		d := net.Dialer{Timeout: time.Second, LocalAddr: net.TCPAddrFromAddrPort(from)}
+		var err error
+		conn, err = d.Dial("tcp", to.String())
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	tc := conn.(*net.TCPConn)
+	_ = tc.SetLinger(0)
+	return tc, nil
+}
+
+// exchange sends a line on conn and reads the answer, within 2 seconds.
+func exchange(conn net.Conn) (string, error) {
+	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.WriteString(conn, "hello\n"); err != nil {
+		return "", err
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+// dialFromProbe connects from the probe pod, whose process runs in node-1's cgroup, and
+// returns the answer or the error as bash printed it.
+func (c *cluster) dialFromProbe(t *testing.T, to netip.AddrPort) string {
+	t.Helper()
+	script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%d && echo hello >&3 && read -t 2 line <&3 && echo \"$line\"", to.Addr(), to.Port())
+	cmd, cg := nstest.CommandIn(t, c.probe.NS, c.net.Nodes[0].Cgroup, "timeout", "3", "bash", "-c", script)
+	defer cg.Close()
+	out, _ := cmd.CombinedOutput()
+	return strings.TrimSpace(string(out))
+}
+
+// get fetches a URL from the client namespace and returns the status code and body.
+func (c *cluster) get(to string) (int, string, error) {
+	hc := http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
+			err = lab.In(c.net.Client, func() (err error) {
+				conn, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+				return err
+			})
+			return conn, err
+		},
+	}}
+	resp, err := hc.Get(to)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(b)), err
+}
+
+// eventually calls check until it returns nil, for up to 15 seconds.
+func eventually(t *testing.T, what string, check func() error) {
+	t.Helper()
+	var err error
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if err = check(); err == nil {
+			return
+		}
+	}
+	t.Fatalf("%s: %v", what, err)
+}
+
+// answeredBy checks that an echo answer came from one of the pods on port 8080 (in family f),
+// and returns which.
+func answeredBy(answer string, f int, pods ...*lab.Pod) (*lab.Pod, error) {
+	for _, p := range pods {
+		if strings.HasPrefix(answer, "from "+netip.AddrPortFrom(p.IPs[f], 8080).String()+" ") {
+			return p, nil
+		}
+	}
+	return nil, fmt.Errorf("answer %q is not from %s", answer, names(pods))
+}
+
+// seenFrom checks the client address the backend saw.
+func seenFrom(answer string, a netip.Addr) error {
+	if !strings.Contains(answer, " for "+strings.TrimSuffix(netip.AddrPortFrom(a, 0).String(), "0")) {
+		return fmt.Errorf("answer %q: the backend did not see the client as %s", answer, a)
+	}
+	return nil
+}
+
+func names(pods []*lab.Pod) string {
+	var s []string
+	for _, p := range pods {
+		s = append(s, p.Name)
+	}
+	return strings.Join(s, ", ")
+}
+
+func refused(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
+
+// ip runs ip(8) in a namespace.
+func ip(ns string, args ...string) error {
+	args = append([]string{"-n", ns}, args...)
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
