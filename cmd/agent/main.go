@@ -14,6 +14,7 @@ import (
 
 	"github.com/portico-dev/portico/internal/agent"
 	"github.com/portico-dev/portico/internal/datapath"
+	"github.com/portico-dev/portico/internal/version"
 )
 
 func main() {
@@ -53,6 +54,7 @@ func main() {
 		}
 	}
 	o.MaglevTableSize = uint32(*maglevSize)
+	o.Version = version.Get()
 	mgr, err := agent.NewManager(ctrl.GetConfigOrDie(), dp, o)
 	if err != nil {
 		fail(err, "Failed to set up the agent")

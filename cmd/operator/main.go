@@ -5,7 +5,6 @@ package main
 import (
 	"flag"
 	"os"
-	"runtime/debug"
 	"strings"
 
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -14,11 +13,8 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/internal/version"
 )
-
-// version is the operator's version, set at build time (-ldflags "-X main.version=v0.1.0");
-// the agents' DaemonSet rolls when it changes.
-var version = ""
 
 func main() {
 	var o operator.Options
@@ -43,7 +39,7 @@ func main() {
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zo)))
 	log := ctrl.Log.WithName("setup")
 	if *agentImage != "" {
-		o.Agents = &agentds.Config{Namespace: *agentNamespace, Name: *agentName, Image: *agentImage, Version: buildVersion(),
+		o.Agents = &agentds.Config{Namespace: *agentNamespace, Name: *agentName, Image: *agentImage, Version: version.Get(),
 			ServiceAccount: *agentAccount, Devices: strings.FieldsFunc(*agentDevices, func(r rune) bool { return r == ',' })}
 	}
 
@@ -57,15 +53,4 @@ func main() {
 		log.Error(err, "The manager stopped with an error")
 		os.Exit(1)
 	}
-}
-
-// buildVersion is version, or else the module version Go recorded at build time.
-func buildVersion() string {
-	if version != "" {
-		return version
-	}
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		return bi.Main.Version
-	}
-	return "unknown"
 }

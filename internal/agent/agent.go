@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/netip"
@@ -61,6 +62,8 @@ type Options struct {
 	HealthCheckAddr string
 	// Registry takes the agent's metrics; nil: controller-runtime's, which MetricsAddr serves.
 	Registry prometheus.Registerer
+	// Version is reported in the node's NodeAgent.
+	Version string
 }
 
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
@@ -126,6 +129,10 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	if err := mgr.Add(r.health); err != nil {
 		return nil, fmt.Errorf("add the health checks: %w", err)
 	}
+	r.report = newReporter(mgr.GetClient(), o.NodeName, o.Version, r.syncer, r.ready)
+	if err := mgr.Add(r.report); err != nil {
+		return nil, fmt.Errorf("add the NodeAgent report: %w", err)
+	}
 	if err := mgr.Add(manager.RunnableFunc(r.resync(mgr.GetCache()))); err != nil {
 		return nil, fmt.Errorf("add the first sync: %w", err)
 	}
@@ -183,6 +190,7 @@ type reconciler struct {
 	opts     Options
 	metrics  *metrics
 	health   *healthChecks
+	report   *reporter
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
 	requeue chan event.GenericEvent
@@ -205,16 +213,21 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 			return err
 		}
 		claims := make([]Claim, 0, len(services.Items))
+		policies := make([]*lbv1.ProgrammedPolicy, 0, len(services.Items))
 		for i := range services.Items {
-			c, _, err := r.claim(ctx, node, &services.Items[i])
+			c, pol, _, err := r.claim(ctx, node, &services.Items[i])
 			if err != nil {
 				return err
 			}
 			claims = append(claims, c)
+			policies = append(policies, pol)
 		}
 		if err := r.syncer.Resync(claims); err != nil {
 			r.metrics.errors.Inc()
 			return fmt.Errorf("first sync: %w", err)
+		}
+		for i, c := range claims {
+			r.report.setPolicy(c.Service, policies[i])
 		}
 		took := time.Since(t0)
 		r.metrics.sync.WithLabelValues("full").Observe(took.Seconds())
@@ -253,11 +266,14 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		}
 		svc.Namespace, svc.Name = req.Namespace, req.Name // gone: claims nothing
 	}
-	c, problems, err := r.claim(ctx, node, &svc)
+	c, pol, problems, err := r.claim(ctx, node, &svc)
 	if err != nil {
 		return ctrl.Result{}, err
 	}
 	lost, affected, err := r.syncer.Set(c)
+	if err == nil {
+		r.report.setPolicy(c.Service, pol)
+	}
 	r.metrics.sync.WithLabelValues("service").Observe(time.Since(t0).Seconds())
 	r.metrics.programmed(r.syncer)
 	for _, o := range affected {
@@ -284,23 +300,26 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	return ctrl.Result{}, nil
 }
 
-// claim computes what a Service asks of this node, and sets its health check.
-func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, []string, error) {
+// claim computes what a Service asks of this node and which ServicePolicy applies to it,
+// and sets its health check.
+func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, *lbv1.ProgrammedPolicy, []string, error) {
 	c := Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
-	if svc.UID == "" || !desired.Serves(svc, r.opts.ProxyName) {
-		return c, nil, r.health.set(c.Service, 0, desired.Local{}) // closing cannot fail
+	if svc.UID == "" {
+		return c, nil, nil, r.health.set(c.Service, 0, desired.Local{}) // closing cannot fail
+	}
+	// The policy counts as programmed for a Service this node does not serve (headless, or
+	// another proxy's): there is nothing to program.
+	set, pol, problems, err := r.policy(ctx, svc)
+	if err != nil || !desired.Serves(svc, r.opts.ProxyName) {
+		return c, pol, nil, errors.Join(err, r.health.set(c.Service, 0, desired.Local{}))
 	}
 	var slices discoveryv1.EndpointSliceList
 	if err := r.client.List(ctx, &slices, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
-		return c, nil, fmt.Errorf("list EndpointSlices: %w", err)
+		return c, nil, nil, fmt.Errorf("list EndpointSlices: %w", err)
 	}
 	ptrs := make([]*discoveryv1.EndpointSlice, len(slices.Items))
 	for i := range slices.Items {
 		ptrs[i] = &slices.Items[i]
-	}
-	set, problems, err := r.policy(ctx, svc)
-	if err != nil {
-		return c, nil, err
 	}
 	var more []string
 	c.Frontends, more = desired.Frontends(node, svc, ptrs, set)
@@ -313,18 +332,18 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	if err := r.health.set(c.Service, port, local); err != nil {
 		problems = append(problems, err.Error())
 	}
-	return c, problems, nil
+	return c, pol, problems, nil
 }
 
 // policy returns the settings of the ServicePolicy that applies to svc (the same choice
 // the operator reports in the policies' status), and what of it this node cannot do.
-func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.Settings, []string, error) {
+func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.Settings, *lbv1.ProgrammedPolicy, []string, error) {
 	var list lbv1.ServicePolicyList
 	if err := r.client.List(ctx, &list, client.InNamespace(svc.Namespace)); err != nil {
-		return desired.Settings{}, nil, fmt.Errorf("list ServicePolicies: %w", err)
+		return desired.Settings{}, nil, nil, fmt.Errorf("list ServicePolicies: %w", err)
 	}
 	if len(list.Items) == 0 {
-		return desired.Settings{}, nil, nil
+		return desired.Settings{}, nil, nil, nil
 	}
 	attach := make([]policy.Policy, len(list.Items))
 	for i := range list.Items {
@@ -333,14 +352,15 @@ func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.S
 	results := policy.Resolve(attach, []policy.Service{{Name: svc.Name, Labels: labels.Set(svc.Labels)}}, false)
 	for i := range list.Items {
 		if res := results[list.Items[i].Name]; res != nil && slices.Contains(res.Attached, svc.Name) {
-			set, problems := settings(&list.Items[i].Spec, r.opts.MaglevTableSize)
+			p := &list.Items[i]
+			set, problems := settings(&p.Spec, r.opts.MaglevTableSize)
 			for j := range problems {
-				problems[j] = fmt.Sprintf("ServicePolicy %s: %s", list.Items[i].Name, problems[j])
+				problems[j] = fmt.Sprintf("ServicePolicy %s: %s", p.Name, problems[j])
 			}
-			return set, problems, nil
+			return set, &lbv1.ProgrammedPolicy{Namespace: p.Namespace, Name: p.Name, Generation: p.Generation}, problems, nil
 		}
 	}
-	return desired.Settings{}, nil, nil
+	return desired.Settings{}, nil, nil, nil
 }
 
 // node reads this node's addresses; a Node not (yet) there has none.

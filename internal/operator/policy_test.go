@@ -69,3 +69,71 @@ func TestPolicyStatusSaysWhatApplies(t *testing.T) {
 	}
 	waitPolicy(byLabel, func() *lbv1.PolicyStatus { return &byLabel.Status }, metav1.ConditionTrue, "Accepted", "False", "applies to web", 1)
 }
+
+// A ServicePolicy is Programmed when every node with a ready agent reports its current
+// generation in force (the agents write NodeAgents; the agent's side is tested in
+// internal/agent and test/e2e).
+func TestPolicyProgrammedFollowsNodeAgents(t *testing.T) {
+	startOperator(t, operator.Options{})
+	f := newFixture(t)
+	f.service("web", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeClusterIP })
+	ctx := context.Background()
+	pol := &lbv1.ServicePolicy{ObjectMeta: metav1.ObjectMeta{Namespace: f.ns, Name: "web"}, Spec: lbv1.ServicePolicySpec{
+		TargetRefs: []lbv1.ServiceTargetReference{{Name: "web"}}}}
+	if err := env.Client.Create(ctx, pol); err != nil {
+		t.Fatal(err)
+	}
+	// report makes a node's agent ready with the given generations of the policy in force.
+	report := func(node string, ready bool, generations ...int64) {
+		t.Helper()
+		na := &lbv1.NodeAgent{ObjectMeta: metav1.ObjectMeta{Name: node}}
+		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(na), na); err != nil {
+			if err := env.Client.Create(ctx, na); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = env.Client.Delete(context.Background(), na) })
+		}
+		status := metav1.ConditionFalse
+		if ready {
+			status = metav1.ConditionTrue
+		}
+		na.Status = lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: status, Reason: "Test", LastTransitionTime: metav1.Now()}}}
+		for _, g := range generations {
+			na.Status.Policies = append(na.Status.Policies, lbv1.ProgrammedPolicy{Namespace: f.ns, Name: "web", Generation: g})
+		}
+		if err := env.Client.Status().Update(ctx, na); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wait := func(want metav1.ConditionStatus, reason, text string, nodes int32) {
+		t.Helper()
+		eventually(t, func() error {
+			if err := env.Client.Get(ctx, client.ObjectKeyFromObject(pol), pol); err != nil {
+				return err
+			}
+			c := meta.FindStatusCondition(pol.Status.Conditions, lbv1.ConditionProgrammed)
+			if c == nil || c.Status != want || c.Reason != reason || !strings.Contains(c.Message, text) || pol.Status.ProgrammedNodes != nodes ||
+				c.ObservedGeneration != pol.Generation {
+				return fmt.Errorf("status %+v", pol.Status)
+			}
+			return nil
+		})
+	}
+	name := func(s string) string { return f.ns + "-" + s } // NodeAgents are cluster-wide
+	report(name("a"), true, 1)
+	report(name("b"), true)
+	report(name("down"), false)
+	wait(metav1.ConditionFalse, "Pending", "programmed on 1 of 2 nodes with a ready agent; not yet on "+name("b"), 1)
+	report(name("b"), true, 1)
+	wait(metav1.ConditionTrue, "Programmed", "programmed on all 2 nodes", 2)
+
+	// A new generation is programmed nowhere until the agents say so.
+	pol.Spec.SourceRanges = []string{"192.0.2.0/24"}
+	if err := env.Client.Update(ctx, pol); err != nil {
+		t.Fatal(err)
+	}
+	wait(metav1.ConditionFalse, "Pending", "programmed on 0 of 2", 0)
+	report(name("a"), true, 2)
+	report(name("b"), true, 2)
+	wait(metav1.ConditionTrue, "Programmed", "programmed on all 2 nodes", 2)
+}

@@ -8,11 +8,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/lab"
@@ -342,6 +345,22 @@ func (c *cluster) maglev(t *testing.T) {
 	if err := c.c.Create(context.Background(), policy); err != nil {
 		t.Fatal(err)
 	}
+	t.Run("every NodeAgent reports the policy", func(t *testing.T) {
+		want := lbv1.ProgrammedPolicy{Namespace: "default", Name: "maglev", Generation: policy.Generation}
+		for _, node := range c.net.Nodes {
+			eventually(t, node.Name+"'s NodeAgent", func() error {
+				var na lbv1.NodeAgent
+				if err := c.c.Get(context.Background(), client.ObjectKey{Name: node.Name}, &na); err != nil {
+					return err
+				}
+				if !meta.IsStatusConditionTrue(na.Status.Conditions, lbv1.ConditionReady) || na.Status.Services == 0 ||
+					!slices.Contains(na.Status.Policies, want) || len(na.OwnerReferences) != 1 || na.OwnerReferences[0].Name != node.Name {
+					return fmt.Errorf("NodeAgent %+v, want Ready, Services, %+v and owned by its Node", na, want)
+				}
+				return nil
+			})
+		}
+	})
 	for f, fam := range families {
 		t.Run(fam, func(t *testing.T) {
 			to := netip.AddrPortFrom(lbIPs[f], 80)

@@ -11,6 +11,9 @@ const (
 	ConditionAccepted = "Accepted"
 	// ConditionConflict says whether the resource overlaps or competes with another one.
 	ConditionConflict = "Conflict"
+	// ConditionProgrammed says whether every node with a ready agent programmed a policy's
+	// current generation.
+	ConditionProgrammed = "Programmed"
 )
 
 // LabelSelector is a Kubernetes label selector (same fields and meaning as metav1's) whose
@@ -92,7 +95,8 @@ type ServiceTargetReference struct {
 
 // PolicyStatus is what every Portico policy reports.
 type PolicyStatus struct {
-	// Conditions: Accepted (valid and in force), Conflict (another policy wins some targets).
+	// Conditions: Accepted (valid and in force), Conflict (another policy wins some targets),
+	// Programmed (every node with a ready agent programmed this generation; ServicePolicy).
 	// +listType=map
 	// +listMapKey=type
 	// +optional
@@ -100,4 +104,8 @@ type PolicyStatus struct {
 	// AttachedServices is how many Services the policy applies to now.
 	// +optional
 	AttachedServices int32 `json:"attachedServices"`
+	// ProgrammedNodes is how many nodes programmed the policy's current generation
+	// (ServicePolicy).
+	// +optional
+	ProgrammedNodes int32 `json:"programmedNodes,omitempty"`
 }

@@ -94,6 +94,8 @@ type ServicePolicySpec struct {
 // +kubebuilder:printcolumn:name="Services",type=integer,JSONPath=".status.attachedServices"
 // +kubebuilder:printcolumn:name="Accepted",type=string,JSONPath=".status.conditions[?(@.type==\"Accepted\")].status"
 // +kubebuilder:printcolumn:name="Conflict",type=string,JSONPath=".status.conditions[?(@.type==\"Conflict\")].status"
+// +kubebuilder:printcolumn:name="Programmed",type=string,JSONPath=".status.conditions[?(@.type==\"Programmed\")].status"
+// +kubebuilder:printcolumn:name="Nodes",type=integer,JSONPath=".status.programmedNodes"
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=".metadata.creationTimestamp"
 type ServicePolicy struct {
 	metav1.TypeMeta   `json:",inline"`

@@ -6,6 +6,7 @@ package policystatus
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -32,6 +33,10 @@ const (
 	ReasonTargetNotFound = "TargetNotFound"
 	ReasonOverridden     = "Overridden"
 	ReasonNoConflict     = "NoConflict"
+	ReasonProgrammed     = "Programmed"
+	ReasonPending        = "Pending"
+	ReasonNotAttached    = "NotAttached"
+	ReasonNoAgents       = "NoAgents"
 )
 
 // entry is one policy object seen through what every kind has in common.
@@ -50,11 +55,14 @@ type Kind struct {
 	Object client.Object
 	// PerPort resolves conflicts per Service port rather than per Service.
 	PerPort bool
+	// Programmed: the node agents program the kind and report it in NodeAgents; its
+	// policies get the Programmed condition.
+	Programmed bool
 	list    func(ctx context.Context, c client.Client, namespace string) ([]entry, error)
 }
 
 // ServicePolicies is the ServicePolicy kind.
-var ServicePolicies = Kind{Name: "servicepolicy", Object: &lbv1.ServicePolicy{}, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
+var ServicePolicies = Kind{Name: "servicepolicy", Object: &lbv1.ServicePolicy{}, Programmed: true, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
 	var l lbv1.ServicePolicyList
 	if err := c.List(ctx, &l, client.InNamespace(ns)); err != nil {
 		return nil, fmt.Errorf("list ServicePolicies: %w", err)
@@ -95,12 +103,13 @@ type Reconciler struct {
 
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies;l7policies,verbs=get;list;watch
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies/status;l7policies/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=nodeagents,verbs=get;list;watch
 
 // SetupWithManager registers the reconciler. A change to any policy of the kind or to any
 // Service re-queues every policy of the kind in that namespace: conflicts cross policies.
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
-	inNamespace := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
-		entries, err := r.Kind.list(ctx, r.Client, o.GetNamespace())
+	policiesIn := func(ctx context.Context, namespace string) []reconcile.Request {
+		entries, err := r.Kind.list(ctx, r.Client, namespace)
 		if err != nil {
 			logf.FromContext(ctx).Error(err, "Failed to list policies to re-queue")
 			return nil
@@ -110,13 +119,22 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 			out[i] = reconcile.Request{NamespacedName: client.ObjectKeyFromObject(e.obj)}
 		}
 		return out
+	}
+	inNamespace := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+		return policiesIn(ctx, o.GetNamespace())
 	})
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr).
 		Named(r.Kind.Name).
 		For(r.Kind.Object).
 		Watches(r.Kind.Object, inNamespace).
-		Watches(&corev1.Service{}, inNamespace).
-		Complete(r)
+		Watches(&corev1.Service{}, inNamespace)
+	if r.Kind.Programmed {
+		// What a node programmed concerns policies of every namespace.
+		b = b.Watches(&lbv1.NodeAgent{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, _ client.Object) []reconcile.Request {
+			return policiesIn(ctx, metav1.NamespaceAll)
+		}))
+	}
+	return b.Complete(r)
 }
 
 // Reconcile writes one policy's status.
@@ -163,6 +181,16 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	meta.SetStatusCondition(&self.status.Conditions, accepted)
 	meta.SetStatusCondition(&self.status.Conditions, conflict)
 	self.status.AttachedServices = attached
+	if r.Kind.Programmed {
+		var agents lbv1.NodeAgentList
+		if err := r.Client.List(ctx, &agents); err != nil {
+			return ctrl.Result{}, fmt.Errorf("list NodeAgents: %w", err)
+		}
+		cond, nodes := programmed(self.obj, attached, agents.Items)
+		cond.ObservedGeneration = gen
+		meta.SetStatusCondition(&self.status.Conditions, cond)
+		self.status.ProgrammedNodes = nodes
+	}
 	if equality.Semantic.DeepEqual(orig, self.obj) {
 		return ctrl.Result{}, nil
 	}
@@ -207,4 +235,42 @@ func conditions(e *entry, r *policy.Result) (accepted, conflict metav1.Condition
 		conflict.Message = "another policy applies to " + strings.Join(r.Overridden, "; ")
 	}
 	return accepted, conflict, attached
+}
+
+// programmed says how many nodes with a ready agent report the policy's current generation
+// in force, and whether that is all of them.
+func programmed(obj client.Object, attached int32, agents []lbv1.NodeAgent) (metav1.Condition, int32) {
+	c := metav1.Condition{Type: lbv1.ConditionProgrammed, Status: metav1.ConditionFalse}
+	if attached == 0 {
+		c.Reason, c.Message = ReasonNotAttached, "the policy applies to no Service"
+		return c, 0
+	}
+	want := lbv1.ProgrammedPolicy{Namespace: obj.GetNamespace(), Name: obj.GetName(), Generation: obj.GetGeneration()}
+	var ready int
+	var missing []string
+	for _, a := range agents {
+		if !meta.IsStatusConditionTrue(a.Status.Conditions, lbv1.ConditionReady) {
+			continue
+		}
+		ready++
+		if !slices.Contains(a.Status.Policies, want) {
+			missing = append(missing, a.Name)
+		}
+	}
+	done := int32(ready - len(missing))
+	switch {
+	case ready == 0:
+		c.Reason, c.Message = ReasonNoAgents, "no node has a ready agent"
+	case len(missing) == 0:
+		c.Status, c.Reason, c.Message = metav1.ConditionTrue, ReasonProgrammed, fmt.Sprintf("programmed on all %d nodes with a ready agent", ready)
+	default:
+		slices.Sort(missing)
+		more := ""
+		if len(missing) > 5 {
+			missing, more = missing[:5], fmt.Sprintf(" and %d more", len(missing)-5)
+		}
+		c.Reason = ReasonPending
+		c.Message = fmt.Sprintf("programmed on %d of %d nodes with a ready agent; not yet on %s%s", done, ready, strings.Join(missing, ", "), more)
+	}
+	return c, done
 }

@@ -1,0 +1,67 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// NodeAgentStatus is what a node's agent has programmed into the node's datapath.
+type NodeAgentStatus struct {
+	// Conditions: Ready (the agent programmed the datapath from the API server's state and
+	// keeps it in sync).
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+	// Version is the agent's version.
+	// +optional
+	Version string `json:"version,omitempty"`
+	// Services is how many Services the node serves.
+	// +optional
+	Services int32 `json:"services"`
+	// Frontends is how many frontends (address, port, protocol and scope) the datapath holds.
+	// +optional
+	Frontends int32 `json:"frontends"`
+	// Policies are the ServicePolicies in force on the node (each winning at least one
+	// Service), with the generation programmed.
+	// +listType=atomic
+	// +optional
+	Policies []ProgrammedPolicy `json:"policies,omitempty"`
+}
+
+// ProgrammedPolicy names a policy and the generation of it a node programmed.
+type ProgrammedPolicy struct {
+	Namespace  string `json:"namespace"`
+	Name       string `json:"name"`
+	Generation int64  `json:"generation"`
+}
+
+// NodeAgent reports one node's agent: its readiness and what it programmed. The agent of the
+// node of the same name creates and writes it; it goes with its Node.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,shortName=pna,categories=portico
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=".status.conditions[?(@.type==\"Ready\")].status"
+// +kubebuilder:printcolumn:name="Services",type=integer,JSONPath=".status.services"
+// +kubebuilder:printcolumn:name="Frontends",type=integer,JSONPath=".status.frontends"
+// +kubebuilder:printcolumn:name="Version",type=string,JSONPath=".status.version"
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=".metadata.creationTimestamp"
+type NodeAgent struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Status NodeAgentStatus `json:"status,omitempty"`
+}
+
+// NodeAgentList is a list of NodeAgents.
+//
+// +kubebuilder:object:root=true
+type NodeAgentList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []NodeAgent `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&NodeAgent{}, &NodeAgentList{})
+}

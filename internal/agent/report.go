@@ -1,0 +1,143 @@
+package agent
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+)
+
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=nodeagents,verbs=get;create;patch
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=nodeagents/status,verbs=patch
+
+// fieldOwner is the agent's name in managed fields.
+const fieldOwner = "portico-agent"
+
+// reporter keeps the node's NodeAgent equal to what the agent programmed: written once the
+// first sync is done, then after changes, at most once per interval. The operator reads it
+// for the policies' Programmed condition; users read it with kubectl get nodeagents.
+type reporter struct {
+	client   client.Client
+	node     string
+	version  string
+	syncer   *Syncer
+	ready    <-chan struct{}
+	interval time.Duration
+	changed  chan struct{}
+
+	mu       sync.Mutex
+	policies map[types.NamespacedName]lbv1.ProgrammedPolicy // by Service
+}
+
+func newReporter(c client.Client, node, version string, syncer *Syncer, ready <-chan struct{}) *reporter {
+	return &reporter{client: c, node: node, version: version, syncer: syncer, ready: ready, interval: time.Second,
+		changed: make(chan struct{}, 1), policies: map[types.NamespacedName]lbv1.ProgrammedPolicy{}}
+}
+
+// setPolicy records the policy programmed for a Service (nil: none) and schedules a write.
+func (p *reporter) setPolicy(svc types.NamespacedName, pol *lbv1.ProgrammedPolicy) {
+	p.mu.Lock()
+	if pol == nil {
+		delete(p.policies, svc)
+	} else {
+		p.policies[svc] = *pol
+	}
+	p.mu.Unlock()
+	p.poke()
+}
+
+// poke schedules a write.
+func (p *reporter) poke() {
+	select {
+	case p.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Start writes the NodeAgent until ctx ends (a manager Runnable). A failed write is tried
+// again after five intervals.
+func (p *reporter) Start(ctx context.Context) error {
+	select {
+	case <-p.ready:
+	case <-ctx.Done():
+		return nil
+	}
+	since := metav1.Now()
+	var last *lbv1.NodeAgentStatus
+	for {
+		status := p.status(since)
+		wait := p.interval
+		if last == nil || !equality.Semantic.DeepEqual(*last, status) {
+			if err := p.write(ctx, status); err != nil {
+				ctrl.LoggerFrom(ctx).Error(err, "Failed to report to the NodeAgent")
+				wait = 5 * p.interval
+				p.poke()
+			} else {
+				last = &status
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-p.changed:
+		}
+	}
+}
+
+func (p *reporter) status(since metav1.Time) lbv1.NodeAgentStatus {
+	services, frontends := p.syncer.Counts()
+	s := lbv1.NodeAgentStatus{
+		Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Synced", LastTransitionTime: since,
+			Message: "the datapath follows the API server's Services, EndpointSlices and ServicePolicies"}},
+		Version: p.version, Services: int32(services), Frontends: int32(frontends),
+	}
+	p.mu.Lock()
+	seen := map[lbv1.ProgrammedPolicy]bool{}
+	for _, pol := range p.policies {
+		if !seen[pol] {
+			seen[pol] = true
+			s.Policies = append(s.Policies, pol)
+		}
+	}
+	p.mu.Unlock()
+	slices.SortFunc(s.Policies, func(a, b lbv1.ProgrammedPolicy) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name), cmp.Compare(a.Generation, b.Generation))
+	})
+	return s
+}
+
+// write applies the NodeAgent (owned by the Node, so that it goes with it) and its status.
+func (p *reporter) write(ctx context.Context, status lbv1.NodeAgentStatus) error {
+	obj := &lbv1.NodeAgent{
+		TypeMeta:   metav1.TypeMeta{APIVersion: lbv1.GroupVersion.String(), Kind: "NodeAgent"},
+		ObjectMeta: metav1.ObjectMeta{Name: p.node},
+	}
+	var node corev1.Node
+	if err := p.client.Get(ctx, types.NamespacedName{Name: p.node}, &node); err == nil {
+		obj.OwnerReferences = []metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node.Name, UID: node.UID}}
+	}
+	if err := p.client.Patch(ctx, obj, client.Apply, client.FieldOwner(fieldOwner), client.ForceOwnership); err != nil {
+		return fmt.Errorf("apply NodeAgent %s: %w", p.node, err)
+	}
+	applied := &lbv1.NodeAgent{TypeMeta: obj.TypeMeta, ObjectMeta: metav1.ObjectMeta{Name: p.node}, Status: status}
+	if err := p.client.Status().Patch(ctx, applied, client.Apply, client.FieldOwner(fieldOwner), client.ForceOwnership); err != nil {
+		return fmt.Errorf("apply NodeAgent %s status: %w", p.node, err)
+	}
+	return nil
+}
