@@ -26,6 +26,7 @@ func main() {
 	maglevSize := flag.Uint("maglev-table-size", 16381, "Maglev table size (a prime) for Services that use Maglev.")
 	flag.StringVar(&o.ProxyName, "service-proxy-name", "", "Serve only Services labelled service.kubernetes.io/service-proxy-name with this value (empty: only Services without the label).")
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":9090", "Address of the Prometheus metrics endpoint; 0 turns it off.")
+	flag.BoolVar(&o.Profiling, "profiling", false, "Serve Go's /debug/pprof/ on the metrics endpoint.")
 	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":9091", "Address of the /healthz and /readyz endpoints.")
 	zo := zap.Options{}
 	zo.BindFlags(flag.CommandLine)

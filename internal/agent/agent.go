@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"slices"
 	"strings"
@@ -64,6 +65,8 @@ type Options struct {
 	Registry prometheus.Registerer
 	// Version is reported in the node's NodeAgent.
 	Version string
+	// Profiling serves Go's /debug/pprof/ on the metrics endpoint.
+	Profiling bool
 }
 
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
@@ -100,7 +103,7 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 			// Only this node's Node object.
 			ByObject: map[client.Object]cache.ByObject{&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", o.NodeName)}},
 		},
-		Metrics:                metricsserver.Options{BindAddress: o.MetricsAddr},
+		Metrics:                metricsserver.Options{BindAddress: o.MetricsAddr, ExtraHandlers: profiling(o.Profiling)},
 		HealthProbeBindAddress: o.ProbeAddr,
 		Controller:             config.Controller{SkipNameValidation: &o.SeveralPerProcess},
 	})
@@ -164,6 +167,17 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		return nil, fmt.Errorf("add ready check: %w", err)
 	}
 	return mgr, nil
+}
+
+// profiling returns Go's profiling handlers, when on.
+func profiling(on bool) map[string]http.Handler {
+	if !on {
+		return nil
+	}
+	return map[string]http.Handler{
+		"/debug/pprof/":        http.HandlerFunc(pprof.Index),
+		"/debug/pprof/profile": http.HandlerFunc(pprof.Profile),
+	}
 }
 
 // keepWhatIsRead drops from cached objects what the agent never reads: managed fields and

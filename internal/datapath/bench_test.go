@@ -17,6 +17,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/portico-dev/portico/test/kubeproxy"
 	"github.com/portico-dev/portico/test/nstest"
 )
 
@@ -191,13 +192,13 @@ func percentiles(xs []time.Duration) (p50, p99 time.Duration) {
 // limit), through Portico (socket layer), and through kube-proxy in iptables and nftables
 // mode reading the same Services from an API server; then how long a new Service takes to
 // carry its first connection with 10,000 there. Run it with -benchtime 1x; it prints a
-// table. Without kube-proxy (see kubeProxyBinary) it compares Portico and direct.
+// table. Without kube-proxy (see test/kubeproxy) it compares Portico and direct.
 func BenchmarkClusterIPConnect(b *testing.B) {
 	top := newTopology(b)
 	top.routeServiceRanges()
 	lb := top.attach()
 	backend := netip.AddrPortFrom(top.backIP, 8080)
-	bin, whyNot := kubeProxyBinary()
+	bin, whyNot := kubeproxy.Binary()
 	var api *clusterAPI
 	var kpNode string
 	modes := []string{"iptables", "nftables"}
@@ -277,10 +278,10 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 		measured := []*path{direct, portico}
 		baseline := map[*path]float64{}
 		for _, mode := range modes {
-			kp := api.startKubeProxy(b, bin, kpNode, mode)
+			kp := kubeproxy.Start(b, api.env, bin, kpNode, mode, api.node)
 			synced, err := nstest.TimeToConnect(top.t, top.commandIn(kpNode, "tcp-wait", serviceVIP(n-1)), func() {})
 			if err != nil {
-				b.Fatalf("kube-proxy %s never served %s: %v\n%s", mode, serviceVIP(n-1), err, kp.tail())
+				b.Fatalf("kube-proxy %s never served %s: %v\n%s", mode, serviceVIP(n-1), err, kp.Tail())
 			}
 			proxied := &path{name: "kube-proxy " + mode, client: proxiedClient, to: spread(n, serviceVIP)}
 			programming[proxied] = fmt.Sprintf("start to serving the last Service %s", synced.Round(time.Millisecond))
@@ -300,13 +301,13 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 						}
 					})
 					if err != nil {
-						b.Fatalf("kube-proxy %s: new Service %s: %v\n%s", mode, vip, err, kp.tail())
+						b.Fatalf("kube-proxy %s: new Service %s: %v\n%s", mode, vip, err, kp.Tail())
 					}
 					took = append(took, d)
 				}
 				first = append(first, firstConnection{proxied.name, fmtPercentiles(took), fmt.Sprintf("%d Services and EndpointSlices created", kubeProxySamples)})
 			}
-			kp.stop()
+			kp.Stop()
 			if got, _ := top.commandIn(kpNode, "tcp", serviceVIP(n-1)).CombinedOutput(); !strings.Contains(string(got), "refused") {
 				b.Fatalf("kube-proxy %s left its rules behind: %s", mode, got)
 			}

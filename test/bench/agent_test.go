@@ -3,7 +3,9 @@ package bench
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/netip"
 	"os"
@@ -22,6 +24,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/portico-dev/portico/internal/controller/agentds"
+	"github.com/portico-dev/portico/test/kubeproxy"
 	"github.com/portico-dev/portico/test/nstest"
 )
 
@@ -49,7 +52,9 @@ var (
 // traffic, and from a new Service to its first connection. Clients run in a namespace and
 // cgroup of the test's with the agent's socket programs; the endpoints of the 10,000 are
 // addresses nothing routes to, so a connection succeeds only once the test's change (to the
-// real backend) is programmed. Run it as root with -benchtime 1x.
+// real backend) is programmed. Then kube-proxy (iptables, then nftables; `make bench-tools`)
+// gets the same kind of changes in the same run: its first sync and change to traffic.
+// Run it as root with -benchtime 1x.
 func BenchmarkAgentSync(b *testing.B) {
 	env := startAPI(b)
 	ctx := context.Background()
@@ -57,8 +62,13 @@ func BenchmarkAgentSync(b *testing.B) {
 	pair := nstest.NewPair(b, "ptb", 8080, netip.MustParsePrefix("10.253.0.0/30"))
 	backend := pair.Backends[0]
 
-	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bench-node"}}
-	if _, err := cs.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil {
+	// kube-proxy waits for its Node's address.
+	node, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "bench-node"}}, metav1.CreateOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	node.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: backend.Addr().Prev().String()}}
+	if _, err := cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{}); err != nil {
 		b.Fatal(err)
 	}
 	vip := func(i int) netip.AddrPort {
@@ -88,7 +98,7 @@ func BenchmarkAgentSync(b *testing.B) {
 		b.Fatal(err)
 	}
 	agent := exec.Command(bin, "--node-name=bench-node", "--cgroup-root="+pair.Cgroup, "--bpffs="+nstest.BPFFS(b),
-		"--metrics-bind-address="+metricsAddr, "--health-probe-bind-address="+probeAddr, "--zap-log-level=error")
+		"--metrics-bind-address="+metricsAddr, "--health-probe-bind-address="+probeAddr, "--zap-log-level=error", "--profiling")
 	// As deployed (internal/controller/agentds): a soft memory limit under the container's.
 	agent.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig, "GOMEMLIMIT="+agentds.MemoryLimit)
 	agent.Stderr = os.Stderr
@@ -96,7 +106,7 @@ func BenchmarkAgentSync(b *testing.B) {
 	if err := agent.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer func() { _ = agent.Process.Signal(os.Interrupt); _ = agent.Wait() }()
+	b.Cleanup(func() { _ = agent.Process.Signal(os.Interrupt); _ = agent.Wait() })
 	for {
 		if resp, err := http.Get("http://" + probeAddr + "/readyz"); err == nil {
 			resp.Body.Close()
@@ -133,6 +143,7 @@ func BenchmarkAgentSync(b *testing.B) {
 	}
 	const samples = 100
 	var change, changeWrite, create, createWrite []time.Duration
+	changed := map[int]bool{} // Services pointed at the backend; later runs take others
 	// The first change also pays for cold paths (the first connection to the backend, the
 	// first neighbour lookup): a warm-up, not counted. The samples are Services 0, n/100, ...
 	for k := -1; k < samples; k++ {
@@ -140,6 +151,7 @@ func BenchmarkAgentSync(b *testing.B) {
 		if k < 0 {
 			i = agentServices - 1
 		}
+		changed[i] = true
 		slice, err := cs.DiscoveryV1().EndpointSlices("default").Get(ctx, fmt.Sprintf("svc-%d-1", i), metav1.GetOptions{})
 		if err != nil {
 			b.Fatal(err)
@@ -190,10 +202,80 @@ func BenchmarkAgentSync(b *testing.B) {
 	fmt.Printf("  first sync (start to ready)          %s; initial events drained at %s\n", firstSync.Round(time.Millisecond), settled.Round(time.Millisecond))
 	row(fmt.Sprintf("EndpointSlice change to traffic (%d)", samples), change, changeWrite)
 	row(fmt.Sprintf("new Service to first connection (%d)", samples), create, createWrite)
-	fmt.Printf("  agent RSS after first sync / at end  %.0f / %.0f MiB (Go heap in use at end %.0f MiB)\n\n", rssAfterSync, rssMiB(agent.Process.Pid), heapMiB(metricsAddr))
+	if path := os.Getenv("BENCH_AGENT_HEAP_PROFILE"); path != "" {
+		if err := download("http://"+metricsAddr+"/debug/pprof/heap?gc=1", path); err != nil {
+			b.Fatal(err)
+		}
+	}
+	rss := rssMiB(agent.Process.Pid)
+	fmt.Printf("  agent RSS after first sync / at end  %.0f / %.0f MiB (Go heap in use at end %.0f MiB)\n", rssAfterSync, rss, heapMiB(metricsAddr))
 	b.ReportMetric(firstSync.Seconds(), "first-sync-s")
 	b.ReportMetric(float64(pct(change, 99).Microseconds())/1000, "change-p99-ms")
-	b.ReportMetric(rssMiB(agent.Process.Pid), "rss-MiB")
+	b.ReportMetric(rss, "rss-MiB")
+	_ = agent.Process.Signal(os.Interrupt)
+	_ = agent.Wait()
+
+	// The same kind of changes through kube-proxy, in the client's namespace, with clients
+	// outside the agent's cgroup (its programs stay attached there, pinned).
+	bin, whyNot := kubeproxy.Binary()
+	if whyNot != nil {
+		fmt.Printf("kube-proxy baseline skipped: %v\n\n", whyNot)
+		return
+	}
+	// kube-proxy translates after the routing decision: Service addresses need a route.
+	if out, err := exec.Command("ip", "-n", pair.Client, "route", "add", "10.96.0.0/12", "via", backend.Addr().String()).CombinedOutput(); err != nil {
+		b.Fatalf("route Service addresses: %v\n%s", err, out)
+	}
+	plain := func(to netip.AddrPort) *exec.Cmd {
+		cmd := exec.Command("ip", "netns", "exec", pair.Client, os.Args[0])
+		cmd.Env = append(os.Environ(), clientEnv+"="+to.String())
+		return cmd
+	}
+	kpSamples := envInt("BENCH_KUBE_PROXY_SAMPLES", 20)
+	for _, mode := range []string{"iptables", "nftables"} {
+		// Start to a first connection to a Service the Portico run pointed at the backend.
+		var kp *kubeproxy.Proxy
+		first, err := nstest.TimeToConnect(b, plain(vip(agentServices-1)), func() {
+			kp = kubeproxy.Start(b, env, bin, pair.Client, mode, "bench-node")
+		})
+		if err != nil {
+			// At 100,000 endpoints iptables-restore can take longer than the client waits:
+			// a result, not a failure of the benchmark.
+			fmt.Printf("kube-proxy %s, same Services\n  first sync: no connection within 10 minutes (%v); kube-proxy RSS %.0f MiB\n", mode, err, rssMiB(kp.Pid()))
+			kp.Stop()
+			continue
+		}
+		var took, write []time.Duration
+		for k := range kpSamples {
+			i := k * (agentServices / kpSamples)
+			for changed[i] {
+				i++
+			}
+			changed[i] = true
+			slice, err := cs.DiscoveryV1().EndpointSlices("default").Get(ctx, fmt.Sprintf("svc-%d-1", i), metav1.GetOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			slice.Endpoints = endpoints([]netip.AddrPort{backend})
+			d, err := nstest.TimeToConnect(b, plain(vip(i)), func() {
+				t0 := time.Now()
+				if _, err := cs.DiscoveryV1().EndpointSlices("default").Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
+					b.Fatal(err)
+				}
+				write = append(write, time.Since(t0))
+			})
+			if err != nil {
+				b.Fatalf("kube-proxy %s: EndpointSlice change of Service %d: %v\n%s", mode, i, err, kp.Tail())
+			}
+			took = append(took, d)
+		}
+		fmt.Printf("kube-proxy %s, same Services\n", mode)
+		fmt.Printf("  first sync (start to first connection) %s\n", first.Round(time.Millisecond))
+		row(fmt.Sprintf("EndpointSlice change to traffic (%d)", kpSamples), took, write)
+		fmt.Printf("  kube-proxy RSS                       %.0f MiB\n", rssMiB(kp.Pid()))
+		kp.Stop()
+	}
+	fmt.Println()
 }
 
 // parallel runs do(0..n-1) with 16 writers.
@@ -295,4 +377,20 @@ func queueDepth(addr, name string) (float64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no workqueue_depth for %s", name)
+}
+
+// download saves what url serves into path (BENCH_AGENT_HEAP_PROFILE: a heap profile for
+// go tool pprof).
+func download(url, path string) error {
+	resp, err := http.Get(url)
+	if err != nil {
+		return fmt.Errorf("get %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(f, resp.Body)
+	return errors.Join(err, f.Close())
 }
