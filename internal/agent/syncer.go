@@ -58,8 +58,9 @@ type Syncer struct {
 	dp     Programmer
 	mu     sync.Mutex
 	claims map[types.NamespacedName]Claim
-	// claimants lists, per slot, the Services asking for it and their frontend there.
-	claimants map[slot]map[types.NamespacedName]datapath.Frontend
+	// claimants lists, per slot, the Services asking for it and their frontend there
+	// (nearly always one: a slice, not a map, of them).
+	claimants map[slot][]claimant
 	// owner says which Service each programmed slot belongs to; programmed is what it holds.
 	owner      map[slot]types.NamespacedName
 	programmed map[slot]datapath.Frontend
@@ -69,7 +70,7 @@ type Syncer struct {
 
 // NewSyncer returns a Syncer that programs dp.
 func NewSyncer(dp Programmer) *Syncer {
-	return &Syncer{dp: dp, claims: map[types.NamespacedName]Claim{}, claimants: map[slot]map[types.NamespacedName]datapath.Frontend{},
+	return &Syncer{dp: dp, claims: map[types.NamespacedName]Claim{}, claimants: map[slot][]claimant{},
 		owner: map[slot]types.NamespacedName{}, programmed: map[slot]datapath.Frontend{}, slots: map[types.NamespacedName]int{}}
 }
 
@@ -91,9 +92,11 @@ func (s *Syncer) own(k slot, svc types.NamespacedName) {
 func (s *Syncer) record(c Claim) {
 	for _, f := range s.claims[c.Service].Frontends {
 		k := slotOf(f)
-		delete(s.claimants[k], c.Service)
-		if len(s.claimants[k]) == 0 {
+		left := slices.DeleteFunc(s.claimants[k], func(o claimant) bool { return o.service == c.Service })
+		if len(left) == 0 {
 			delete(s.claimants, k)
+		} else {
+			s.claimants[k] = left
 		}
 	}
 	delete(s.claims, c.Service)
@@ -103,10 +106,7 @@ func (s *Syncer) record(c Claim) {
 	s.claims[c.Service] = c
 	for _, f := range c.Frontends {
 		k := slotOf(f)
-		if s.claimants[k] == nil {
-			s.claimants[k] = map[types.NamespacedName]datapath.Frontend{}
-		}
-		s.claimants[k][c.Service] = f
+		s.claimants[k] = append(s.claimants[k], claimant{c.Service, f})
 	}
 }
 
@@ -115,7 +115,7 @@ func (s *Syncer) record(c Claim) {
 func (s *Syncer) Resync(claims []Claim) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.claims, s.claimants = map[types.NamespacedName]Claim{}, map[slot]map[types.NamespacedName]datapath.Frontend{}
+	s.claims, s.claimants = map[types.NamespacedName]Claim{}, map[slot][]claimant{}
 	for _, c := range claims {
 		s.record(c)
 	}
@@ -153,7 +153,8 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 	var errs []error
 	for k := range touched {
 		winner, f, ok := s.winner(k)
-		if _, asks := s.claimants[k][c.Service]; asks && winner != c.Service {
+		asks := slices.ContainsFunc(s.claimants[k], func(o claimant) bool { return o.service == c.Service })
+		if asks && winner != c.Service {
 			lost = append(lost, fmt.Sprintf("%s is %s/%s's (older)", k, winner.Namespace, winner.Name))
 		}
 		if prev, had := s.owner[k]; had && prev != winner {
@@ -189,14 +190,20 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 	return lost, affected, errors.Join(errs...)
 }
 
+// claimant is a Service asking for a slot, and its frontend there.
+type claimant struct {
+	service  types.NamespacedName
+	frontend datapath.Frontend
+}
+
 // winner returns which Service gets a slot, and its frontend there.
 func (s *Syncer) winner(k slot) (types.NamespacedName, datapath.Frontend, bool) {
 	var best Claim
 	var front datapath.Frontend
 	found := false
-	for name, f := range s.claimants[k] {
-		if c := s.claims[name]; !found || older(c, best) {
-			best, front, found = c, f, true
+	for _, o := range s.claimants[k] {
+		if c := s.claims[o.service]; !found || older(c, best) {
+			best, front, found = c, o.frontend, true
 		}
 	}
 	return best.Service, front, found

@@ -84,13 +84,11 @@ const (
 // update writes only what changed, and rebuilds that mirror from pinned maps after a restart.
 type tables struct {
 	// Backends are numbered (one numbering for both families); a number is reused once its
-	// backend is gone.
-	ids     map[backendRef]uint32
-	refOf   map[uint32]backendRef
-	refs    map[backendRef]int // how many slots name each backend
-	flagsOf map[uint32]uint8   // each backend's flags as written
-	free    []uint32
-	nextID  uint32
+	// backend is gone. numbered holds each number's backend (index 0 is never used): a
+	// dense slice, as the numbers are, costs a fraction of maps at 100,000 backends.
+	ids      map[backendRef]uint32
+	numbered []numbered
+	free     []uint32
 	// Frontend numbers are never reused, so that affinity entries of a deleted frontend
 	// cannot apply to a new one.
 	lastFrontend uint32
@@ -118,10 +116,18 @@ type backendRef struct {
 	proto Protocol
 }
 
+// numbered is what a backend number stands for.
+type numbered struct {
+	ref     backendRef
+	inUse   bool
+	written bool  // the backends map holds it, with flags
+	flags   uint8 // as written
+	refs    int32 // how many slots name it
+}
+
 func newTables() tables {
-	return tables{ids: map[backendRef]uint32{}, refOf: map[uint32]backendRef{}, refs: map[backendRef]int{},
-		flagsOf: map[uint32]uint8{}, nextID: 1, applied4: map[sockLBSvc4Key]sockLBSvcValue{}, applied6: map[sockLBSvc6Key]sockLBSvcValue{},
-		ranges: map[uint32][]netip.Prefix{}, maglevOf: map[uint32]string{}}
+	return tables{ids: map[backendRef]uint32{}, numbered: make([]numbered, 1), applied4: map[sockLBSvc4Key]sockLBSvcValue{},
+		applied6: map[sockLBSvc6Key]sockLBSvcValue{}, ranges: map[uint32][]netip.Prefix{}, maglevOf: map[uint32]string{}}
 }
 
 // adopt rebuilds the mirror and the numbering from adopted maps.
@@ -155,13 +161,9 @@ func (d *Datapath) adopt() error {
 	}
 	adoptSlots(d, d.applied4, func(k sockLBSvc4Key) uint16 { return k.Slot })
 	adoptSlots(d, d.applied6, func(k sockLBSvc6Key) uint16 { return k.Slot })
-	taken := make(map[uint32]bool, len(d.ids))
-	for _, id := range d.ids {
-		taken[id] = true
-	}
-	for i := uint32(1); i < d.nextID; i++ {
-		if !taken[i] {
-			d.free = append(d.free, i)
+	for i := 1; i < len(d.numbered); i++ {
+		if !d.numbered[i].inUse {
+			d.free = append(d.free, uint32(i))
 		}
 	}
 	return nil
@@ -170,7 +172,9 @@ func (d *Datapath) adopt() error {
 func adoptSlots[K comparable](d *Datapath, applied map[K]sockLBSvcValue, slot func(K) uint16) {
 	for k, v := range applied {
 		if slot(k) > 0 {
-			d.refs[d.refOf[v.BackendId]]++
+			if int(v.BackendId) < len(d.numbered) {
+				d.numbered[v.BackendId].refs++
+			}
 		} else {
 			d.lastFrontend = max(d.lastFrontend, v.Id)
 		}
@@ -188,10 +192,14 @@ func mirror[K comparable](m *ebpf.Map, into map[K]sockLBSvcValue) error {
 }
 
 func (d *Datapath) adoptID(id uint32, ref backendRef, flags uint8) {
+	if id == 0 {
+		return
+	}
+	for int(id) >= len(d.numbered) {
+		d.numbered = append(d.numbered, numbered{})
+	}
 	d.ids[ref] = id
-	d.refOf[id] = ref
-	d.flagsOf[id] = flags
-	d.nextID = max(d.nextID, id+1)
+	d.numbered[id] = numbered{ref: ref, inUse: true, written: true, flags: flags}
 }
 
 // family describes one IP family's maps and how its keys and entries are laid out.
@@ -391,7 +399,7 @@ func arrange(backends []Backend) (slots []Backend, count int) {
 func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f Frontend) error {
 	head := fam.key(f.Address, f.Protocol, f.Scope, 0)
 	prev, exists := fam.applied[head]
-	old := slotBackends(d, fam, head)
+	old := slotBackends(fam, head)
 	id := prev.Id
 	if !exists {
 		d.lastFrontend++
@@ -406,16 +414,17 @@ func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f Fron
 		if b.Local {
 			flags |= backendLocal
 		}
-		if written, ok := d.flagsOf[ids[i]]; !ok || written != flags {
+		n := &d.numbered[ids[i]]
+		if !n.written || n.flags != flags {
 			if err := putBackend(fam, ids[i], fam.backend(b.Address, f.Protocol, flags)); err != nil {
-				if !ok {
-					d.forget(ref)
+				if !n.written {
+					d.forget(ids[i])
 				}
 				return fmt.Errorf("write backend %s: %w", b.Address, err)
 			}
-			d.flagsOf[ids[i]] = flags
+			n.written, n.flags = true, flags
 		}
-		d.refs[ref]++
+		n.refs++
 		if err := put(fam, fam.key(f.Address, f.Protocol, f.Scope, uint16(i+1)), sockLBSvcValue{BackendId: ids[i]}); err != nil {
 			return fmt.Errorf("write slot %d of %s: %w", i+1, f.Address, err)
 		}
@@ -524,7 +533,7 @@ func deleteFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R]
 	if !ok {
 		return nil
 	}
-	old := slotBackends(d, fam, head)
+	old := slotBackends(fam, head)
 	if err := del(fam, head); err != nil {
 		return err
 	}
@@ -560,28 +569,31 @@ func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R]
 	return nil
 }
 
-// slotBackends lists the backends a frontend's slots name now, kept ones included.
-func slotBackends[K comparable, B any, R any](d *Datapath, fam family[K, B, R], head K) []backendRef {
-	var out []backendRef
+// slotBackends lists the backend numbers a frontend's slots name now, kept ones included.
+func slotBackends[K comparable, B any, R any](fam family[K, B, R], head K) []uint32 {
+	var out []uint32
 	for i := uint16(1); ; i++ {
 		slot, ok := fam.applied[fam.withSlot(head, i)]
 		if !ok {
 			return out
 		}
-		out = append(out, d.refOf[slot.BackendId])
+		out = append(out, slot.BackendId)
 	}
 }
 
 // unref drops one reference to each backend and removes the backends left unreferenced.
-func unref[K comparable, B any, R any](d *Datapath, fam family[K, B, R], refs []backendRef) error {
-	for _, ref := range refs {
-		if d.refs[ref]--; d.refs[ref] > 0 {
+func unref[K comparable, B any, R any](d *Datapath, fam family[K, B, R], ids []uint32) error {
+	for _, id := range ids {
+		if int(id) >= len(d.numbered) || !d.numbered[id].inUse {
 			continue
 		}
-		if err := fam.be.Delete(d.ids[ref]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete backend %s: %w", ref.addr, err)
+		if d.numbered[id].refs--; d.numbered[id].refs > 0 {
+			continue
 		}
-		d.forget(ref)
+		if err := fam.be.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete backend %s: %w", d.numbered[id].ref.addr, err)
+		}
+		d.forget(id)
 	}
 	return nil
 }
@@ -631,21 +643,18 @@ func (d *Datapath) id(ref backendRef) uint32 {
 	if n := len(d.free); n > 0 {
 		id, d.free = d.free[n-1], d.free[:n-1]
 	} else {
-		id = d.nextID
-		d.nextID++
+		id = uint32(len(d.numbered))
+		d.numbered = append(d.numbered, numbered{})
 	}
 	d.ids[ref] = id
-	d.refOf[id] = ref
+	d.numbered[id] = numbered{ref: ref, inUse: true}
 	return id
 }
 
-// forget releases a backend's number.
-func (d *Datapath) forget(ref backendRef) {
-	id := d.ids[ref]
-	delete(d.refs, ref)
-	delete(d.ids, ref)
-	delete(d.refOf, id)
-	delete(d.flagsOf, id)
+// forget releases a backend number.
+func (d *Datapath) forget(id uint32) {
+	delete(d.ids, d.numbered[id].ref)
+	d.numbered[id] = numbered{}
 	d.free = append(d.free, id)
 }
 
