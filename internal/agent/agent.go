@@ -359,9 +359,12 @@ func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.S
 	if len(list.Items) == 0 {
 		return desired.Settings{}, nil, nil, nil
 	}
-	attach := make([]policy.Policy, len(list.Items))
+	// Rejected policies (policy.FromServicePolicy) apply to nothing, as the operator reports.
+	attach := make([]policy.Policy, 0, len(list.Items))
 	for i := range list.Items {
-		attach[i], _ = policy.FromServicePolicy(&list.Items[i]) // a bad selector attaches by name only
+		if p, err := policy.FromServicePolicy(&list.Items[i]); err == nil {
+			attach = append(attach, p)
+		}
 	}
 	results := policy.Resolve(attach, []policy.Service{{Name: svc.Name, Labels: labels.Set(svc.Labels)}}, false)
 	for i := range list.Items {

@@ -350,7 +350,7 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 			TargetRefs:      []lbv1.ServiceTargetReference{{Name: "web"}},
 			LoadBalancing:   &lbv1.LoadBalancing{Algorithm: lbv1.AlgorithmMaglev},
 			SessionAffinity: &lbv1.SessionAffinity{Type: "ClientIP", TimeoutSeconds: ptr.To(int32(60))},
-			ForwardingMode:  lbv1.ForwardingDSR,
+			Acceleration:    "Native",
 		},
 	}
 	create(t, c, svc, pol)
@@ -374,13 +374,13 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 			t.Fatal(err)
 		}
 		if slices.ContainsFunc(events.Items, func(e corev1.Event) bool {
-			return e.InvolvedObject.Name == "web" && e.Reason == "NotProgrammed" && strings.Contains(e.Message, "ServicePolicy sticky: forwardingMode DSR")
+			return e.InvolvedObject.Name == "web" && e.Reason == "NotProgrammed" && strings.Contains(e.Message, "ServicePolicy sticky: acceleration Native")
 		}) {
 			break
 		}
 	}
 	if !slices.ContainsFunc(events.Items, func(e corev1.Event) bool { return e.Reason == "NotProgrammed" }) {
-		t.Errorf("no NotProgrammed Event for DSR; events: %v", events.Items)
+		t.Errorf("no NotProgrammed Event for XDP; events: %v", events.Items)
 	}
 
 	if err := c.Delete(ctx, pol); err != nil {

@@ -42,9 +42,6 @@ func settings(spec *lbv1.ServicePolicySpec, maglevSize uint32) (desired.Settings
 		}
 		s.Affinity = &d
 	}
-	if spec.ForwardingMode == lbv1.ForwardingDSR {
-		problems = append(problems, "forwardingMode DSR is not supported by this datapath yet; forwarding with SNAT")
-	}
 	if spec.Acceleration == "Native" {
 		problems = append(problems, "acceleration Native (XDP) is not available yet; translating at TC")
 	}

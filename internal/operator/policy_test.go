@@ -36,6 +36,8 @@ func TestPolicyStatusSaysWhatApplies(t *testing.T) {
 	create(&lbv1.ServicePolicy{ObjectMeta: meta0("by-label"), Spec: lbv1.ServicePolicySpec{
 		Selector: &lbv1.LabelSelector{MatchLabels: map[string]lbv1.LabelValue{"tier": "front"}}}})
 	create(&lbv1.ServicePolicy{ObjectMeta: meta0("dangling"), Spec: lbv1.ServicePolicySpec{TargetRefs: []lbv1.ServiceTargetReference{{Name: "nope"}}}})
+	create(&lbv1.ServicePolicy{ObjectMeta: meta0("direct"), Spec: lbv1.ServicePolicySpec{TargetRefs: []lbv1.ServiceTargetReference{{Name: "web"}},
+		ForwardingMode: lbv1.ForwardingDSR}})
 	create(&lbv1.L7Policy{ObjectMeta: meta0("grpc"), Spec: lbv1.L7PolicySpec{Protocol: "GRPC",
 		TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "web"}, SectionName: "grpc"}}}})
 
@@ -61,6 +63,8 @@ func TestPolicyStatusSaysWhatApplies(t *testing.T) {
 	waitPolicy(byLabel, func() *lbv1.PolicyStatus { return &byLabel.Status }, metav1.ConditionTrue, "Accepted", "True", "web (by by-name, which names it in targetRefs)", 0)
 	waitPolicy(dangling, func() *lbv1.PolicyStatus { return &dangling.Status }, metav1.ConditionFalse, "TargetNotFound", "False", "not found: Service nope", 0)
 	waitPolicy(grpc, func() *lbv1.PolicyStatus { return &grpc.Status }, metav1.ConditionTrue, "Accepted", "False", "applies to web/grpc", 1)
+	direct := &lbv1.ServicePolicy{ObjectMeta: meta0("direct")}
+	waitPolicy(direct, func() *lbv1.PolicyStatus { return &direct.Status }, metav1.ConditionFalse, "Unsupported", "False", "forwardingMode DSR is not supported", 0)
 	f.waitEvent(f.ns, "dangling", "TargetNotFound", "Service nope")
 
 	// Deleting the winner hands the Service to the policy that lost it.

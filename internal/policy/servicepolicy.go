@@ -1,18 +1,29 @@
 package policy
 
 import (
+	"errors"
+	"fmt"
+
 	"k8s.io/apimachinery/pkg/labels"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
-// FromServicePolicy returns a ServicePolicy's attachment. An invalid selector is returned
-// as the error, with the policy attaching through its targetRefs only.
+// ErrUnsupported marks a policy that asks what Portico cannot do: it is rejected rather
+// than applied differently.
+var ErrUnsupported = errors.New("not supported")
+
+// FromServicePolicy returns a ServicePolicy's attachment, or why the policy is rejected: an
+// invalid selector, or a forwarding mode the datapath does not have (ErrUnsupported). A
+// rejected policy applies to nothing, for the operator and the agents alike.
 func FromServicePolicy(p *lbv1.ServicePolicy) (Policy, error) {
 	sel, err := poolconfig.Selector(p.Spec.Selector)
 	if err == nil && sel == nil && p.Spec.Selector != nil {
 		sel = labels.Everything() // an empty selector selects every Service
+	}
+	if err == nil && p.Spec.ForwardingMode == lbv1.ForwardingDSR {
+		err = fmt.Errorf("forwardingMode DSR is %w by Portico's datapath yet (it forwards with SNAT); remove it or use SNAT", ErrUnsupported)
 	}
 	targets := make([]Target, len(p.Spec.TargetRefs))
 	for i, r := range p.Spec.TargetRefs {

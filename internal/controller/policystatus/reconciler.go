@@ -5,6 +5,7 @@ package policystatus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -30,6 +31,7 @@ import (
 const (
 	ReasonAccepted       = "Accepted"
 	ReasonInvalid        = "Invalid"
+	ReasonUnsupported    = "Unsupported"
 	ReasonTargetNotFound = "TargetNotFound"
 	ReasonOverridden     = "Overridden"
 	ReasonNoConflict     = "NoConflict"
@@ -58,7 +60,7 @@ type Kind struct {
 	// Programmed: the node agents program the kind and report it in NodeAgents; its
 	// policies get the Programmed condition.
 	Programmed bool
-	list    func(ctx context.Context, c client.Client, namespace string) ([]entry, error)
+	list       func(ctx context.Context, c client.Client, namespace string) ([]entry, error)
 }
 
 // ServicePolicies is the ServicePolicy kind.
@@ -208,6 +210,9 @@ func conditions(e *entry, r *policy.Result) (accepted, conflict metav1.Condition
 	conflict = metav1.Condition{Type: lbv1.ConditionConflict, Status: metav1.ConditionFalse, Reason: ReasonNoConflict, Message: "no other policy competes for these targets"}
 	if e.invalid != nil {
 		accepted.Status, accepted.Reason, accepted.Message = metav1.ConditionFalse, ReasonInvalid, e.invalid.Error()
+		if errors.Is(e.invalid, policy.ErrUnsupported) {
+			accepted.Reason = ReasonUnsupported
+		}
 		return accepted, conflict, 0
 	}
 	services := map[string]bool{}
