@@ -217,9 +217,10 @@ func BenchmarkAgentSync(b *testing.B) {
 
 	// The same kind of changes through kube-proxy, in the client's namespace, with clients
 	// outside the agent's cgroup (its programs stay attached there, pinned).
+	kpSamples := envInt("BENCH_KUBE_PROXY_SAMPLES", 20) // 0: no kube-proxy
 	bin, whyNot := kubeproxy.Binary()
-	if whyNot != nil {
-		fmt.Printf("kube-proxy baseline skipped: %v\n\n", whyNot)
+	if whyNot != nil || kpSamples == 0 {
+		fmt.Printf("kube-proxy baseline skipped: %v\n\n", cmp.Or[error](whyNot, errors.New("BENCH_KUBE_PROXY_SAMPLES=0")))
 		return
 	}
 	// kube-proxy translates after the routing decision: Service addresses need a route.
@@ -231,7 +232,6 @@ func BenchmarkAgentSync(b *testing.B) {
 		cmd.Env = append(os.Environ(), clientEnv+"="+to.String())
 		return cmd
 	}
-	kpSamples := envInt("BENCH_KUBE_PROXY_SAMPLES", 20)
 	for _, mode := range []string{"iptables", "nftables"} {
 		// Start to a first connection to a Service the Portico run pointed at the backend.
 		var kp *kubeproxy.Proxy

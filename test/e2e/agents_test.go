@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -33,6 +34,7 @@ func TestAgentsOnThreeNodes(t *testing.T) {
 	t.Run("source ranges from the Service and from a ServicePolicy", c.sourceRanges)
 	t.Run("Maglev by ServicePolicy: every node picks the same backend", c.maglev)
 	t.Run("agent restart and crash keep established connections", c.restart)
+	t.Run("API server unreachable: the node keeps its last state", c.apiDown)
 }
 
 func (c *cluster) clusterIP(t *testing.T) {
@@ -486,4 +488,42 @@ func (c *cluster) restart(t *testing.T) {
 			c.endpoints(t, "held", c.web[2])
 		})
 	}
+}
+
+func (c *cluster) apiDown(t *testing.T) {
+	svc := c.service(t, "cut", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
+	c.endpoints(t, "cut", c.web[1])
+	lbIPs := c.ingress(t, svc, 0, "192.0.2.15", "2001:db8::15")
+	reach := func(t *testing.T, pods ...*lab.Pod) {
+		t.Helper()
+		for f := range families {
+			eventually(t, "answers from "+names(pods), func() error {
+				answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(lbIPs[f], 80))
+				if err != nil {
+					return err
+				}
+				_, err = answeredBy(answer, f, pods...)
+				return err
+			})
+		}
+	}
+	reach(t, c.web[1])
+	// Node-1 loses the API server (its watches break, its lists fail) while the cluster
+	// changes: it keeps forwarding with what it had.
+	c.forwards[0]()
+	c.endpoints(t, "cut", c.web[2])
+	time.Sleep(3 * time.Second) // several of the agent's retries
+	for f := range families {
+		for range 5 {
+			answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(lbIPs[f], 80))
+			if err == nil {
+				_, err = answeredBy(answer, f, c.web[1])
+			}
+			if err != nil {
+				t.Fatalf("without the API server, node-1 %v; want the last state (web-2)", err)
+			}
+		}
+	}
+	c.forward(t, 0)
+	reach(t, c.web[2])
 }

@@ -39,6 +39,9 @@ var families = []string{"v4", "v6"}
 // runs clients inside node-1's cgroup (where the socket programs are), and the client
 // namespace outside the nodes has a second address per family for source-range tests.
 type cluster struct {
+	// top is the test that started the cluster: agents and forwarders restarted by a
+	// subtest live until it ends.
+	top    *testing.T
 	c      client.Client
 	net    *lab.Network
 	agents []*lab.Agent
@@ -48,6 +51,9 @@ type cluster struct {
 	probe  *lab.Pod
 	// second are the client's second addresses (the first are net.ClientIPs).
 	second []netip.Addr
+	// apiServer is the API server's address; forwards[i] stops node i's way to it.
+	apiServer string
+	forwards  []func()
 }
 
 func start(t *testing.T) *cluster {
@@ -78,7 +84,7 @@ func start(t *testing.T) *cluster {
 			t.Errorf("remove the lab network: %v", err)
 		}
 	})
-	c := &cluster{c: env.Client, net: n, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
+	c := &cluster{top: t, c: env.Client, net: n, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
 	for _, a := range c.second {
 		lan := lab.LAN4
 		if a.Is6() {
@@ -97,12 +103,10 @@ func start(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
+	c.apiServer = server.Host
 	for i, node := range n.Nodes {
-		stop, err := lab.Forward(node.NS, fmt.Sprintf("127.0.0.1:%d", lab.APIPort), server.Host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(stop)
+		c.forwards = append(c.forwards, nil)
+		c.forward(t, i)
 		obj := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name}}
 		if err := c.c.Create(ctx, obj); err != nil {
 			t.Fatal(err)
@@ -140,14 +144,25 @@ func start(t *testing.T) *cluster {
 	return c
 }
 
-// startAgent starts node i's agent (again), logging to its file; it stops with the test.
+// forward opens (again) node i's way to the API server; it closes with the cluster.
+func (c *cluster) forward(t *testing.T, i int) {
+	t.Helper()
+	stop, err := lab.Forward(c.net.Nodes[i].NS, fmt.Sprintf("127.0.0.1:%d", lab.APIPort), c.apiServer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.forwards[i] = stop
+	c.top.Cleanup(stop)
+}
+
+// startAgent starts node i's agent (again), logging to its file; it stops with the cluster.
 func (c *cluster) startAgent(t *testing.T, i int) {
 	t.Helper()
 	log, err := os.OpenFile(c.logs[i], os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { log.Close() })
+	c.top.Cleanup(func() { log.Close() })
 	cfg := c.config[i]
 	cfg.Log = log
 	a, err := c.net.Nodes[i].StartAgent(cfg)
@@ -155,7 +170,7 @@ func (c *cluster) startAgent(t *testing.T, i int) {
 		t.Fatal(err)
 	}
 	c.agents[i] = a
-	t.Cleanup(func() { _ = a.Stop() })
+	c.top.Cleanup(func() { _ = a.Stop() })
 }
 
 // service creates a dual-stack Service with port "web" 80 -> 8080, changed by edit.
