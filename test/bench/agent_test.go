@@ -217,7 +217,10 @@ func BenchmarkAgentSync(b *testing.B) {
 
 	// The same kind of changes through kube-proxy, in the client's namespace, with clients
 	// outside the agent's cgroup (its programs stay attached there, pinned).
-	kpSamples := envInt("BENCH_KUBE_PROXY_SAMPLES", 20) // 0: no kube-proxy
+	kpSamples := envInt("BENCH_KUBE_PROXY_SAMPLES", 20)
+	if os.Getenv("BENCH_KUBE_PROXY_SAMPLES") == "0" {
+		kpSamples = 0 // no kube-proxy
+	}
 	bin, whyNot := kubeproxy.Binary()
 	if whyNot != nil || kpSamples == 0 {
 		fmt.Printf("kube-proxy baseline skipped: %v\n\n", cmp.Or[error](whyNot, errors.New("BENCH_KUBE_PROXY_SAMPLES=0")))
