@@ -165,7 +165,10 @@ func (n *Network) plug(ns, port string, addrs []netip.Addr) error {
 	if err := ip(n.lan, "link", "set", "p"+port, "master", "br0"); err != nil {
 		return err
 	}
-	return ip(n.lan, "link", "set", "p"+port, "up")
+	if err := ip(n.lan, "link", "set", "p"+port, "up"); err != nil {
+		return err
+	}
+	return settle(ns)
 }
 
 // AddPod makes a pod namespace on the node's bridge with the next free address of each pod
@@ -205,7 +208,7 @@ func (node *Node) AddPod(name string) (*Pod, error) {
 			return nil, err
 		}
 	}
-	return p, nil
+	return p, settle(p.NS)
 }
 
 // RouteVia sends the client's traffic for addr through node, as a router with a static
@@ -233,6 +236,23 @@ func (n *Network) Close() error {
 	}
 	errs = append(errs, removeCgroup(n.cgroup))
 	return errors.Join(errs...)
+}
+
+// settle waits until the namespace's IPv6 addresses are usable. Without duplicate address
+// detection they still stay tentative until the kernel sees the link's carrier, which it
+// learns asynchronously after both ends of a veth are up.
+func settle(ns string) error {
+	for range 250 {
+		out, err := exec.Command("ip", "-n", ns, "-6", "addr", "show", "tentative").CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("ip -n %s -6 addr show tentative: %w: %s", ns, err, out)
+		}
+		if len(strings.TrimSpace(string(out))) == 0 {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("the IPv6 addresses of %s stayed tentative for 5 s", ns)
 }
 
 // cgroup2 finds the cgroup v2 mount.

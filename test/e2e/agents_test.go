@@ -154,13 +154,13 @@ func (c *cluster) nodePort(t *testing.T) {
 }
 
 func (c *cluster) loadBalancer(t *testing.T) {
-	external := []string{"192.0.2.20", "2001:db8::20"}
+	external := []string{"192.0.2.80", "2001:db8::1:50"} // outside the pool
 	svc := c.service(t, "lb", func(s *corev1.Service) {
 		s.Spec.Type = corev1.ServiceTypeLoadBalancer
 		s.Spec.ExternalIPs = external
 	})
 	c.endpoints(t, "lb", c.web...)
-	lbIPs := c.ingress(t, svc, 1, "192.0.2.10", "2001:db8::10")
+	lbIPs := c.ingress(t, svc, 1)
 	for f, fam := range families {
 		c.routeVia(t, netip.MustParseAddr(external[f]), 1)
 		t.Run(fam, func(t *testing.T) {
@@ -233,7 +233,7 @@ func (c *cluster) externalLocal(t *testing.T) {
 		s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
 	})
 	c.endpoints(t, "local", c.web[1])
-	lbIPs := c.ingress(t, svc, 1, "192.0.2.11", "2001:db8::11")
+	lbIPs := c.ingress(t, svc, 1)
 	// check says what node's health check answers (to a probe of each family, as each
 	// family's load balancer would probe) and what a connection through the node gets.
 	check := func(t *testing.T, node int, local *lab.Pod) {
@@ -292,7 +292,7 @@ func (c *cluster) sourceRanges(t *testing.T) {
 		s.Spec.LoadBalancerSourceRanges = []string{"192.0.2.253/32", "2001:db8::1:fd/128"}
 	})
 	c.endpoints(t, "ranges", c.web...)
-	lbIPs := c.ingress(t, svc, 0, "192.0.2.12", "2001:db8::12")
+	lbIPs := c.ingress(t, svc, 0)
 	// allowed checks that exactly the allowed one of the client's two addresses gets through.
 	allowed := func(t *testing.T, f int, ok, not netip.Addr) {
 		t.Helper()
@@ -336,7 +336,7 @@ func (c *cluster) sourceRanges(t *testing.T) {
 func (c *cluster) maglev(t *testing.T) {
 	svc := c.service(t, "maglev", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
 	c.endpoints(t, "maglev", c.web...)
-	lbIPs := c.ingress(t, svc, 0, "192.0.2.13", "2001:db8::13")
+	lbIPs := c.ingress(t, svc, 0)
 	policy := &lbv1.ServicePolicy{
 		ObjectMeta: metav1.ObjectMeta{Name: "maglev", Namespace: "default"},
 		Spec: lbv1.ServicePolicySpec{
@@ -347,7 +347,7 @@ func (c *cluster) maglev(t *testing.T) {
 	if err := c.c.Create(context.Background(), policy); err != nil {
 		t.Fatal(err)
 	}
-	t.Run("every NodeAgent reports the policy", func(t *testing.T) {
+	t.Run("every NodeAgent reports the policy, and the policy says so", func(t *testing.T) {
 		want := lbv1.ProgrammedPolicy{Namespace: "default", Name: "maglev", Generation: policy.Generation}
 		for _, node := range c.net.Nodes {
 			eventually(t, node.Name+"'s NodeAgent", func() error {
@@ -362,6 +362,15 @@ func (c *cluster) maglev(t *testing.T) {
 				return nil
 			})
 		}
+		eventually(t, "the policy's Programmed condition", func() error {
+			if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(policy), policy); err != nil {
+				return err
+			}
+			if !meta.IsStatusConditionTrue(policy.Status.Conditions, lbv1.ConditionProgrammed) || policy.Status.ProgrammedNodes != 3 {
+				return fmt.Errorf("status %+v, want Programmed on 3 nodes", policy.Status)
+			}
+			return nil
+		})
 	})
 	for f, fam := range families {
 		t.Run(fam, func(t *testing.T) {
@@ -410,7 +419,7 @@ func unique(s []string) map[string]bool {
 func (c *cluster) restart(t *testing.T) {
 	svc := c.service(t, "held", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
 	c.endpoints(t, "held", c.web[2])
-	lbIPs := c.ingress(t, svc, 0, "192.0.2.14", "2001:db8::14")
+	lbIPs := c.ingress(t, svc, 0)
 	// answers checks n new connections through node-1, each answered by one of pods, until
 	// every one of them has answered.
 	answers := func(t *testing.T, f int, pods ...*lab.Pod) {
@@ -493,7 +502,7 @@ func (c *cluster) restart(t *testing.T) {
 func (c *cluster) apiDown(t *testing.T) {
 	svc := c.service(t, "cut", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
 	c.endpoints(t, "cut", c.web[1])
-	lbIPs := c.ingress(t, svc, 0, "192.0.2.15", "2001:db8::15")
+	lbIPs := c.ingress(t, svc, 0)
 	reach := func(t *testing.T, pods ...*lab.Pod) {
 		t.Helper()
 		for f := range families {

@@ -26,7 +26,10 @@ import (
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/controller/servicelb"
 	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/internal/operator"
 	"github.com/portico-dev/portico/test/nstest"
 	"github.com/portico-dev/portico/test/testenv"
 )
@@ -34,7 +37,8 @@ import (
 // families are the rows of every scenario: index 0 is IPv4, 1 is IPv6, as in lab addresses.
 var families = []string{"v4", "v6"}
 
-// cluster is a real API server and three simulated nodes, each running cmd/agent: pods
+// cluster is a real API server, the operator (in-process, allocating LoadBalancer addresses
+// from an LBPool on the segment) and three simulated nodes, each running cmd/agent: pods
 // web-1, web-2, web-3 (one per node) serve echo traffic on 8080, pod "probe" on node-1
 // runs clients inside node-1's cgroup (where the socket programs are), and the client
 // namespace outside the nodes has a second address per family for source-range tests.
@@ -75,6 +79,7 @@ func start(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = env.Stop() })
+	startOperator(t, env)
 	n, err := lab.New(fmt.Sprintf("pte%d", os.Getpid()%100000), 3)
 	if err != nil {
 		t.Fatal(err)
@@ -211,20 +216,52 @@ func (c *cluster) update(t *testing.T, svc *corev1.Service, edit func(*corev1.Se
 	}
 }
 
-// ingress gives a LoadBalancer Service its ingress addresses (IPv4, IPv6), as the
-// operator would, and has the client reach them through node.
-func (c *cluster) ingress(t *testing.T, svc *corev1.Service, node int, ips ...string) []netip.Addr {
+// startOperator runs the operator until the test ends, with a pool on the segment that
+// every LoadBalancer Service draws from.
+func startOperator(t *testing.T, env *testenv.Env) {
 	t.Helper()
-	var addrs []netip.Addr
-	svc.Status.LoadBalancer.Ingress = nil
-	for _, s := range ips {
-		a := netip.MustParseAddr(s)
-		addrs = append(addrs, a)
-		svc.Status.LoadBalancer.Ingress = append(svc.Status.LoadBalancer.Ingress, corev1.LoadBalancerIngress{IP: s})
-		c.routeVia(t, a, node)
-	}
-	if err := c.c.Status().Update(context.Background(), svc); err != nil {
+	mgr, err := operator.NewManager(env.Config, operator.Options{MetricsAddr: "0", ProbeAddr: "0",
+		Class: servicelb.Class{Name: lbv1.LoadBalancerClass, ClaimClassless: true}})
+	if err != nil {
 		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("operator: %v", err)
+		}
+	})
+	pool := &lbv1.LBPool{ObjectMeta: metav1.ObjectMeta{Name: "segment"}, Spec: lbv1.LBPoolSpec{
+		Blocks: []lbv1.IPBlock{{CIDR: "192.0.2.32/27"}, {CIDR: "2001:db8::100/120"}}}}
+	if err := env.Client.Create(context.Background(), pool); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ingress waits for the operator to give a LoadBalancer Service its addresses (IPv4, IPv6)
+// and has the client reach them through node.
+func (c *cluster) ingress(t *testing.T, svc *corev1.Service, node int) []netip.Addr {
+	t.Helper()
+	addrs := make([]netip.Addr, len(families))
+	eventually(t, "addresses for "+svc.Name, func() error {
+		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(svc), svc); err != nil {
+			return err
+		}
+		for _, in := range svc.Status.LoadBalancer.Ingress {
+			if a, err := netip.ParseAddr(in.IP); err == nil {
+				addrs[map[bool]int{false: 0, true: 1}[a.Is6()]] = a
+			}
+		}
+		if !addrs[0].IsValid() || !addrs[1].IsValid() {
+			return fmt.Errorf("status %+v", svc.Status.LoadBalancer)
+		}
+		return nil
+	})
+	for _, a := range addrs {
+		c.routeVia(t, a, node)
 	}
 	return addrs
 }
