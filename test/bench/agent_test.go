@@ -144,6 +144,24 @@ func BenchmarkAgentSync(b *testing.B) {
 	const samples = 100
 	var change, changeWrite, create, createWrite []time.Duration
 	changed := map[int]bool{} // Services pointed at the backend; later runs take others
+	// pointAtBackend makes Service i's endpoints the backend, and returns how long until the
+	// client connected through it and how long the API write alone took.
+	pointAtBackend := func(i int, client *exec.Cmd) (took, write time.Duration, err error) {
+		changed[i] = true
+		slice, err := cs.DiscoveryV1().EndpointSlices("default").Get(ctx, fmt.Sprintf("svc-%d-1", i), metav1.GetOptions{})
+		if err != nil {
+			return 0, 0, err
+		}
+		slice.Endpoints = endpoints([]netip.AddrPort{backend})
+		took, err = nstest.TimeToConnect(b, client, func() {
+			t0 := time.Now()
+			if _, err := cs.DiscoveryV1().EndpointSlices("default").Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
+				b.Fatal(err)
+			}
+			write = time.Since(t0)
+		})
+		return took, write, err
+	}
 	// The first change also pays for cold paths (the first connection to the backend, the
 	// first neighbour lookup): a warm-up, not counted. The samples are Services 0, n/100, ...
 	for k := -1; k < samples; k++ {
@@ -151,26 +169,12 @@ func BenchmarkAgentSync(b *testing.B) {
 		if k < 0 {
 			i = agentServices - 1
 		}
-		changed[i] = true
-		slice, err := cs.DiscoveryV1().EndpointSlices("default").Get(ctx, fmt.Sprintf("svc-%d-1", i), metav1.GetOptions{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		slice.Endpoints = endpoints([]netip.AddrPort{backend})
-		d, err := nstest.TimeToConnect(b, client(vip(i)), func() {
-			t0 := time.Now()
-			if _, err := cs.DiscoveryV1().EndpointSlices("default").Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
-				b.Fatal(err)
-			}
-			if k >= 0 {
-				changeWrite = append(changeWrite, time.Since(t0))
-			}
-		})
+		d, write, err := pointAtBackend(i, client(vip(i)))
 		if err != nil {
 			b.Fatalf("EndpointSlice change of Service %d: %v", i, err)
 		}
 		if k >= 0 {
-			change = append(change, d)
+			change, changeWrite = append(change, d), append(changeWrite, write)
 		}
 	}
 	for k := range samples {
@@ -254,23 +258,11 @@ func BenchmarkAgentSync(b *testing.B) {
 			for changed[i] {
 				i++
 			}
-			changed[i] = true
-			slice, err := cs.DiscoveryV1().EndpointSlices("default").Get(ctx, fmt.Sprintf("svc-%d-1", i), metav1.GetOptions{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			slice.Endpoints = endpoints([]netip.AddrPort{backend})
-			d, err := nstest.TimeToConnect(b, plain(vip(i)), func() {
-				t0 := time.Now()
-				if _, err := cs.DiscoveryV1().EndpointSlices("default").Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
-					b.Fatal(err)
-				}
-				write = append(write, time.Since(t0))
-			})
+			d, w, err := pointAtBackend(i, plain(vip(i)))
 			if err != nil {
 				b.Fatalf("kube-proxy %s: EndpointSlice change of Service %d: %v\n%s", mode, i, err, kp.Tail())
 			}
-			took = append(took, d)
+			took, write = append(took, d), append(write, w)
 		}
 		fmt.Printf("kube-proxy %s, same Services\n", mode)
 		fmt.Printf("  first sync (start to first connection) %s\n", first.Round(time.Millisecond))
