@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -67,6 +69,9 @@ type Options struct {
 	Version string
 	// Profiling serves Go's /debug/pprof/ on the metrics endpoint.
 	Profiling bool
+	// Recheck is how often a Service that could not be programmed fully is looked at again
+	// (a port freed, an older Service gone); 0: every minute.
+	Recheck time.Duration
 }
 
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
@@ -128,7 +133,8 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		return nil, err
 	}
 	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: NewSyncer(dp), opts: o,
-		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
+		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: make(chan event.GenericEvent),
+		told: map[types.NamespacedName]string{}}
 	if err := mgr.Add(r.health); err != nil {
 		return nil, fmt.Errorf("add the health checks: %w", err)
 	}
@@ -208,6 +214,8 @@ type reconciler struct {
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
 	requeue chan event.GenericEvent
+	toldMu  sync.Mutex
+	told    map[types.NamespacedName]string // the last NotProgrammed message of each Service
 }
 
 // resync waits for the caches, programs every Service at once, and then lets the
@@ -307,11 +315,31 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		return ctrl.Result{}, err
 	}
 	if len(problems)+len(lost) > 0 && svc.UID != "" {
-		r.recorder.Eventf(&svc, corev1.EventTypeWarning, "NotProgrammed", "Node %s: %s", r.opts.NodeName, strings.Join(append(problems, lost...), "; "))
-		// Some problems pass (a port freed, an older Service gone); look again later.
-		return ctrl.Result{RequeueAfter: time.Minute}, nil
+		// Said once, not at every recheck: a thousand nodes repeating a permanent problem
+		// every minute would be load on the API server and noise for the user.
+		if msg := strings.Join(append(problems, lost...), "; "); r.tell(c.Service, msg) {
+			r.recorder.Eventf(&svc, corev1.EventTypeWarning, "NotProgrammed", "Node %s: %s", r.opts.NodeName, msg)
+		}
+		return ctrl.Result{RequeueAfter: cmp.Or(r.opts.Recheck, time.Minute)}, nil
 	}
+	r.tell(c.Service, "")
 	return ctrl.Result{}, nil
+}
+
+// tell records what the last NotProgrammed Event of a Service said ("": nothing is wrong),
+// and reports whether msg is news.
+func (r *reconciler) tell(svc types.NamespacedName, msg string) bool {
+	r.toldMu.Lock()
+	defer r.toldMu.Unlock()
+	if r.told[svc] == msg {
+		return false
+	}
+	if msg == "" {
+		delete(r.told, svc)
+	} else {
+		r.told[svc] = msg
+	}
+	return true
 }
 
 // claim computes what a Service asks of this node and which ServicePolicy applies to it,

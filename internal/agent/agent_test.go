@@ -333,7 +333,8 @@ func TestAgentHealthCheckNodePort(t *testing.T) {
 func TestAgentAppliesServicePolicies(t *testing.T) {
 	env := startAPI(t)
 	rec := &recorder{}
-	mgr, err := NewManager(env.Config, rec, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true, Registry: prometheus.NewRegistry()})
+	mgr, err := NewManager(env.Config, rec, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
+		Registry: prometheus.NewRegistry(), Recheck: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,6 +382,16 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 	}
 	if !slices.ContainsFunc(events.Items, func(e corev1.Event) bool { return e.Reason == "NotProgrammed" }) {
 		t.Errorf("no NotProgrammed Event for XDP; events: %v", events.Items)
+	}
+	// The Service is looked at again every 100 ms; the same problem is not told again.
+	time.Sleep(time.Second)
+	if err := c.List(ctx, &events, client.InNamespace("default")); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range events.Items {
+		if e.Reason == "NotProgrammed" && e.Count != 1 {
+			t.Errorf("the NotProgrammed Event was told %d times: %s", e.Count, e.Message)
+		}
 	}
 
 	if err := c.Delete(ctx, pol); err != nil {
