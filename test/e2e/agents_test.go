@@ -65,19 +65,7 @@ func (c *cluster) clusterIP(t *testing.T) {
 	}
 	c.endpoints(t, "cip", c.web[0], c.web[1], c.web[2])
 	for f, fam := range families {
-		t.Run(fam+"/scaled up", func(t *testing.T) {
-			seen := map[string]bool{}
-			eventually(t, "every pod answers", func() error {
-				p, err := answeredBy(c.dialFromProbe(t, vip(f, 80)), f, c.web...)
-				if err != nil {
-					return err
-				}
-				if seen[p.Name] = true; len(seen) < 3 {
-					return fmt.Errorf("only %d pods answered so far", len(seen))
-				}
-				return nil
-			})
-		})
+		t.Run(fam+"/scaled up", func(t *testing.T) { everyPodAnswers(t, f, c.fromProbe(t, vip(f, 80)), c.web...) })
 	}
 	c.update(t, svc, func(s *corev1.Service) { s.Spec.Ports[0].Port = 90 })
 	for f, fam := range families {
@@ -165,21 +153,7 @@ func (c *cluster) loadBalancer(t *testing.T) {
 		c.routeVia(t, netip.MustParseAddr(external[f]), 1)
 		t.Run(fam, func(t *testing.T) {
 			for _, a := range []netip.Addr{lbIPs[f], netip.MustParseAddr(external[f])} {
-				seen := map[string]bool{}
-				eventually(t, "every pod answers on "+a.String(), func() error {
-					answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(a, 80))
-					if err != nil {
-						return err
-					}
-					p, err := answeredBy(answer, f, c.web...)
-					if err != nil {
-						return err
-					}
-					if seen[p.Name] = true; len(seen) < 3 {
-						return fmt.Errorf("only %d pods answered so far", len(seen))
-					}
-					return nil
-				})
+				everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(a, 80)), c.web...)
 			}
 		})
 	}
@@ -420,25 +394,10 @@ func (c *cluster) restart(t *testing.T) {
 	svc := c.service(t, "held", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
 	c.endpoints(t, "held", c.web[2])
 	lbIPs := c.ingress(t, svc, 0)
-	// answers checks n new connections through node-1, each answered by one of pods, until
-	// every one of them has answered.
+	// answers checks new connections through node-1 until each of pods has answered.
 	answers := func(t *testing.T, f int, pods ...*lab.Pod) {
 		t.Helper()
-		seen := map[string]bool{}
-		eventually(t, "answers from "+names(pods), func() error {
-			answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(lbIPs[f], 80))
-			if err != nil {
-				return err
-			}
-			p, err := answeredBy(answer, f, pods...)
-			if err != nil {
-				return err
-			}
-			if seen[p.Name] = true; len(seen) < len(pods) {
-				return fmt.Errorf("only %d of %d pods answered so far", len(seen), len(pods))
-			}
-			return nil
-		})
+		everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(lbIPs[f], 80)), pods...)
 	}
 	// Connections through node-1 to web-3 on node-3, translated and SNATed by node-1, held
 	// open through the restarts.
@@ -503,17 +462,10 @@ func (c *cluster) apiDown(t *testing.T) {
 	svc := c.service(t, "cut", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
 	c.endpoints(t, "cut", c.web[1])
 	lbIPs := c.ingress(t, svc, 0)
-	reach := func(t *testing.T, pods ...*lab.Pod) {
+	reach := func(t *testing.T, pod *lab.Pod) {
 		t.Helper()
 		for f := range families {
-			eventually(t, "answers from "+names(pods), func() error {
-				answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(lbIPs[f], 80))
-				if err != nil {
-					return err
-				}
-				_, err = answeredBy(answer, f, pods...)
-				return err
-			})
+			everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(lbIPs[f], 80)), pod)
 		}
 	}
 	reach(t, c.web[1])

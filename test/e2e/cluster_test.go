@@ -251,8 +251,10 @@ func (c *cluster) ingress(t *testing.T, svc *corev1.Service, node int) []netip.A
 			return err
 		}
 		for _, in := range svc.Status.LoadBalancer.Ingress {
-			if a, err := netip.ParseAddr(in.IP); err == nil {
-				addrs[map[bool]int{false: 0, true: 1}[a.Is6()]] = a
+			if a, err := netip.ParseAddr(in.IP); err == nil && a.Is4() {
+				addrs[0] = a
+			} else if err == nil {
+				addrs[1] = a
 			}
 		}
 		if !addrs[0].IsValid() || !addrs[1].IsValid() {
@@ -394,6 +396,37 @@ func eventually(t *testing.T, what string, check func() error) {
 		}
 	}
 	t.Fatalf("%s: %v", what, err)
+}
+
+// everyPodAnswers dials (through dial) until each of pods has answered, family f, failing
+// on an answer from any other pod.
+func everyPodAnswers(t *testing.T, f int, dial func() (string, error), pods ...*lab.Pod) {
+	t.Helper()
+	seen := map[string]bool{}
+	eventually(t, "answers from "+names(pods), func() error {
+		answer, err := dial()
+		if err != nil {
+			return err
+		}
+		p, err := answeredBy(answer, f, pods...)
+		if err != nil {
+			return err
+		}
+		if seen[p.Name] = true; len(seen) < len(pods) {
+			return fmt.Errorf("only %d of %d pods answered so far", len(seen), len(pods))
+		}
+		return nil
+	})
+}
+
+// fromClient and fromProbe are dials for everyPodAnswers: from the client namespace, and
+// from the probe pod.
+func (c *cluster) fromClient(to netip.AddrPort) func() (string, error) {
+	return func() (string, error) { return c.dial(netip.AddrPort{}, to) }
+}
+
+func (c *cluster) fromProbe(t *testing.T, to netip.AddrPort) func() (string, error) {
+	return func() (string, error) { return c.dialFromProbe(t, to), nil }
 }
 
 // answeredBy checks that an echo answer came from one of the pods on port 8080 (in family f),

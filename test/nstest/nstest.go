@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/portico-dev/portico/internal/lab"
 )
 
 // Enter starts a thread inside a network namespace and returns a function that runs
@@ -65,35 +67,21 @@ func Enter(t testing.TB, name string) func(func()) {
 // namespace; the thread that made them is discarded.
 func Serve(t testing.TB, netns string, addr netip.AddrPort) {
 	t.Helper()
-	type result struct {
+	var r struct {
 		tcp net.Listener
 		udp net.PacketConn
-		err error
 	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := os.Open("/run/netns/" + netns)
-		if err != nil {
-			done <- result{err: err}
-			return
+	err := lab.In(netns, func() (err error) {
+		if r.tcp, err = net.Listen("tcp", addr.String()); err != nil {
+			return err
 		}
-		defer ns.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- result{err: err}
-			return
+		if r.udp, err = net.ListenPacket("udp", addr.String()); err != nil {
+			r.tcp.Close()
 		}
-		tcp, err := net.Listen("tcp", addr.String())
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		udp, err := net.ListenPacket("udp", addr.String())
-		done <- result{tcp, udp, err}
-	}()
-	r := <-done
-	if r.err != nil {
-		t.Fatalf("listen in namespace %s: %v", netns, r.err)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen in namespace %s: %v", netns, err)
 	}
 	t.Cleanup(func() { r.tcp.Close(); r.udp.Close() })
 	go func() {

@@ -17,9 +17,12 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
@@ -131,10 +134,16 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(r.Kind.Object, inNamespace).
 		Watches(&corev1.Service{}, inNamespace)
 	if r.Kind.Programmed {
-		// What a node programmed concerns policies of every namespace.
+		// What a node programmed concerns policies of every namespace. Agents also write
+		// their counts, which change with every Service: only readiness and the policies
+		// in force matter here.
 		b = b.Watches(&lbv1.NodeAgent{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, _ client.Object) []reconcile.Request {
 			return policiesIn(ctx, metav1.NamespaceAll)
-		}))
+		}), builder.WithPredicates(predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
+			before, after := e.ObjectOld.(*lbv1.NodeAgent), e.ObjectNew.(*lbv1.NodeAgent)
+			return meta.IsStatusConditionTrue(before.Status.Conditions, lbv1.ConditionReady) != meta.IsStatusConditionTrue(after.Status.Conditions, lbv1.ConditionReady) ||
+				!slices.Equal(before.Status.Policies, after.Status.Policies)
+		}}))
 	}
 	return b.Complete(r)
 }
