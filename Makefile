@@ -60,8 +60,8 @@ vet: ## Vet the Go code, and fail on unformatted files.
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
 
 .PHONY: envtest
-envtest: ## Provide kube-apiserver and etcd for the tests (setup-envtest, else built from the module proxy).
-	@test/tools/k8s-binaries.sh $(K8S_VERSION) $(ENVTEST_ASSETS) >/dev/null
+envtest: ## Provide etcd, kube-apiserver, kube-controller-manager and kube-scheduler for the tests and the lab.
+	@test/tools/k8s-binaries.sh $(K8S_VERSION) $(ENVTEST_ASSETS) kube-controller-manager kube-scheduler >/dev/null
 	@mkdir -p $(LOCALBIN) && ln -sfn $(ENVTEST_ASSETS) $(LOCALBIN)/k8s
 
 .PHONY: test
@@ -94,9 +94,14 @@ build: ## Build the operator and agent binaries into bin/.
 	$(GO) build -o $(LOCALBIN)/operator ./cmd/operator
 	$(GO) build -o $(LOCALBIN)/agent ./cmd/agent
 
-.PHONY: demo
-demo: envtest ## Start a real API server with the operator, apply config/samples, show what happens.
-	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) run ./test/demo $(DEMO_ARGS)
+.PHONY: lab
+lab: envtest build ## Run Portico on simulated nodes with traffic, until Ctrl-C (root; see docs/lab.md).
+	$(GO) build -o $(LOCALBIN)/lab ./test/lab
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(LOCALBIN)/lab -bin $(LOCALBIN) $(LAB_ARGS) up
+
+.PHONY: lab-down
+lab-down: ## Stop a running lab and remove whatever a lab left behind.
+	$(GO) run ./test/lab down
 
 .PHONY: run
 run: ## Run the operator against the cluster of the current kubeconfig.

@@ -22,8 +22,9 @@ type AgentConfig struct {
 	Log        io.Writer
 }
 
-// Agent is a node agent process running in its node's namespace and cgroup.
-type Agent struct {
+// Process is a process the lab started: a node's agent, a control-plane component, the
+// operator.
+type Process struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 }
@@ -31,42 +32,57 @@ type Agent struct {
 // StartAgent starts the node's agent: the datapath on eth0, the socket programs on the
 // node's cgroup. It enters only the network namespace (nsenter, not `ip netns exec`, which
 // would hide the cgroup and bpffs mounts under /sys).
-func (node *Node) StartAgent(c AgentConfig) (*Agent, error) {
-	cg, err := os.Open(node.Cgroup)
-	if err != nil {
-		return nil, fmt.Errorf("open cgroup: %w", err)
-	}
-	defer cg.Close()
+func (node *Node) StartAgent(c AgentConfig) (*Process, error) {
 	cmd := exec.Command("nsenter", "--net="+filepath.Join("/run/netns", node.NS), c.Binary,
 		"--node-name="+node.Name, "--devices=eth0", "--cgroup-root="+node.Cgroup, "--bpffs="+c.BPFFS,
 		"--kubeconfig="+c.Kubeconfig, "--metrics-bind-address=127.0.0.1:9090", "--health-probe-bind-address=127.0.0.1:9091")
 	cmd.Stdout, cmd.Stderr = c.Log, c.Log
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	p, err := startIn(cmd, node.Cgroup)
+	if err != nil {
 		return nil, fmt.Errorf("start the agent of %s: %w", node.Name, err)
 	}
-	a := &Agent{cmd: cmd, done: make(chan struct{})}
-	go func() { _ = cmd.Wait(); close(a.done) }()
-	return a, nil
+	return p, nil
 }
 
-// Stop ends the agent as the kubelet would (SIGTERM, then SIGKILL after 10 s). Its pins stay.
-func (a *Agent) Stop() error {
-	_ = a.cmd.Process.Signal(syscall.SIGTERM)
+// startIn starts cmd in its own process group, in cgroup when it is not "".
+func startIn(cmd *exec.Cmd, cgroup string) (*Process, error) {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if cgroup != "" {
+		cg, err := os.Open(cgroup)
+		if err != nil {
+			return nil, fmt.Errorf("open cgroup: %w", err)
+		}
+		defer cg.Close()
+		cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(cg.Fd())
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &Process{cmd: cmd, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	return p, nil
+}
+
+// Stop ends the process as the kubelet would (SIGTERM, then SIGKILL after 10 s).
+func (p *Process) Stop() error {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-a.done:
+	case <-p.done:
 		return nil
 	case <-time.After(10 * time.Second):
-		return errors.Join(errors.New("the agent did not stop within 10 s"), a.Kill())
+		return errors.Join(fmt.Errorf("%s did not stop within 10 s", filepath.Base(p.cmd.Path)), p.Kill())
 	}
 }
 
-// Kill ends the agent at once, as a crash would.
-func (a *Agent) Kill() error {
-	err := a.cmd.Process.Kill()
-	<-a.done
+// Kill ends the process at once, as a crash would.
+func (p *Process) Kill() error {
+	err := p.cmd.Process.Kill()
+	<-p.done
 	if errors.Is(err, os.ErrProcessDone) {
 		return nil
 	}
 	return err
 }
+
+// Exited is closed when the process has ended.
+func (p *Process) Exited() <-chan struct{} { return p.done }

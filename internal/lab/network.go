@@ -11,7 +11,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -43,7 +45,9 @@ type Node struct {
 	Pods   []netip.Prefix // pod CIDRs, IPv4 then IPv6
 	Cgroup string
 	net    *Network
-	pods   []string
+	mu     sync.Mutex
+	// pods holds each pod slot's namespace ("" when free): slot k has addresses .10+k.
+	pods []string
 }
 
 // Pod is a namespace on a node's pod bridge.
@@ -171,44 +175,73 @@ func (n *Network) plug(ns, port string, addrs []netip.Addr) error {
 	return settle(ns)
 }
 
-// AddPod makes a pod namespace on the node's bridge with the next free address of each pod
-// CIDR and default routes through the node.
+// AddPod makes a pod namespace on the node's bridge with the first free slot's address of
+// each pod CIDR and default routes through the node. On error nothing of it is left.
 func (node *Node) AddPod(name string) (*Pod, error) {
-	k := len(node.pods) + 1
-	p := &Pod{Name: name, Node: node.Name, NS: fmt.Sprintf("%s-%s-p%d", node.net.name, node.Name, k)}
-	node.pods = append(node.pods, p.NS)
-	if err := addNS(p.NS); err != nil {
-		return nil, err
+	node.mu.Lock()
+	k := slices.Index(node.pods, "")
+	if k < 0 {
+		k = len(node.pods)
+		node.pods = append(node.pods, "")
 	}
-	port := fmt.Sprintf("v%d", k)
-	if err := run("ip", "link", "add", "eth0", "netns", p.NS, "type", "veth", "peer", "name", port, "netns", node.NS); err != nil {
-		return nil, err
+	if k > 200 {
+		node.mu.Unlock()
+		return nil, fmt.Errorf("node %s has no free pod address", node.Name)
 	}
-	if err := ip(node.NS, "link", "set", port, "master", "cni0"); err != nil {
-		return nil, err
-	}
-	if err := ip(node.NS, "link", "set", port, "up"); err != nil {
-		return nil, err
-	}
+	p := &Pod{Name: name, Node: node.Name, NS: fmt.Sprintf("%s-%s-p%d", node.net.name, node.Name, k+1)}
+	node.pods[k] = p.NS
+	node.mu.Unlock()
 	for _, cidr := range node.Pods {
 		a := first(cidr)
-		for range 9 + k {
+		for range 10 + k {
 			a = a.Next()
 		}
 		p.IPs = append(p.IPs, a)
-		if err := ip(p.NS, "addr", "add", prefixOf(a, cidr), "dev", "eth0"); err != nil {
-			return nil, err
+	}
+	if err := node.plugPod(p, fmt.Sprintf("v%d", k+1)); err != nil {
+		return nil, errors.Join(err, node.RemovePod(p))
+	}
+	return p, nil
+}
+
+func (node *Node) plugPod(p *Pod, port string) error {
+	if err := addNS(p.NS); err != nil {
+		return err
+	}
+	if err := run("ip", "link", "add", "eth0", "netns", p.NS, "type", "veth", "peer", "name", port, "netns", node.NS); err != nil {
+		return err
+	}
+	if err := ip(node.NS, "link", "set", port, "master", "cni0"); err != nil {
+		return err
+	}
+	if err := ip(node.NS, "link", "set", port, "up"); err != nil {
+		return err
+	}
+	for f, cidr := range node.Pods {
+		if err := ip(p.NS, "addr", "add", prefixOf(p.IPs[f], cidr), "dev", "eth0"); err != nil {
+			return err
 		}
 	}
 	if err := ip(p.NS, "link", "set", "eth0", "up"); err != nil {
-		return nil, err
+		return err
 	}
 	for _, cidr := range node.Pods {
 		if err := ip(p.NS, "route", "add", "default", "via", first(cidr).String()); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	return p, settle(p.NS)
+	return settle(p.NS)
+}
+
+// RemovePod deletes the pod's namespace (its veth goes with it) and frees its slot.
+func (node *Node) RemovePod(p *Pod) error {
+	err := delNS(p.NS)
+	node.mu.Lock()
+	defer node.mu.Unlock()
+	if k := slices.Index(node.pods, p.NS); k >= 0 && err == nil {
+		node.pods[k] = ""
+	}
+	return err
 }
 
 // RouteVia sends the client's traffic for addr through node, as a router with a static
@@ -226,8 +259,13 @@ func (n *Network) RouteVia(addr netip.Addr, node *Node) error {
 func (n *Network) Close() error {
 	var errs []error
 	for _, node := range n.Nodes {
-		for _, ns := range append(node.pods, node.NS) {
-			errs = append(errs, delNS(ns))
+		node.mu.Lock()
+		namespaces := append(slices.Clone(node.pods), node.NS)
+		node.mu.Unlock()
+		for _, ns := range namespaces {
+			if ns != "" {
+				errs = append(errs, delNS(ns))
+			}
 		}
 	}
 	errs = append(errs, delNS(n.Client), delNS(n.lan))

@@ -436,8 +436,8 @@ func (c *cluster) restart(t *testing.T) {
 	}
 	for _, how := range []struct {
 		name string
-		stop func(*lab.Agent) error
-	}{{"stopped", (*lab.Agent).Stop}, {"crashed", (*lab.Agent).Kill}} {
+		stop func(*lab.Process) error
+	}{{"stopped", (*lab.Process).Stop}, {"crashed", (*lab.Process).Kill}} {
 		t.Run(how.name, func(t *testing.T) {
 			if err := how.stop(c.agents[0]); err != nil {
 				t.Fatal(err)

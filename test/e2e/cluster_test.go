@@ -48,7 +48,7 @@ type cluster struct {
 	top    *testing.T
 	c      client.Client
 	net    *lab.Network
-	agents []*lab.Agent
+	agents []*lab.Process
 	config []lab.AgentConfig
 	logs   []string
 	web    []*lab.Pod

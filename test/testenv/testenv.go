@@ -8,14 +8,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
+	"github.com/portico-dev/portico/internal/lab"
 	"github.com/portico-dev/portico/internal/operator"
 )
 
@@ -56,8 +56,11 @@ func Assets() string {
 	return dir
 }
 
-// Start starts etcd and kube-apiserver and installs the CRDs.
-func Start() (*Env, error) {
+// Start starts etcd and kube-apiserver (on a free port) and installs the CRDs.
+func Start() (*Env, error) { return StartOn(0) }
+
+// StartOn is Start with the API server on 127.0.0.1:port (0: a free port).
+func StartOn(port int) (*Env, error) {
 	assets := Assets()
 	if assets == "" {
 		return nil, fmt.Errorf("no kube-apiserver found: run `make test`, or set KUBEBUILDER_ASSETS to a directory with kube-apiserver and etcd")
@@ -73,6 +76,10 @@ func Start() (*Env, error) {
 		Set("service-cluster-ip-range", "10.96.0.0/16,fd00:10:96::/108").
 		Set("service-node-port-range", "30000-45000").
 		Set("feature-gates", "ConsistentListFromCache=false")
+	if port != 0 {
+		api := e.ControlPlane.GetAPIServer()
+		api.SecureServing.Address, api.SecureServing.Port = "127.0.0.1", strconv.Itoa(port)
+	}
 	cfg, err := e.Start()
 	if err != nil {
 		return nil, fmt.Errorf("start envtest: %w", err)
@@ -98,15 +105,7 @@ func (e *Env) WriteKubeconfig(path string) error { return e.WriteKubeconfigFor(p
 // WriteKubeconfigFor is WriteKubeconfig for a client that reaches the API server at another
 // address (a forwarder into a network namespace); the certificate must still match it.
 func (e *Env) WriteKubeconfigFor(path, server string) error {
-	kc := clientcmdapi.NewConfig()
-	kc.Clusters["portico"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: e.Config.CAData}
-	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: e.Config.CertData, ClientKeyData: e.Config.KeyData, Token: e.Config.BearerToken}
-	kc.Contexts["portico"] = &clientcmdapi.Context{Cluster: "portico", AuthInfo: "admin"}
-	kc.CurrentContext = "portico"
-	if err := clientcmd.WriteToFile(*kc, path); err != nil {
-		return fmt.Errorf("write kubeconfig: %w", err)
-	}
-	return nil
+	return lab.WriteKubeconfig(e.Config, server, path)
 }
 
 // Samples decodes every object in config/samples.

@@ -1,0 +1,232 @@
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+)
+
+// Config says what a lab cluster runs on.
+type Config struct {
+	Name  string // prefixes every namespace and the cgroup (short and unique: "plab")
+	Nodes int
+	Dir   string // kubeconfigs and logs go here
+	// API is the running API server (etcd and kube-apiserver, started by the caller).
+	API *rest.Config
+	// Assets holds kube-controller-manager and kube-scheduler.
+	Assets string
+	// Operator and Agent are the binaries of cmd/operator and cmd/agent.
+	Operator, Agent string
+	BPFFS           string // a bpffs mount for the agents' pins
+	// Routes gives the client a route through a node to every LoadBalancer address, a
+	// stand-in for ARP/NDP announcement. Off, the caller routes itself.
+	Routes bool
+}
+
+// Cluster is a lab cluster: the network, kube-controller-manager and kube-scheduler, the
+// operator, and per node a Kubelet and an agent. Its processes log to Dir/<name>.log.
+type Cluster struct {
+	*Network
+	Kubeconfig string // for clients in the root namespace: kubectl, the operator
+	Kubelets   []*Kubelet
+	// Agents are the nodes' agents; StartAgent replaces one.
+	Agents []*Process
+
+	cfg      Config
+	cs       kubernetes.Interface
+	nodeKC   string // for processes in node namespaces, through their forwarders
+	procs    []*Process
+	forwards []func()
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	errs     chan error
+}
+
+// Up builds the network and starts everything on it. On error, what started is stopped.
+func Up(cfg Config) (*Cluster, error) {
+	n, err := New(cfg.Name, cfg.Nodes)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &Cluster{Network: n, cfg: cfg, cancel: cancel, errs: make(chan error, cfg.Nodes+3),
+		Kubeconfig: filepath.Join(cfg.Dir, "kubeconfig"), nodeKC: filepath.Join(cfg.Dir, "node.kubeconfig"),
+		Agents: make([]*Process, cfg.Nodes), forwards: make([]func(), cfg.Nodes)}
+	if err := c.up(ctx); err != nil {
+		return nil, errors.Join(err, c.Close())
+	}
+	return c, nil
+}
+
+func (c *Cluster) up(ctx context.Context) error {
+	if err := WriteKubeconfig(c.cfg.API, c.cfg.API.Host, c.Kubeconfig); err != nil {
+		return err
+	}
+	if err := WriteKubeconfig(c.cfg.API, fmt.Sprintf("https://127.0.0.1:%d", APIPort), c.nodeKC); err != nil {
+		return err
+	}
+	cs, err := kubernetes.NewForConfig(c.cfg.API)
+	if err != nil {
+		return fmt.Errorf("client: %w", err)
+	}
+	c.cs = cs
+	components := []*exec.Cmd{
+		exec.Command(filepath.Join(c.cfg.Assets, "kube-controller-manager"), "--kubeconfig="+c.Kubeconfig,
+			"--leader-elect=false", "--secure-port=0", "--controllers=*", "--use-service-account-credentials=false",
+			"--cluster-name="+c.cfg.Name),
+		exec.Command(filepath.Join(c.cfg.Assets, "kube-scheduler"), "--kubeconfig="+c.Kubeconfig,
+			"--leader-elect=false", "--secure-port=0"),
+		exec.Command(c.cfg.Operator, "--kubeconfig="+c.Kubeconfig, "--claim-classless-services",
+			"--metrics-bind-address=0", "--health-probe-bind-address=0"),
+	}
+	for _, cmd := range components {
+		if err := c.start(ctx, cmd); err != nil {
+			return err
+		}
+	}
+	for i, node := range c.Nodes {
+		k := NewKubelet(node, cs)
+		c.Kubelets = append(c.Kubelets, k)
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			if err := k.Run(ctx); err != nil {
+				c.errs <- err
+			}
+		}()
+		if err := c.ConnectAPI(i); err != nil {
+			return err
+		}
+		if err := c.StartAgent(i); err != nil {
+			return err
+		}
+	}
+	if c.cfg.Routes {
+		c.wg.Add(1)
+		go func() { defer c.wg.Done(); c.routes(ctx) }()
+	}
+	return nil
+}
+
+// start runs a component in the root namespace, logging to Dir/<binary>.log; Failed
+// tells when it ends before ctx.
+func (c *Cluster) start(ctx context.Context, cmd *exec.Cmd) error {
+	name := filepath.Base(cmd.Path)
+	path := filepath.Join(c.cfg.Dir, name+".log")
+	log, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("log: %w", err)
+	}
+	defer log.Close()
+	cmd.Stdout, cmd.Stderr = log, log
+	p, err := startIn(cmd, "")
+	if err != nil {
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	c.procs = append(c.procs, p)
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		select {
+		case <-p.Exited():
+			c.errs <- fmt.Errorf("%s exited: %s (log: %s)", name, p.cmd.ProcessState, path)
+		case <-ctx.Done():
+		}
+	}()
+	return nil
+}
+
+// Failed reports a component that ended, or a kubelet that could not start.
+func (c *Cluster) Failed() <-chan error { return c.errs }
+
+// StartAgent starts node i's agent, or starts it again after it stopped.
+func (c *Cluster) StartAgent(i int) error {
+	node := c.Nodes[i]
+	if old := c.Agents[i]; old != nil {
+		if err := old.Stop(); err != nil {
+			return err
+		}
+	}
+	log, err := os.OpenFile(c.AgentLog(i), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		return fmt.Errorf("log: %w", err)
+	}
+	defer log.Close()
+	a, err := node.StartAgent(AgentConfig{Binary: c.cfg.Agent, Kubeconfig: c.nodeKC, BPFFS: c.cfg.BPFFS, Log: log})
+	if err != nil {
+		return err
+	}
+	c.Agents[i] = a
+	return nil
+}
+
+// AgentLog is where node i's agent logs.
+func (c *Cluster) AgentLog(i int) string {
+	return filepath.Join(c.cfg.Dir, c.Nodes[i].Name+".agent.log")
+}
+
+// ConnectAPI opens node i's way to the API server (again); DisconnectAPI cuts it, as a
+// network partition between the node and the control plane would.
+func (c *Cluster) ConnectAPI(i int) error {
+	server, err := url.Parse(c.cfg.API.Host)
+	if err != nil {
+		return fmt.Errorf("API server address: %w", err)
+	}
+	stop, err := Forward(c.Nodes[i].NS, fmt.Sprintf("127.0.0.1:%d", APIPort), server.Host)
+	if err != nil {
+		return err
+	}
+	c.forwards[i] = stop
+	return nil
+}
+
+// DisconnectAPI cuts node i's way to the API server and every connection through it.
+func (c *Cluster) DisconnectAPI(i int) {
+	if c.forwards[i] != nil {
+		c.forwards[i]()
+		c.forwards[i] = nil
+	}
+}
+
+// Close stops everything and removes the network.
+func (c *Cluster) Close() error {
+	var errs []error
+	for _, a := range c.Agents {
+		if a != nil {
+			errs = append(errs, a.Stop())
+		}
+	}
+	c.cancel()
+	c.wg.Wait()
+	for i := range c.forwards {
+		c.DisconnectAPI(i)
+	}
+	for _, p := range c.procs {
+		errs = append(errs, p.Stop())
+	}
+	return errors.Join(append(errs, c.Network.Close())...)
+}
+
+// WriteKubeconfig writes a kubeconfig for cfg's user that reaches the API server at server
+// (cfg.Host, or a forwarder to it: the certificate must still match).
+func WriteKubeconfig(cfg *rest.Config, server, path string) error {
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["portico"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: cfg.CertData, ClientKeyData: cfg.KeyData, Token: cfg.BearerToken}
+	kc.Contexts["portico"] = &clientcmdapi.Context{Cluster: "portico", AuthInfo: "admin"}
+	kc.CurrentContext = "portico"
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
+		return fmt.Errorf("write kubeconfig: %w", err)
+	}
+	return nil
+}

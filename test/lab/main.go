@@ -1,0 +1,409 @@
+// Command lab runs Portico on one machine: etcd and kube-apiserver, kube-controller-manager,
+// kube-scheduler, the operator, and simulated nodes (network namespaces on a bridge, each
+// with a node daemon for its pods and a real agent), with a client namespace on the same
+// segment. It applies config/samples, shows what Portico did and the traffic it carried,
+// and stays up for kubectl until Ctrl-C. `lab down` removes what a lab left behind.
+// See docs/lab.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/testenv"
+)
+
+// name prefixes the lab's namespaces and cgroups; state holds its files while it runs;
+// logs keeps the kubeconfig and every component's log until the next lab starts.
+const (
+	name  = "plab"
+	state = "/run/portico-lab"
+	logs  = "/tmp/portico-lab"
+)
+
+func main() {
+	nodes := flag.Int("nodes", 3, "Simulated nodes.")
+	port := flag.Int("api-port", 16443, "Port of the API server on 127.0.0.1.")
+	bin := flag.String("bin", "bin", "Directory with the operator and agent binaries (`make build`).")
+	flag.Usage = func() {
+		fmt.Fprintf(flag.CommandLine.Output(), "usage: lab [flags] [up|down]\n\n  up    start the lab (default)\n  down  stop a running lab and remove what any lab left behind\n\n")
+		flag.PrintDefaults()
+	}
+	flag.Parse()
+	var err error
+	switch flag.Arg(0) {
+	case "", "up":
+		err = up(*nodes, *port, *bin)
+	case "down":
+		err = down()
+	default:
+		flag.Usage()
+		os.Exit(2)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "lab:", err)
+		os.Exit(1)
+	}
+}
+
+func up(nodes, port int, bin string) error {
+	began := time.Now()
+	ctrl.SetLogger(zap.New(zap.Level(zapcore.ErrorLevel)))
+	if err := preflight(port); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := os.MkdirAll(filepath.Join(state, "tmp"), 0o755); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	defer os.RemoveAll(state)
+	if err := os.RemoveAll(logs); err != nil {
+		return fmt.Errorf("logs: %w", err)
+	}
+	if err := os.MkdirAll(logs, 0o755); err != nil {
+		return fmt.Errorf("logs: %w", err)
+	}
+	// Every process the lab starts is in this cgroup, so that `lab down` finds them all
+	// even after the lab was killed; envtest's directories go under the state directory.
+	procs, err := joinCgroup()
+	if err != nil {
+		return err
+	}
+	defer removeCgroup(procs)
+	os.Setenv("TMPDIR", filepath.Join(state, "tmp"))
+	if err := os.WriteFile(filepath.Join(state, "lab.pid"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+		return fmt.Errorf("pid file: %w", err)
+	}
+	bpffs := filepath.Join(state, "bpffs")
+	if err := os.Mkdir(bpffs, 0o755); err != nil {
+		return fmt.Errorf("bpffs: %w", err)
+	}
+	if err := syscall.Mount("bpf", bpffs, "bpf", 0, ""); err != nil {
+		return fmt.Errorf("mount bpffs: %w", err)
+	}
+	defer syscall.Unmount(bpffs, 0)
+
+	step("Starting etcd and kube-apiserver on 127.0.0.1:%d", port)
+	env, err := testenv.StartOn(port)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = env.Stop() }()
+	step("Starting %d nodes, kube-controller-manager, kube-scheduler, the operator and the agents", nodes)
+	c, err := lab.Up(lab.Config{Name: name, Nodes: nodes, Dir: logs, API: env.Config, Assets: testenv.Assets(),
+		Operator: filepath.Join(bin, "operator"), Agent: filepath.Join(bin, "agent"), BPFFS: bpffs, Routes: true})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		step("Stopping the lab")
+		if err := c.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "lab:", err)
+		}
+	}()
+	step("Applying config/samples")
+	samples, err := testenv.Samples()
+	if err != nil {
+		return err
+	}
+	for _, obj := range samples {
+		if err := env.Client.Create(ctx, obj); err != nil {
+			return fmt.Errorf("apply %s %s: %w", obj.GetObjectKind().GroupVersionKind().Kind, obj.GetName(), err)
+		}
+	}
+	step("Waiting for the web Deployment's pods and the web Service's addresses")
+	svc, err := waitWeb(ctx, env.Client, c)
+	if err != nil {
+		return err
+	}
+	if err := show(ctx, env.Client, c, svc); err != nil {
+		return err
+	}
+	fmt.Printf("\nUp with first results in %.1f s. Try:\n", time.Since(began).Seconds())
+	fmt.Printf("  export KUBECONFIG=%s\n  kubectl get lbpools,svc,pods -o wide\n", c.Kubeconfig)
+	for _, a := range addresses(svc) {
+		fmt.Printf("  ip netns exec %s curl -s %s\n", c.Client, url(a))
+	}
+	fmt.Printf("  kubectl scale deployment web --replicas 5\n")
+	fmt.Printf("Logs are in %s. Ctrl-C here (or `make lab-down` elsewhere) stops the lab.\n", logs)
+	select {
+	case <-ctx.Done():
+	case err := <-c.Failed():
+		return err
+	}
+	return nil
+}
+
+func step(format string, args ...any) { fmt.Printf("==> "+format+"\n", args...) }
+
+// preflight fails with what to do when the lab cannot start here.
+func preflight(port int) error {
+	if os.Geteuid() != 0 {
+		return errors.New("the lab needs root: it creates network namespaces, cgroups and BPF programs (sudo make lab)")
+	}
+	if pid, ok := running(); ok {
+		return fmt.Errorf("a lab is already running (pid %d): stop it with Ctrl-C in its terminal, or `make lab-down`", pid)
+	}
+	if left := leftovers(); len(left) > 0 {
+		return fmt.Errorf("a previous lab was left behind (%s): `make lab-down` removes it", strings.Join(left, ", "))
+	}
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return fmt.Errorf("the API server's port %d is taken (%w): free it, or choose another with `make lab LAB_ARGS=-api-port=N`", port, err)
+	}
+	return ln.Close()
+}
+
+// running returns the pid of a running lab.
+func running() (int, bool) {
+	b, err := os.ReadFile(filepath.Join(state, "lab.pid"))
+	if err != nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid, err == nil && syscall.Kill(pid, 0) == nil
+}
+
+// leftovers lists what a lab that did not stop cleanly left: namespaces, cgroups, files.
+func leftovers() []string {
+	var left []string
+	namespaces, _ := filepath.Glob("/run/netns/" + name + "-*")
+	if len(namespaces) > 0 {
+		left = append(left, fmt.Sprintf("%d network namespaces %s-*", len(namespaces), name))
+	}
+	if cg, err := cgroupRoot(); err == nil {
+		for _, d := range []string{"portico-" + name, "portico-" + name + "-procs"} {
+			if _, err := os.Stat(filepath.Join(cg, d)); err == nil {
+				left = append(left, "cgroup "+d)
+			}
+		}
+	}
+	if _, err := os.Stat(state); err == nil {
+		left = append(left, state)
+	}
+	return left
+}
+
+// down stops a running lab and removes whatever any lab left behind.
+func down() error {
+	if os.Geteuid() != 0 {
+		return errors.New("removing the lab needs root")
+	}
+	if pid, ok := running(); ok {
+		fmt.Printf("Stopping the lab (pid %d)\n", pid)
+		_ = syscall.Kill(pid, syscall.SIGTERM)
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			if syscall.Kill(pid, 0) != nil {
+				break
+			}
+		}
+	}
+	var errs []error
+	if cg, err := cgroupRoot(); err == nil {
+		for _, d := range []string{"portico-" + name + "-procs", "portico-" + name} {
+			dir := filepath.Join(cg, d)
+			if _, err := os.Stat(dir); err == nil {
+				fmt.Println("Killing the processes of cgroup", d)
+				_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
+				errs = append(errs, removeCgroup(dir))
+			}
+		}
+	}
+	namespaces, _ := filepath.Glob("/run/netns/" + name + "-*")
+	for _, ns := range namespaces {
+		if out, err := exec.Command("ip", "netns", "del", filepath.Base(ns)).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("ip netns del: %w: %s", err, out))
+		}
+	}
+	if len(namespaces) > 0 {
+		fmt.Printf("Removed %d network namespaces\n", len(namespaces))
+	}
+	if _, err := os.Stat(state); err == nil {
+		_ = syscall.Unmount(filepath.Join(state, "bpffs"), 0)
+		errs = append(errs, os.RemoveAll(state))
+		fmt.Println("Removed", state)
+	}
+	return errors.Join(errs...)
+}
+
+// joinCgroup moves this process (and so every process it starts) into the lab's cgroup.
+func joinCgroup() (string, error) {
+	cg, err := cgroupRoot()
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(cg, "portico-"+name+"-procs")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create cgroup: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
+		return "", fmt.Errorf("join cgroup: %w", err)
+	}
+	return dir, nil
+}
+
+// removeCgroup removes a cgroup tree, leaving it first when this process is in it.
+func removeCgroup(dir string) error {
+	parent := filepath.Dir(dir)
+	_ = os.WriteFile(filepath.Join(parent, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
+	subs, _ := filepath.Glob(filepath.Join(dir, "*", "cgroup.procs"))
+	var err error
+	for range 100 {
+		for _, s := range subs {
+			_ = os.Remove(filepath.Dir(s))
+		}
+		if err = os.Remove(dir); err == nil || os.IsNotExist(err) {
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("remove cgroup %s: %w", dir, err)
+}
+
+func cgroupRoot() (string, error) {
+	mounts, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return "", fmt.Errorf("find cgroup v2: %w", err)
+	}
+	for _, line := range strings.Split(string(mounts), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
+			return f[1], nil
+		}
+	}
+	return "", errors.New("the lab needs cgroup v2 mounted")
+}
+
+// waitWeb waits until the web Service has its addresses and every web pod is ready.
+func waitWeb(ctx context.Context, c client.Client, lc *lab.Cluster) (*corev1.Service, error) {
+	var svc corev1.Service
+	var dep appsv1.Deployment
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		errSvc := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "web"}, &svc)
+		errDep := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "web"}, &dep)
+		if err := errors.Join(errSvc, errDep); err != nil {
+			return nil, err
+		}
+		if len(svc.Status.LoadBalancer.Ingress) > 0 && dep.Status.ReadyReplicas == *dep.Spec.Replicas {
+			// Give the client's routes and the agents a moment to follow.
+			time.Sleep(time.Second)
+			return &svc, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case err := <-lc.Failed():
+			return nil, err
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("after 60 s the web Service has addresses %v and %d of %d pods are ready; see the logs in %s",
+				svc.Status.LoadBalancer.Ingress, dep.Status.ReadyReplicas, *dep.Spec.Replicas, logs)
+		}
+	}
+}
+
+// show prints the pool, the web Service and its pods, and what curl in the client namespace
+// gets from each of its addresses.
+func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Service) error {
+	var pools lbv1.LBPoolList
+	if err := c.List(ctx, &pools); err != nil {
+		return fmt.Errorf("list pools: %w", err)
+	}
+	fmt.Println()
+	for _, p := range pools.Items {
+		ready := meta.FindStatusCondition(p.Status.Conditions, "Ready")
+		fmt.Printf("LBPool %s: %s", p.Name, blocks(p))
+		if ready != nil {
+			fmt.Printf(" (Ready=%s: %s)", ready.Status, ready.Message)
+		}
+		fmt.Println()
+	}
+	if cond := meta.FindStatusCondition(svc.Status.Conditions, lbv1.ServiceConditionIPAllocated); cond != nil {
+		fmt.Printf("Service web: %s\n", cond.Message)
+	}
+	var pods corev1.PodList
+	if err := c.List(ctx, &pods, client.InNamespace("default"), client.MatchingLabels{"app": "web"}); err != nil {
+		return fmt.Errorf("list pods: %w", err)
+	}
+	for _, p := range pods.Items {
+		var ips []string
+		for _, a := range p.Status.PodIPs {
+			ips = append(ips, a.IP)
+		}
+		fmt.Printf("  pod %-22s on %s  %s\n", p.Name, p.Spec.NodeName, strings.Join(ips, ", "))
+	}
+	fmt.Printf("\nFrom the client namespace %s (no route out of the machine):\n", lc.Client)
+	for _, a := range addresses(svc) {
+		fmt.Printf("  %s is reached through %s (a static route until ARP/NDP announcement lands)\n", a, lc.Announcer(a).Name)
+		counts := map[string]int{}
+		for range 12 {
+			out, err := exec.CommandContext(ctx, "ip", "netns", "exec", lc.Client, "curl", "-s", "-m", "2", url(a)).Output()
+			answer := strings.TrimSpace(string(out))
+			if e, perr := lab.ParseEcho(answer); perr == nil {
+				answer = fmt.Sprintf("%s on %s saw the client as %s", e.Pod, e.Node, e.Client.Addr())
+			} else if err != nil {
+				answer = "curl failed: " + err.Error()
+			}
+			counts[answer]++
+		}
+		fmt.Printf("  $ curl %s   (12 times)\n", url(a))
+		var lines []string
+		for answer, n := range counts {
+			lines = append(lines, fmt.Sprintf("    %2d x %s", n, answer))
+		}
+		sort.Strings(lines)
+		fmt.Println(strings.Join(lines, "\n"))
+	}
+	return nil
+}
+
+func blocks(p lbv1.LBPool) string {
+	var s []string
+	for _, b := range p.Spec.Blocks {
+		if b.CIDR != "" {
+			s = append(s, b.CIDR)
+		} else {
+			s = append(s, b.Start+"-"+b.Stop)
+		}
+	}
+	return strings.Join(s, ", ")
+}
+
+func addresses(svc *corev1.Service) []netip.Addr {
+	var out []netip.Addr
+	for _, in := range svc.Status.LoadBalancer.Ingress {
+		if a, err := netip.ParseAddr(in.IP); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+func url(a netip.Addr) string {
+	return "http://" + netip.AddrPortFrom(a, 80).String() + "/"
+}
