@@ -72,7 +72,7 @@ func (c *cluster) clusterIP(t *testing.T) {
 		t.Run(fam+"/port changed", func(t *testing.T) {
 			eventually(t, "port 90 answers", func() error { return answered(f, vip(f, 90), 1, c.web...) })
 			eventually(t, "port 80 is gone", func() error {
-				if got := c.dialFromProbe(t, vip(f, 80)); strings.HasPrefix(got, "from ") {
+				if got := c.dialFromProbe(t, vip(f, 80)); strings.HasPrefix(got, "pod=") {
 					return fmt.Errorf("port 80 still answers: %q", got)
 				}
 				return nil
@@ -85,7 +85,7 @@ func (c *cluster) clusterIP(t *testing.T) {
 	for f, fam := range families {
 		t.Run(fam+"/deleted", func(t *testing.T) {
 			eventually(t, "the ClusterIP is gone", func() error {
-				if got := c.dialFromProbe(t, vip(f, 90)); strings.HasPrefix(got, "from ") {
+				if got := c.dialFromProbe(t, vip(f, 90)); strings.HasPrefix(got, "pod=") {
 					return fmt.Errorf("still answers: %q", got)
 				}
 				return nil
@@ -439,7 +439,7 @@ func (c *cluster) restart(t *testing.T) {
 		stop func(*lab.Process) error
 	}{{"stopped", (*lab.Process).Stop}, {"crashed", (*lab.Process).Kill}} {
 		t.Run(how.name, func(t *testing.T) {
-			if err := how.stop(c.agents[0]); err != nil {
+			if err := how.stop(c.lab.Agents[0]); err != nil {
 				t.Fatal(err)
 			}
 			held(t, "agent "+how.name)
@@ -448,7 +448,9 @@ func (c *cluster) restart(t *testing.T) {
 			}
 			// A change while no agent runs reaches node-1 once its agent is back.
 			c.endpoints(t, "held", c.web[1], c.web[2])
-			c.startAgent(t, 0)
+			if err := c.lab.StartAgent(0); err != nil {
+				t.Fatal(err)
+			}
 			for f := range families {
 				answers(t, f, c.web[1], c.web[2])
 			}
@@ -471,7 +473,7 @@ func (c *cluster) apiDown(t *testing.T) {
 	reach(t, c.web[1])
 	// Node-1 loses the API server (its watches break, its lists fail) while the cluster
 	// changes: it keeps forwarding with what it had.
-	c.forwards[0]()
+	c.lab.DisconnectAPI(0)
 	c.endpoints(t, "cut", c.web[2])
 	time.Sleep(3 * time.Second) // several of the agent's retries
 	for f := range families {
@@ -485,6 +487,8 @@ func (c *cluster) apiDown(t *testing.T) {
 			}
 		}
 	}
-	c.forward(t, 0)
+	if err := c.lab.ConnectAPI(0); err != nil {
+		t.Fatal(err)
+	}
 	reach(t, c.web[2])
 }

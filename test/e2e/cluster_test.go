@@ -9,27 +9,25 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/controller/servicelb"
 	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/internal/operator"
 	"github.com/portico-dev/portico/test/nstest"
 	"github.com/portico-dev/portico/test/testenv"
 )
@@ -37,27 +35,22 @@ import (
 // families are the rows of every scenario: index 0 is IPv4, 1 is IPv6, as in lab addresses.
 var families = []string{"v4", "v6"}
 
-// cluster is a real API server, the operator (in-process, allocating LoadBalancer addresses
-// from an LBPool on the segment) and three simulated nodes, each running cmd/agent: pods
-// web-1, web-2, web-3 (one per node) serve echo traffic on 8080, pod "probe" on node-1
-// runs clients inside node-1's cgroup (where the socket programs are), and the client
-// namespace outside the nodes has a second address per family for source-range tests.
+// cluster is a lab cluster (internal/lab): a real API server, kube-controller-manager,
+// kube-scheduler, the operator (allocating LoadBalancer addresses from an LBPool on the
+// segment) and three simulated nodes, each with its kubelet and cmd/agent. Pods web-1,
+// web-2, web-3 (one per node, the lab's echo image) serve on 8080; a Service selects the
+// ones endpoints names, so that its EndpointSlices come from the EndpointSlice controller.
+// Pod "probe" on node-1 runs clients inside node-1's cgroup (where the socket programs
+// are), and the client namespace outside the nodes has a second address per family for
+// source-range tests.
 type cluster struct {
-	// top is the test that started the cluster: agents and forwarders restarted by a
-	// subtest live until it ends.
-	top    *testing.T
-	c      client.Client
-	net    *lab.Network
-	agents []*lab.Process
-	config []lab.AgentConfig
-	logs   []string
-	web    []*lab.Pod
-	probe  *lab.Pod
+	c     client.Client
+	lab   *lab.Cluster
+	net   *lab.Network
+	web   []*lab.Pod
+	probe *lab.Pod
 	// second are the client's second addresses (the first are net.ClientIPs).
 	second []netip.Addr
-	// apiServer is the API server's address; forwards[i] stops node i's way to it.
-	apiServer string
-	forwards  []func()
 }
 
 func start(t *testing.T) *cluster {
@@ -69,9 +62,13 @@ func start(t *testing.T) *cluster {
 		t.Skip("needs kube-apiserver and etcd: run `make test`")
 	}
 	dir := t.TempDir()
-	bin, err := testenv.Build(dir, "agent")
-	if err != nil {
-		t.Fatal(err)
+	var bins []string
+	for _, name := range []string{"operator", "agent"} {
+		bin, err := testenv.Build(dir, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bins = append(bins, bin)
 	}
 	bpffs := nstest.BPFFS(t)
 	env, err := testenv.Start()
@@ -79,106 +76,73 @@ func start(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = env.Stop() })
-	startOperator(t, env)
-	n, err := lab.New(fmt.Sprintf("pte%d", os.Getpid()%100000), 3)
+	logs := filepath.Join(dir, "logs")
+	if err := os.Mkdir(logs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	lc, err := lab.Up(lab.Config{Name: fmt.Sprintf("pte%d", os.Getpid()%100000), Nodes: 3, Dir: logs, API: env.Config,
+		Assets: testenv.Assets(), Operator: bins[0], Agent: bins[1], BPFFS: bpffs})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := n.Close(); err != nil {
-			t.Errorf("remove the lab network: %v", err)
+		if t.Failed() {
+			for i := range lc.Nodes {
+				b, _ := os.ReadFile(lc.AgentLog(i))
+				t.Logf("%s (end):\n%s", filepath.Base(lc.AgentLog(i)), tail(string(b), 3000))
+			}
+		}
+		if err := lc.Close(); err != nil {
+			t.Errorf("stop the lab: %v", err)
 		}
 	})
-	c := &cluster{top: t, c: env.Client, net: n, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
+	c := &cluster{c: env.Client, lab: lc, net: lc.Network, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
 	for _, a := range c.second {
 		lan := lab.LAN4
 		if a.Is6() {
 			lan = lab.LAN6
 		}
-		if err := ip(n.Client, "addr", "add", netip.PrefixFrom(a, lan.Bits()).String(), "dev", "eth0"); err != nil {
+		if err := ip(lc.Client, "addr", "add", netip.PrefixFrom(a, lan.Bits()).String(), "dev", "eth0"); err != nil {
 			t.Fatal(err)
 		}
 	}
-	server, err := url.Parse(env.Config.Host)
-	if err != nil {
+	pool := &lbv1.LBPool{ObjectMeta: metav1.ObjectMeta{Name: "segment"}, Spec: lbv1.LBPoolSpec{
+		Blocks: []lbv1.IPBlock{{CIDR: "192.0.2.32/27"}, {CIDR: "2001:db8::100/120"}}}}
+	if err := env.Client.Create(context.Background(), pool); err != nil {
 		t.Fatal(err)
 	}
-	kubeconfig := filepath.Join(dir, "kubeconfig")
-	if err := env.WriteKubeconfigFor(kubeconfig, fmt.Sprintf("https://127.0.0.1:%d", lab.APIPort)); err != nil {
-		t.Fatal(err)
+	for i := range lc.Nodes {
+		c.web = append(c.web, c.pod(t, fmt.Sprintf("web-%d", i+1), i, nil))
 	}
-	ctx := context.Background()
-	c.apiServer = server.Host
-	for i, node := range n.Nodes {
-		c.forwards = append(c.forwards, nil)
-		c.forward(t, i)
-		obj := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node.Name}}
-		if err := c.c.Create(ctx, obj); err != nil {
-			t.Fatal(err)
-		}
-		for _, a := range node.IPs {
-			obj.Status.Addresses = append(obj.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: a.String()})
-		}
-		if err := c.c.Status().Update(ctx, obj); err != nil {
-			t.Fatal(err)
-		}
-		web, err := node.AddPod(fmt.Sprintf("web-%d", i+1))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, a := range web.IPs {
-			nstest.Serve(t, web.NS, netip.AddrPortFrom(a, 8080))
-		}
-		c.web = append(c.web, web)
-		c.logs = append(c.logs, filepath.Join(dir, node.Name+".log"))
-		c.config = append(c.config, lab.AgentConfig{Binary: bin, Kubeconfig: kubeconfig, BPFFS: bpffs})
-		c.agents = append(c.agents, nil)
-		c.startAgent(t, i)
-	}
-	if c.probe, err = n.Nodes[0].AddPod("probe"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			for _, l := range c.logs {
-				b, _ := os.ReadFile(l)
-				t.Logf("%s (end):\n%s", filepath.Base(l), tail(string(b), 3000))
-			}
-		}
-	})
+	c.probe = c.pod(t, "probe", 0, nil)
 	return c
 }
 
-// forward opens (again) node i's way to the API server; it closes with the cluster.
-func (c *cluster) forward(t *testing.T, i int) {
+// pod runs a pod of the lab's echo image on node i (bound there, as a DaemonSet's pods
+// are), changed by edit, and waits until it runs.
+func (c *cluster) pod(t *testing.T, name string, node int, edit func(*corev1.Pod)) *lab.Pod {
 	t.Helper()
-	stop, err := lab.Forward(c.net.Nodes[i].NS, fmt.Sprintf("127.0.0.1:%d", lab.APIPort), c.apiServer)
-	if err != nil {
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", Labels: map[string]string{}},
+		Spec: corev1.PodSpec{NodeName: c.net.Nodes[node].Name, TerminationGracePeriodSeconds: ptr.To[int64](5),
+			Containers: []corev1.Container{{Name: "echo", Image: lab.EchoImage}}}}
+	if edit != nil {
+		edit(pod)
+	}
+	if err := c.c.Create(context.Background(), pod); err != nil {
 		t.Fatal(err)
 	}
-	c.forwards[i] = stop
-	c.top.Cleanup(stop)
+	var p *lab.Pod
+	eventually(t, "pod "+name+" running", func() error {
+		if p = c.lab.Kubelets[node].Pod("default", name); p == nil {
+			return errors.New("not running yet")
+		}
+		return nil
+	})
+	return p
 }
 
-// startAgent starts node i's agent (again), logging to its file; it stops with the cluster.
-func (c *cluster) startAgent(t *testing.T, i int) {
-	t.Helper()
-	log, err := os.OpenFile(c.logs[i], os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.top.Cleanup(func() { log.Close() })
-	cfg := c.config[i]
-	cfg.Log = log
-	a, err := c.net.Nodes[i].StartAgent(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.agents[i] = a
-	c.top.Cleanup(func() { _ = a.Stop() })
-}
-
-// service creates a dual-stack Service with port "web" 80 -> 8080, changed by edit.
+// service creates a dual-stack Service with port "web" 80 -> 8080 that selects the pods
+// endpoints names, changed by edit.
 func (c *cluster) service(t *testing.T, name string, edit func(*corev1.Service)) *corev1.Service {
 	t.Helper()
 	svc := &corev1.Service{
@@ -187,6 +151,7 @@ func (c *cluster) service(t *testing.T, name string, edit func(*corev1.Service))
 			IPFamilyPolicy: ptr.To(corev1.IPFamilyPolicyRequireDualStack),
 			IPFamilies:     []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol},
 			Ports:          []corev1.ServicePort{{Name: "web", Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(8080)}},
+			Selector:       map[string]string{member(name): "yes"},
 		},
 	}
 	if edit != nil {
@@ -213,31 +178,6 @@ func (c *cluster) update(t *testing.T, svc *corev1.Service, edit func(*corev1.Se
 		if !apierrors.IsConflict(err) {
 			t.Fatal(err)
 		}
-	}
-}
-
-// startOperator runs the operator until the test ends, with a pool on the segment that
-// every LoadBalancer Service draws from.
-func startOperator(t *testing.T, env *testenv.Env) {
-	t.Helper()
-	mgr, err := operator.NewManager(env.Config, operator.Options{MetricsAddr: "0", ProbeAddr: "0",
-		Class: servicelb.Class{Name: lbv1.LoadBalancerClass, ClaimClassless: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("operator: %v", err)
-		}
-	})
-	pool := &lbv1.LBPool{ObjectMeta: metav1.ObjectMeta{Name: "segment"}, Spec: lbv1.LBPoolSpec{
-		Blocks: []lbv1.IPBlock{{CIDR: "192.0.2.32/27"}, {CIDR: "2001:db8::100/120"}}}}
-	if err := env.Client.Create(context.Background(), pool); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -275,38 +215,25 @@ func (c *cluster) routeVia(t *testing.T, a netip.Addr, node int) {
 	}
 }
 
-// endpoints makes the Service's EndpointSlices (one per family) list pods, ready, on
-// port "web" 8080.
+// endpoints makes svc select exactly pods among the web pods (by a label per Service);
+// the EndpointSlice controller follows.
 func (c *cluster) endpoints(t *testing.T, svc string, pods ...*lab.Pod) {
 	t.Helper()
-	ctx := context.Background()
-	for f, fam := range families {
-		slice := &discoveryv1.EndpointSlice{
-			ObjectMeta:  metav1.ObjectMeta{Name: svc + "-" + fam, Namespace: "default", Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
-			AddressType: []discoveryv1.AddressType{discoveryv1.AddressTypeIPv4, discoveryv1.AddressTypeIPv6}[f],
-			Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("web"), Protocol: ptr.To(corev1.ProtocolTCP), Port: ptr.To[int32](8080)}},
+	for _, web := range c.web {
+		value := "null"
+		if slices.Contains(pods, web) {
+			value = `"yes"`
 		}
-		for _, p := range pods {
-			slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{
-				Addresses:  []string{p.IPs[f].String()},
-				NodeName:   ptr.To(p.Node),
-				Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)},
-			})
-		}
-		var old discoveryv1.EndpointSlice
-		err := c.c.Get(ctx, client.ObjectKeyFromObject(slice), &old)
-		switch {
-		case apierrors.IsNotFound(err):
-			err = c.c.Create(ctx, slice)
-		case err == nil:
-			slice.ResourceVersion = old.ResourceVersion
-			err = c.c.Update(ctx, slice)
-		}
-		if err != nil {
+		patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%s}}}`, member(svc), value)
+		obj := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: web.Name}}
+		if err := c.c.Patch(context.Background(), obj, client.RawPatch(types.MergePatchType, []byte(patch))); err != nil {
 			t.Fatal(err)
 		}
 	}
 }
+
+// member is the label that puts a pod behind Service svc.
+func member(svc string) string { return "in-" + svc }
 
 // dial connects from the client namespace (from the client's first address of the family
 // unless from is valid), sends a line and returns the echo server's answer:
@@ -432,8 +359,12 @@ func (c *cluster) fromProbe(t *testing.T, to netip.AddrPort) func() (string, err
 // answeredBy checks that an echo answer came from one of the pods on port 8080 (in family f),
 // and returns which.
 func answeredBy(answer string, f int, pods ...*lab.Pod) (*lab.Pod, error) {
+	e, err := lab.ParseEcho(answer)
+	if err != nil {
+		return nil, err
+	}
 	for _, p := range pods {
-		if strings.HasPrefix(answer, "from "+netip.AddrPortFrom(p.IPs[f], 8080).String()+" ") {
+		if e.Pod == p.Name && e.Server == netip.AddrPortFrom(p.IPs[f], 8080) {
 			return p, nil
 		}
 	}
@@ -442,7 +373,7 @@ func answeredBy(answer string, f int, pods ...*lab.Pod) (*lab.Pod, error) {
 
 // seenFrom checks the client address the backend saw.
 func seenFrom(answer string, a netip.Addr) error {
-	if !strings.Contains(answer, " for "+strings.TrimSuffix(netip.AddrPortFrom(a, 0).String(), "0")) {
+	if e, err := lab.ParseEcho(answer); err != nil || e.Client.Addr() != a {
 		return fmt.Errorf("answer %q: the backend did not see the client as %s", answer, a)
 	}
 	return nil
