@@ -35,6 +35,9 @@ func TestAgentsOnThreeNodes(t *testing.T) {
 	t.Run("Maglev by ServicePolicy: every node picks the same backend", c.maglev)
 	t.Run("agent restart and crash keep established connections", c.restart)
 	t.Run("API server unreachable: the node keeps its last state", c.apiDown)
+	t.Run("Deployment: readiness gates, termination, scale to zero", c.deployment)
+	t.Run("type changes: ExternalName and ClusterIP, a released NodePort", c.typeChanges)
+	t.Run("pool withdrawn and back", c.poolLifecycle)
 }
 
 func (c *cluster) clusterIP(t *testing.T) {
@@ -72,7 +75,7 @@ func (c *cluster) clusterIP(t *testing.T) {
 		t.Run(fam+"/port changed", func(t *testing.T) {
 			eventually(t, "port 90 answers", func() error { return answered(f, vip(f, 90), 1, c.web...) })
 			eventually(t, "port 80 is gone", func() error {
-				if got := c.dialFromProbe(t, vip(f, 80)); strings.HasPrefix(got, "pod=") {
+				if got := c.dialFromProbe(t, vip(f, 80)); isEcho(got) {
 					return fmt.Errorf("port 80 still answers: %q", got)
 				}
 				return nil
@@ -85,7 +88,7 @@ func (c *cluster) clusterIP(t *testing.T) {
 	for f, fam := range families {
 		t.Run(fam+"/deleted", func(t *testing.T) {
 			eventually(t, "the ClusterIP is gone", func() error {
-				if got := c.dialFromProbe(t, vip(f, 90)); strings.HasPrefix(got, "pod=") {
+				if got := c.dialFromProbe(t, vip(f, 90)); isEcho(got) {
 					return fmt.Errorf("still answers: %q", got)
 				}
 				return nil

@@ -250,6 +250,11 @@ func (c *cluster) dial(from netip.AddrPort, to netip.AddrPort) (string, error) {
 // connect opens a TCP connection from the client namespace. It closes with a reset, so that
 // its source port is free again at once.
 func (c *cluster) connect(from netip.AddrPort, to netip.AddrPort) (*net.TCPConn, error) {
+	return c.connectWithin(from, to, time.Second)
+}
+
+// connectWithin is connect with a time limit.
+func (c *cluster) connectWithin(from netip.AddrPort, to netip.AddrPort, limit time.Duration) (*net.TCPConn, error) {
 	var conn net.Conn
 	err := lab.In(c.net.Client, func() error {
 		if !from.IsValid() {
@@ -258,7 +263,7 @@ func (c *cluster) connect(from netip.AddrPort, to netip.AddrPort) (*net.TCPConn,
 				from = netip.AddrPortFrom(c.net.ClientIPs[1], 0)
 			}
 		}
-		d := net.Dialer{Timeout: time.Second, LocalAddr: net.TCPAddrFromAddrPort(from)}
+		d := net.Dialer{Timeout: limit, LocalAddr: net.TCPAddrFromAddrPort(from)}
 		var err error
 		conn, err = d.Dial("tcp", to.String())
 		return err
@@ -369,6 +374,12 @@ func answeredBy(answer string, f int, pods ...*lab.Pod) (*lab.Pod, error) {
 		}
 	}
 	return nil, fmt.Errorf("answer %q is not from %s", answer, names(pods))
+}
+
+// isEcho says whether a dial's output is an answer of the echo workload.
+func isEcho(s string) bool {
+	_, err := lab.ParseEcho(s)
+	return err == nil
 }
 
 // seenFrom checks the client address the backend saw.
