@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -196,6 +197,40 @@ func (c *cluster) poolLifecycle(t *testing.T) {
 		t.Run(fam+"/enabled again", func(t *testing.T) { c.onlyFrom(t, f, netip.AddrPortFrom(addrs[f], 80), c.web[0]) })
 	}
 	if err := c.c.Delete(context.Background(), svc); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A pod whose image the lab does not have stays Pending, and an Event says why.
+func (c *cluster) unknownImage(t *testing.T) {
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "nginx", Namespace: "default"}, Spec: corev1.PodSpec{
+		NodeName: c.net.Nodes[2].Name, Containers: []corev1.Container{{Name: "nginx", Image: "nginx:1.27"}}}}
+	if err := c.c.Create(context.Background(), pod); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "Pending with an Event", func() error {
+		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(pod), pod); err != nil {
+			return err
+		}
+		st := pod.Status.ContainerStatuses
+		if pod.Status.Phase != corev1.PodPending || len(st) != 1 || st[0].State.Waiting == nil || st[0].State.Waiting.Reason != "ErrImagePull" {
+			return fmt.Errorf("status %+v", pod.Status)
+		}
+		var events corev1.EventList
+		if err := c.c.List(context.Background(), &events, client.InNamespace("default")); err != nil {
+			return err
+		}
+		for _, e := range events.Items {
+			if e.InvolvedObject.Name == "nginx" && e.Type == corev1.EventTypeWarning && strings.Contains(e.Message, `"nginx:1.27"`) {
+				return nil
+			}
+		}
+		return errors.New("no warning Event names the image")
+	})
+	if c.lab.Kubelets[2].Pod("default", "nginx") != nil {
+		t.Fatal("the lab runs a pod it has no image for")
+	}
+	if err := c.c.Delete(context.Background(), pod); err != nil {
 		t.Fatal(err)
 	}
 }
