@@ -64,7 +64,7 @@ func New(name string, nodes int) (*Network, error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("the lab needs root: it creates network namespaces, cgroups and BPF programs")
 	}
-	cg, err := cgroup2()
+	cg, err := CgroupRoot()
 	if err != nil {
 		return nil, err
 	}
@@ -293,8 +293,8 @@ func settle(ns string) error {
 	return fmt.Errorf("the IPv6 addresses of %s stayed tentative for 5 s", ns)
 }
 
-// cgroup2 finds the cgroup v2 mount.
-func cgroup2() (string, error) {
+// CgroupRoot finds the cgroup v2 mount.
+func CgroupRoot() (string, error) {
 	mounts, err := os.ReadFile("/proc/self/mounts")
 	if err != nil {
 		return "", fmt.Errorf("find cgroup v2: %w", err)

@@ -20,7 +20,7 @@ func (c *Cluster) routes(ctx context.Context) {
 		if err == nil {
 			want := map[netip.Addr]bool{}
 			for _, s := range svcs.Items {
-				for _, a := range ingress(&s) {
+				for _, a := range LoadBalancerIPs(&s) {
 					want[a] = true
 					if !routed[a] && c.RouteVia(a, c.Announcer(a)) == nil {
 						routed[a] = true
@@ -49,8 +49,8 @@ func (c *Cluster) Announcer(a netip.Addr) *Node {
 	return c.Nodes[int(h.Sum32()%uint32(len(c.Nodes)))]
 }
 
-// ingress is a LoadBalancer Service's addresses.
-func ingress(s *corev1.Service) []netip.Addr {
+// LoadBalancerIPs are a LoadBalancer Service's addresses.
+func LoadBalancerIPs(s *corev1.Service) []netip.Addr {
 	var out []netip.Addr
 	for _, in := range s.Status.LoadBalancer.Ingress {
 		if a, err := netip.ParseAddr(in.IP); err == nil {

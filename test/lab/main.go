@@ -145,7 +145,7 @@ func up(nodes, port int, bin string) error {
 	}
 	fmt.Printf("\nUp with first results in %.1f s. Try:\n", time.Since(began).Seconds())
 	fmt.Printf("  export KUBECONFIG=%s\n  kubectl get lbpools,svc,pods -o wide\n", c.Kubeconfig)
-	for _, a := range addresses(svc) {
+	for _, a := range lab.LoadBalancerIPs(svc) {
 		fmt.Printf("  ip netns exec %s curl -s %s\n", c.Client, url(a))
 	}
 	fmt.Printf("  kubectl scale deployment web --replicas 5\n")
@@ -195,7 +195,7 @@ func leftovers() []string {
 	if len(namespaces) > 0 {
 		left = append(left, fmt.Sprintf("%d network namespaces %s-*", len(namespaces), name))
 	}
-	if cg, err := cgroupRoot(); err == nil {
+	if cg, err := lab.CgroupRoot(); err == nil {
 		for _, d := range []string{"portico-" + name, "portico-" + name + "-procs"} {
 			if _, err := os.Stat(filepath.Join(cg, d)); err == nil {
 				left = append(left, "cgroup "+d)
@@ -223,7 +223,7 @@ func down() error {
 		}
 	}
 	var errs []error
-	if cg, err := cgroupRoot(); err == nil {
+	if cg, err := lab.CgroupRoot(); err == nil {
 		for _, d := range []string{"portico-" + name + "-procs", "portico-" + name} {
 			dir := filepath.Join(cg, d)
 			if _, err := os.Stat(dir); err == nil {
@@ -252,7 +252,7 @@ func down() error {
 
 // joinCgroup moves this process (and so every process it starts) into the lab's cgroup.
 func joinCgroup() (string, error) {
-	cg, err := cgroupRoot()
+	cg, err := lab.CgroupRoot()
 	if err != nil {
 		return "", err
 	}
@@ -282,19 +282,6 @@ func removeCgroup(dir string) error {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return fmt.Errorf("remove cgroup %s: %w", dir, err)
-}
-
-func cgroupRoot() (string, error) {
-	mounts, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		return "", fmt.Errorf("find cgroup v2: %w", err)
-	}
-	for _, line := range strings.Split(string(mounts), "\n") {
-		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
-			return f[1], nil
-		}
-	}
-	return "", errors.New("the lab needs cgroup v2 mounted")
 }
 
 // waitWeb waits until the web Service has its addresses and every web pod is ready.
@@ -358,7 +345,7 @@ func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Ser
 		fmt.Printf("  pod %-22s on %s  %s\n", p.Name, p.Spec.NodeName, strings.Join(ips, ", "))
 	}
 	fmt.Printf("\nFrom the client namespace %s (no route out of the machine):\n", lc.Client)
-	for _, a := range addresses(svc) {
+	for _, a := range lab.LoadBalancerIPs(svc) {
 		fmt.Printf("  %s is reached through %s (a static route until ARP/NDP announcement lands)\n", a, lc.Announcer(a).Name)
 		counts := map[string]int{}
 		for range 12 {
@@ -392,16 +379,6 @@ func blocks(p lbv1.LBPool) string {
 		}
 	}
 	return strings.Join(s, ", ")
-}
-
-func addresses(svc *corev1.Service) []netip.Addr {
-	var out []netip.Addr
-	for _, in := range svc.Status.LoadBalancer.Ingress {
-		if a, err := netip.ParseAddr(in.IP); err == nil {
-			out = append(out, a)
-		}
-	}
-	return out
 }
 
 func url(a netip.Addr) string {
