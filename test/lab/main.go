@@ -146,7 +146,7 @@ func up(nodes, port int, bin string) error {
 	fmt.Printf("\nUp with first results in %.1f s. Try:\n", time.Since(began).Seconds())
 	fmt.Printf("  export KUBECONFIG=%s\n  kubectl get lbpools,svc,pods -o wide\n", c.Kubeconfig)
 	for _, a := range lab.LoadBalancerIPs(svc) {
-		fmt.Printf("  ip netns exec %s curl -s %s\n", c.Client, url(a))
+		fmt.Printf("  ip netns exec %s curl -s '%s'\n", c.Client, url(a))
 	}
 	fmt.Printf("  kubectl scale deployment web --replicas 5\n")
 	fmt.Printf("Logs are in %s. Ctrl-C here (or `make lab-down` elsewhere) stops the lab.\n", logs)
