@@ -80,15 +80,18 @@ func (c *cluster) deployment(t *testing.T) {
 	if err := c.c.Delete(context.Background(), &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: pods[1].Name}}); err != nil {
 		t.Fatal(err)
 	}
+	// Both held connections are checked at once, inside the 5 s preStop sleep.
 	for f, fam := range families {
-		t.Run(fam+"/a terminating pod finishes held connections, gets no new ones", func(t *testing.T) {
-			answer, err := exchange(held[f])
-			if err == nil {
-				_, err = answeredBy(answer, f, pods[1])
-			}
-			if err != nil {
-				t.Fatalf("the held connection during preStop: %v", err)
-			}
+		answer, err := exchange(held[f])
+		if err == nil {
+			_, err = answeredBy(answer, f, pods[1])
+		}
+		if err != nil {
+			t.Errorf("%s: the held connection during preStop: %v", fam, err)
+		}
+	}
+	for f, fam := range families {
+		t.Run(fam+"/a terminating pod gets no new connections", func(t *testing.T) {
 			c.onlyFrom(t, f, netip.AddrPortFrom(addrs[f], 80), pods[2])
 		})
 	}
@@ -164,7 +167,8 @@ func (c *cluster) typeChanges(t *testing.T) {
 func (c *cluster) poolLifecycle(t *testing.T) {
 	svc := c.service(t, "pooled", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
 	c.endpoints(t, "pooled", c.web[0])
-	addrs := c.ingress(t, svc, 2)
+	// Through web-1's own node: this row is about the pool, not the path between nodes.
+	addrs := c.ingress(t, svc, 0)
 	for f, fam := range families {
 		t.Run(fam+"/allocated", func(t *testing.T) { c.onlyFrom(t, f, netip.AddrPortFrom(addrs[f], 80), c.web[0]) })
 	}
@@ -192,7 +196,7 @@ func (c *cluster) poolLifecycle(t *testing.T) {
 		})
 	}
 	setDisabled(false)
-	addrs = c.ingress(t, svc, 2)
+	addrs = c.ingress(t, svc, 0)
 	for f, fam := range families {
 		t.Run(fam+"/enabled again", func(t *testing.T) { c.onlyFrom(t, f, netip.AddrPortFrom(addrs[f], 80), c.web[0]) })
 	}
