@@ -133,7 +133,8 @@ func (n *Network) addNode(node *Node) error {
 	if err := n.plug(node.NS, strings.TrimPrefix(node.Name, "node-"), node.IPs); err != nil {
 		return err
 	}
-	cmds := [][]string{{"link", "add", "cni0", "type", "bridge"}}
+	// Multicast snooping off, as on br0: a new pod answers neighbour solicitations at once.
+	cmds := [][]string{{"link", "add", "cni0", "type", "bridge", "mcast_snooping", "0"}}
 	for _, p := range node.Pods {
 		cmds = append(cmds, []string{"addr", "add", prefixOf(first(p), p), "dev", "cni0"})
 	}
