@@ -59,7 +59,7 @@ func Up(cfg Config) (*Cluster, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Cluster{Network: n, cfg: cfg, cancel: cancel, errs: make(chan error, cfg.Nodes+3),
+	c := &Cluster{Network: n, cfg: cfg, cancel: cancel, errs: make(chan error, cfg.Nodes+4), // each component, kubelet and the routes tell at most once
 		Kubeconfig: filepath.Join(cfg.Dir, "kubeconfig"), nodeKC: filepath.Join(cfg.Dir, "node.kubeconfig"),
 		Agents: make([]*Process, cfg.Nodes), forwards: make([]func(), cfg.Nodes)}
 	if err := c.up(ctx); err != nil {

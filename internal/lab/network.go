@@ -270,10 +270,7 @@ func (n *Network) Close() error {
 		}
 	}
 	errs = append(errs, delNS(n.Client), delNS(n.lan))
-	for _, node := range n.Nodes {
-		errs = append(errs, removeCgroup(node.Cgroup))
-	}
-	errs = append(errs, removeCgroup(n.cgroup))
+	errs = append(errs, RemoveCgroup(n.cgroup))
 	return errors.Join(errs...)
 }
 
@@ -308,17 +305,21 @@ func CgroupRoot() (string, error) {
 	return "", errors.New("the lab needs cgroup v2 mounted (the agent's socket programs attach to a cgroup)")
 }
 
-// removeCgroup removes a cgroup directory, waiting for the kernel to release it after its
-// last process ended.
-func removeCgroup(dir string) error {
+// RemoveCgroup removes a cgroup and its child cgroups, waiting for the kernel to release
+// them after their last process ended.
+func RemoveCgroup(dir string) error {
+	children, _ := filepath.Glob(filepath.Join(dir, "*", "cgroup.procs"))
 	var err error
 	for range 100 {
+		for _, c := range children {
+			_ = os.Remove(filepath.Dir(c))
+		}
 		if err = os.Remove(dir); err == nil || os.IsNotExist(err) {
 			return nil
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	return fmt.Errorf("remove cgroup: %w", err)
+	return fmt.Errorf("remove cgroup %s: %w", dir, err)
 }
 
 func addNS(ns string) error {

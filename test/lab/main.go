@@ -93,7 +93,7 @@ func up(nodes, port int, bin string) error {
 	if err != nil {
 		return err
 	}
-	defer removeCgroup(procs)
+	defer leaveCgroup(procs)
 	os.Setenv("TMPDIR", filepath.Join(state, "tmp"))
 	if err := os.WriteFile(filepath.Join(state, "lab.pid"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		return fmt.Errorf("pid file: %w", err)
@@ -229,7 +229,7 @@ func down() error {
 			if _, err := os.Stat(dir); err == nil {
 				fmt.Println("Killing the processes of cgroup", d)
 				_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
-				errs = append(errs, removeCgroup(dir))
+				errs = append(errs, lab.RemoveCgroup(dir))
 			}
 		}
 	}
@@ -266,22 +266,10 @@ func joinCgroup() (string, error) {
 	return dir, nil
 }
 
-// removeCgroup removes a cgroup tree, leaving it first when this process is in it.
-func removeCgroup(dir string) error {
-	parent := filepath.Dir(dir)
-	_ = os.WriteFile(filepath.Join(parent, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
-	subs, _ := filepath.Glob(filepath.Join(dir, "*", "cgroup.procs"))
-	var err error
-	for range 100 {
-		for _, s := range subs {
-			_ = os.Remove(filepath.Dir(s))
-		}
-		if err = os.Remove(dir); err == nil || os.IsNotExist(err) {
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("remove cgroup %s: %w", dir, err)
+// leaveCgroup moves this process out of the lab's cgroup and removes it.
+func leaveCgroup(dir string) error {
+	_ = os.WriteFile(filepath.Join(filepath.Dir(dir), "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0)
+	return lab.RemoveCgroup(dir)
 }
 
 // waitWeb waits until the web Service has its addresses and every web pod is ready.
