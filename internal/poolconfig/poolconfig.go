@@ -36,8 +36,13 @@ type State struct {
 	Blocks string
 	// AvoidBuggyIPs mirrors spec.avoidBuggyIPs, for counting.
 	AvoidBuggyIPs bool
+	// L2 says whether the pool's addresses are announced with ARP and NDP (the default).
+	L2 bool
 	// Interfaces are the compiled spec.announce.l2.interfaces.
 	Interfaces []*regexp.Regexp
+	// Announcers selects the nodes that may announce (spec.announce.l2.nodeSelector); nil:
+	// every node.
+	Announcers labels.Selector
 }
 
 // Config is every pool's State and the pools the allocator uses.
@@ -64,12 +69,12 @@ func Parse(pools []lbv1.LBPool) *Config {
 	var older []owned
 	for i := range ordered {
 		p := &ordered[i]
-		st := &State{Disabled: p.Spec.Disabled, AvoidBuggyIPs: p.Spec.AvoidBuggyIPs, Blocks: BlocksText(p.Spec.Blocks)}
+		st := &State{Disabled: p.Spec.Disabled, AvoidBuggyIPs: p.Spec.AvoidBuggyIPs, Blocks: BlocksText(p.Spec.Blocks), L2: announcesL2(&p.Spec)}
 		cfg.States[p.Name] = st
 		all, err := Blocks(p.Spec.Blocks)
 		var svcSel, nsSel labels.Selector
 		if err == nil {
-			svcSel, nsSel, st.Interfaces, err = selectors(&p.Spec)
+			svcSel, nsSel, st.Interfaces, st.Announcers, err = selectors(&p.Spec)
 		}
 		if err != nil {
 			st.Err = err
@@ -158,27 +163,32 @@ func parseBlock(blk lbv1.IPBlock) (netipx.IPRange, error) {
 	return netipx.IPRangeFrom(start, stop), nil
 }
 
-func selectors(spec *lbv1.LBPoolSpec) (svc, ns labels.Selector, ifaces []*regexp.Regexp, err error) {
+func selectors(spec *lbv1.LBPoolSpec) (svc, ns labels.Selector, ifaces []*regexp.Regexp, nodes labels.Selector, err error) {
 	if svc, err = Selector(spec.ServiceSelector); err != nil {
-		return nil, nil, nil, fmt.Errorf("serviceSelector: %w", err)
+		return nil, nil, nil, nil, fmt.Errorf("serviceSelector: %w", err)
 	}
 	if ns, err = Selector(spec.NamespaceSelector); err != nil {
-		return nil, nil, nil, fmt.Errorf("namespaceSelector: %w", err)
+		return nil, nil, nil, nil, fmt.Errorf("namespaceSelector: %w", err)
 	}
 	if spec.Announce == nil || spec.Announce.L2 == nil {
-		return svc, ns, nil, nil
+		return svc, ns, nil, nil, nil
 	}
-	if _, err = Selector(spec.Announce.L2.NodeSelector); err != nil {
-		return nil, nil, nil, fmt.Errorf("announce.l2.nodeSelector: %w", err)
+	if nodes, err = Selector(spec.Announce.L2.NodeSelector); err != nil {
+		return nil, nil, nil, nil, fmt.Errorf("announce.l2.nodeSelector: %w", err)
 	}
 	for i, expr := range spec.Announce.L2.Interfaces {
 		re, err := regexp.Compile("^(?:" + expr + ")$")
 		if err != nil {
-			return nil, nil, nil, fmt.Errorf("announce.l2.interfaces[%d]: %w", i, err)
+			return nil, nil, nil, nil, fmt.Errorf("announce.l2.interfaces[%d]: %w", i, err)
 		}
 		ifaces = append(ifaces, re)
 	}
-	return svc, ns, ifaces, nil
+	return svc, ns, ifaces, nodes, nil
+}
+
+// announcesL2 reads spec.announce.l2.enabled: on unless turned off.
+func announcesL2(spec *lbv1.LBPoolSpec) bool {
+	return spec.Announce == nil || spec.Announce.L2 == nil || spec.Announce.L2.Enabled == nil || *spec.Announce.L2.Enabled
 }
 
 // Selector converts a selector; nil (or empty) selects everything and returns nil.

@@ -50,14 +50,16 @@ type L2Announcement struct {
 	// +optional
 	Enabled *bool `json:"enabled,omitempty"`
 	// Interfaces are regular expressions (RE2, matched against the whole name) for the node
-	// interfaces that may announce. Empty means every interface that is up, except loopback.
+	// interfaces that may announce. Empty means the interfaces that carry the node's InternalIP
+	// addresses (not pod veths or bridges).
 	// +kubebuilder:validation:MaxItems=16
 	// +kubebuilder:validation:items:MinLength=1
 	// +kubebuilder:validation:items:MaxLength=256
 	// +listType=atomic
 	// +optional
 	Interfaces []string `json:"interfaces,omitempty"`
-	// NodeSelector limits the nodes that may announce. Empty means every node.
+	// NodeSelector limits the nodes that may announce. Empty means every node; nodes labelled
+	// node.kubernetes.io/exclude-from-external-load-balancers never announce.
 	// +optional
 	NodeSelector *LabelSelector `json:"nodeSelector,omitempty"`
 }
