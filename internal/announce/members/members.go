@@ -1,0 +1,285 @@
+// Package members tells an agent which other agents are alive, from heartbeats they send each
+// other directly over UDP: fast enough for sub-second failover, and independent of the API
+// server. Each heartbeat also carries the addresses its sender announces, so that two agents
+// that disagree about an address find out within one interval. See docs/l2.md.
+package members
+
+import (
+	"cmp"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Config sets up one agent's membership.
+type Config struct {
+	// Self is this node's name, as its peers know it.
+	Self string
+	// Addr is the address to listen on (zero: every address); Port is every agent's port.
+	Addr netip.Addr
+	Port uint16
+	// Interval is how often heartbeats go out; DeadAfter is how long a peer may stay silent.
+	Interval, DeadAfter time.Duration
+}
+
+// Members sends this agent's heartbeats and follows its peers'. Run it once.
+type Members struct {
+	cfg     Config
+	conn    *net.UDPConn
+	changed chan struct{}
+
+	mu      sync.Mutex
+	peers   map[string]*peer
+	ready   bool
+	claims  []netip.Addr
+	started time.Time
+}
+
+type peer struct {
+	addrs  []netip.Addr
+	seen   time.Time // the last heartbeat; zero: none yet, or it said it is leaving
+	ready  bool
+	claims []netip.Addr
+}
+
+// New binds the heartbeat socket.
+func New(cfg Config) (*Members, error) {
+	if cfg.Self == "" || cfg.Interval <= 0 || cfg.DeadAfter <= cfg.Interval {
+		return nil, fmt.Errorf("members: need a name, and an interval shorter than the dead time")
+	}
+	conn, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(cfg.Addr, cfg.Port)))
+	if err != nil {
+		return nil, fmt.Errorf("listen for heartbeats: %w", err)
+	}
+	return &Members{cfg: cfg, conn: conn, changed: make(chan struct{}, 1), peers: map[string]*peer{}}, nil
+}
+
+// SetPeers sets the other agents by node name, with the addresses they heartbeat from and
+// to (the first is where ours go). A peer kept keeps what was heard from it.
+func (m *Members) SetPeers(peers map[string][]netip.Addr) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for name, addrs := range peers {
+		if name == m.cfg.Self || len(addrs) == 0 {
+			continue
+		}
+		if p := m.peers[name]; p != nil {
+			p.addrs = addrs
+		} else {
+			m.peers[name] = &peer{addrs: addrs}
+		}
+	}
+	for name := range m.peers {
+		if _, ok := peers[name]; !ok {
+			delete(m.peers, name)
+		}
+	}
+}
+
+// SetSelf sets what the next heartbeats say: whether this agent may announce, and what it
+// announces. A change goes out at once.
+func (m *Members) SetSelf(ready bool, claims []netip.Addr) {
+	m.mu.Lock()
+	changed := ready != m.ready || !slices.Equal(claims, m.claims)
+	m.ready, m.claims = ready, slices.Clone(claims)
+	m.mu.Unlock()
+	if changed {
+		m.send(false)
+	}
+}
+
+// Live returns the peers that are alive and ready, with the addresses they announce.
+func (m *Members) Live() map[string][]netip.Addr {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now()
+	out := map[string][]netip.Addr{}
+	for name, p := range m.peers {
+		if m.alive(p, now) {
+			out[name] = p.claims
+		}
+	}
+	return out
+}
+
+// WarmedUp says whether this agent has listened long enough to have heard every live peer.
+func (m *Members) WarmedUp() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return !m.started.IsZero() && time.Since(m.started) >= m.cfg.DeadAfter
+}
+
+// Changed is poked when the live peers or their claims change, and when the warm-up ends.
+func (m *Members) Changed() <-chan struct{} { return m.changed }
+
+func (m *Members) alive(p *peer, now time.Time) bool {
+	return p.ready && !p.seen.IsZero() && now.Sub(p.seen) < m.cfg.DeadAfter
+}
+
+func (m *Members) poke() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Run heartbeats until ctx ends, then tells the peers it is leaving and closes the socket.
+func (m *Members) Run(ctx context.Context) error {
+	m.mu.Lock()
+	m.started = time.Now()
+	m.mu.Unlock()
+	done := make(chan error, 1)
+	go func() { done <- m.receive() }()
+	beat := time.NewTicker(m.cfg.Interval)
+	defer beat.Stop()
+	// Expiry is checked four times per interval, so a silent peer is dead within a quarter
+	// interval of DeadAfter.
+	check := time.NewTicker(m.cfg.Interval / 4)
+	defer check.Stop()
+	warm := time.After(m.cfg.DeadAfter)
+	live := map[string][]netip.Addr{}
+	m.send(false)
+	for {
+		select {
+		case <-ctx.Done():
+			m.send(true)
+			_ = m.conn.Close()
+			<-done
+			return nil
+		case err := <-done:
+			return fmt.Errorf("receive heartbeats: %w", cmp.Or(err, net.ErrClosed))
+		case <-beat.C:
+			m.send(false)
+		case <-warm:
+			m.poke()
+		case <-check.C:
+			if now := m.Live(); !maps.EqualFunc(now, live, slices.Equal) {
+				live = now
+				m.poke()
+			}
+		}
+	}
+}
+
+func (m *Members) send(leaving bool) {
+	m.mu.Lock()
+	msg := encode(heartbeat{name: m.cfg.Self, ready: m.ready && !leaving, leaving: leaving, claims: m.claims})
+	to := make([]netip.Addr, 0, len(m.peers))
+	for _, p := range m.peers {
+		to = append(to, p.addrs[0])
+	}
+	m.mu.Unlock()
+	for _, a := range to {
+		// A peer that cannot be reached now is not an error: it is what heartbeats are for.
+		_, _ = m.conn.WriteToUDPAddrPort(msg, netip.AddrPortFrom(a, m.cfg.Port))
+	}
+}
+
+func (m *Members) receive() error {
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := m.conn.ReadFromUDPAddrPort(buf)
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		hb, err := decode(buf[:n])
+		if err != nil {
+			continue
+		}
+		m.heard(hb, from.Addr().Unmap())
+	}
+}
+
+// heard records a heartbeat, if it comes from an address of the peer it names.
+func (m *Members) heard(hb heartbeat, from netip.Addr) {
+	m.mu.Lock()
+	p := m.peers[hb.name]
+	if p == nil || !slices.Contains(p.addrs, from) {
+		m.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	was := m.alive(p, now)
+	wasClaims := p.claims
+	p.seen, p.ready, p.claims = now, hb.ready, hb.claims
+	if hb.leaving {
+		p.seen = time.Time{}
+	}
+	news := was != m.alive(p, now) || !slices.Equal(wasClaims, p.claims)
+	m.mu.Unlock()
+	if news {
+		m.poke()
+	}
+}
+
+// The heartbeat on the wire: "PL2", version 1, flags, the name's length and the name, the
+// number of claims and each claim as 16 bytes (IPv4 mapped).
+const (
+	magic       = "PL2\x01"
+	flagReady   = 1
+	flagLeaving = 2
+	// MaxClaims keeps a heartbeat within one UDP datagram.
+	MaxClaims = 4000
+)
+
+type heartbeat struct {
+	name           string
+	ready, leaving bool
+	claims         []netip.Addr
+}
+
+func encode(hb heartbeat) []byte {
+	claims := hb.claims[:min(len(hb.claims), MaxClaims)]
+	b := make([]byte, 0, len(magic)+2+len(hb.name)+2+16*len(claims))
+	b = append(b, magic...)
+	var flags byte
+	if hb.ready {
+		flags |= flagReady
+	}
+	if hb.leaving {
+		flags |= flagLeaving
+	}
+	b = append(b, flags, byte(len(hb.name)))
+	b = append(b, hb.name...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(claims)))
+	for _, c := range claims {
+		a := c.As16()
+		b = append(b, a[:]...)
+	}
+	return b
+}
+
+var errMalformed = errors.New("malformed heartbeat")
+
+func decode(b []byte) (heartbeat, error) {
+	if len(b) < len(magic)+2 || string(b[:len(magic)]) != magic {
+		return heartbeat{}, errMalformed
+	}
+	b = b[len(magic):]
+	flags, n := b[0], int(b[1])
+	b = b[2:]
+	if len(b) < n+2 {
+		return heartbeat{}, errMalformed
+	}
+	hb := heartbeat{name: string(b[:n]), ready: flags&flagReady != 0, leaving: flags&flagLeaving != 0}
+	b = b[n:]
+	count := int(binary.BigEndian.Uint16(b))
+	b = b[2:]
+	if len(b) != 16*count {
+		return heartbeat{}, errMalformed
+	}
+	for i := range count {
+		hb.claims = append(hb.claims, netip.AddrFrom16([16]byte(b[16*i:16*i+16])).Unmap())
+	}
+	return hb, nil
+}

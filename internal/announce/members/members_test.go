@@ -1,0 +1,165 @@
+package members
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+)
+
+func TestHeartbeatRoundTrip(t *testing.T) {
+	for _, hb := range []heartbeat{
+		{name: "node-1", ready: true, claims: []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}},
+		{name: "n", leaving: true},
+	} {
+		got, err := decode(encode(hb))
+		if err != nil || got.name != hb.name || got.ready != hb.ready || got.leaving != hb.leaving || !slices.Equal(got.claims, hb.claims) {
+			t.Fatalf("decode(encode(%+v)) = %+v, %v", hb, got, err)
+		}
+	}
+	for _, bad := range [][]byte{nil, []byte("PL2\x02\x01\x01a\x00\x00"), []byte("PL2\x01\x01\x09a\x00\x00"), []byte("PL2\x01\x01\x01a\x00\x01abc")} {
+		if _, err := decode(bad); err == nil {
+			t.Fatalf("decode(%q) accepted a malformed heartbeat", bad)
+		}
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	f.Add(encode(heartbeat{name: "node-1", ready: true, claims: []netip.Addr{netip.MustParseAddr("192.0.2.1")}}))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		hb, err := decode(b)
+		if err != nil {
+			return
+		}
+		if again, err := decode(encode(hb)); err != nil || again.name != hb.name || !slices.Equal(again.claims, hb.claims) {
+			t.Fatalf("a decoded heartbeat does not survive encoding: %+v", hb)
+		}
+	})
+}
+
+// group runs n members on 127.0.0.1..n (all of 127/8 is local), each knowing the others.
+type group struct {
+	m      []*Members
+	cancel []context.CancelFunc
+	done   []chan error
+	// crashed members had their socket closed under them: Run fails, as it should.
+	crashed map[int]bool
+}
+
+func startGroup(t *testing.T, n int) *group {
+	t.Helper()
+	g := &group{crashed: map[int]bool{}}
+	peers := map[string][]netip.Addr{}
+	for i := range n {
+		peers[fmt.Sprintf("node-%d", i+1)] = []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, byte(i + 1)})}
+	}
+	for i := range n {
+		name := fmt.Sprintf("node-%d", i+1)
+		m, err := New(Config{Self: name, Addr: peers[name][0], Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.SetPeers(peers)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- m.Run(ctx) }()
+		g.m, g.cancel, g.done = append(g.m, m), append(g.cancel, cancel), append(g.done, done)
+	}
+	t.Cleanup(func() {
+		for i := range g.m {
+			g.stop(t, i)
+		}
+	})
+	return g
+}
+
+func (g *group) stop(t *testing.T, i int) {
+	if g.cancel[i] == nil {
+		return
+	}
+	g.cancel[i]()
+	if err := <-g.done[i]; err != nil && !g.crashed[i] {
+		t.Errorf("node-%d: Run: %v", i+1, err)
+	}
+	g.cancel[i] = nil
+}
+
+// waitLive waits (bounded) until member i sees exactly want as live peers.
+func (g *group) waitLive(t *testing.T, i int, want map[string][]netip.Addr) time.Duration {
+	t.Helper()
+	t0 := time.Now()
+	for time.Since(t0) < 5*time.Second {
+		if got := g.m[i].Live(); maps.EqualFunc(got, want, slices.Equal) {
+			return time.Since(t0)
+		}
+		select {
+		case <-g.m[i].Changed():
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	t.Fatalf("node-%d sees %v live; want %v", i+1, g.m[i].Live(), want)
+	return 0
+}
+
+func TestPeersAreLiveWhenReady(t *testing.T) {
+	g := startGroup(t, 3)
+	g.waitLive(t, 0, map[string][]netip.Addr{}) // nobody ready yet
+	a := netip.MustParseAddr("192.0.2.7")
+	g.m[1].SetSelf(true, []netip.Addr{a})
+	g.m[2].SetSelf(true, nil)
+	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": {a}, "node-3": nil})
+	g.m[1].SetSelf(true, nil)
+	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil, "node-3": nil})
+	for t0 := time.Now(); !g.m[0].WarmedUp(); time.Sleep(10 * time.Millisecond) {
+		if time.Since(t0) > 5*time.Second {
+			t.Fatal("node-1 is not warmed up after hearing its peers for longer than DeadAfter")
+		}
+	}
+}
+
+func TestLeavingPeerGoesAtOnce(t *testing.T) {
+	g := startGroup(t, 2)
+	g.m[1].SetSelf(true, nil)
+	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil})
+	g.stop(t, 1)
+	// It said it is leaving: gone before it could have been timed out.
+	if took := g.waitLive(t, 0, map[string][]netip.Addr{}); took >= 100*time.Millisecond {
+		t.Errorf("a leaving peer was seen gone after %v; it says so, it should not wait for DeadAfter", took)
+	}
+}
+
+func TestSilentPeerDiesAfterDeadTime(t *testing.T) {
+	g := startGroup(t, 2)
+	g.m[1].SetSelf(true, nil)
+	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil})
+	// A crash: the socket goes without a word.
+	g.crashed[1] = true
+	_ = g.m[1].conn.Close()
+	t0 := time.Now()
+	g.waitLive(t, 0, map[string][]netip.Addr{})
+	if took := time.Since(t0); took < 60*time.Millisecond {
+		t.Errorf("a silent peer was dead after %v; DeadAfter is 100ms, minus at most one interval", took)
+	}
+}
+
+func TestHeartbeatFromAnotherAddressIsIgnored(t *testing.T) {
+	g := startGroup(t, 1)
+	g.m[0].SetPeers(map[string][]netip.Addr{"node-2": {netip.MustParseAddr("127.0.0.2")}})
+	impostor, err := New(Config{Self: "node-2", Addr: netip.MustParseAddr("127.0.0.9"), Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	impostor.SetPeers(map[string][]netip.Addr{"node-1": {netip.MustParseAddr("127.0.0.1")}})
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	impostor.SetSelf(true, nil)
+	if err := impostor.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if live := g.m[0].Live(); len(live) != 0 {
+		t.Fatalf("node-1 believes %v live from heartbeats sent from another node's address", live)
+	}
+}
