@@ -64,8 +64,14 @@ envtest: ## Provide etcd, kube-apiserver, kube-controller-manager and kube-sched
 	@test/tools/k8s-binaries.sh $(K8S_VERSION) $(ENVTEST_ASSETS) kube-controller-manager kube-scheduler >/dev/null
 	@mkdir -p $(LOCALBIN) && ln -sfn $(ENVTEST_ASSETS) $(LOCALBIN)/k8s
 
+.PHONY: test-peers
+test-peers: ## Install arping and ndisc6 from Debian when missing: the L2 tests' peers (root only; the tests that need them need root).
+	@command -v arping >/dev/null && command -v ndisc6 >/dev/null || [ "$$(id -u)" != 0 ] || { \
+		echo "installing arping and ndisc6"; apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq arping ndisc6 >/dev/null; }
+
 .PHONY: test
-test: verify-generated vet envtest ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root).
+test: verify-generated vet envtest test-peers ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root).
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./... -count=1
 
 .PHONY: fuzz

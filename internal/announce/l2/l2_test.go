@@ -1,0 +1,185 @@
+package l2
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/portico-dev/portico/internal/lab"
+)
+
+// segment is two nodes and a router on one bridge, each node with an announcer.
+type segment struct {
+	net     *lab.Network
+	ann     []*Announcer
+	metrics []*Metrics
+	macs    []string
+}
+
+func newSegment(t *testing.T) *segment {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("needs root: builds network namespaces and opens raw sockets")
+	}
+	for _, tool := range []string{"arping", "ndisc6"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is missing: make test-peers installs it", tool)
+		}
+	}
+	n, err := lab.New(fmt.Sprintf("pl2%d", os.Getpid()%100000), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &segment{net: n}
+	t.Cleanup(func() {
+		for _, a := range s.ann {
+			a.Close()
+		}
+		if err := n.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	for _, node := range n.Nodes {
+		m, err := NewMetrics(prometheus.NewRegistry())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mac string
+		if err := lab.In(node.NS, func() error {
+			ifi, err := net.InterfaceByName("eth0")
+			if err == nil {
+				mac = ifi.HardwareAddr.String()
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		s.ann, s.metrics, s.macs = append(s.ann, NewAnnouncer(m)), append(s.metrics, m), append(s.macs, mac)
+	}
+	return s
+}
+
+// set makes node i announce ips on eth0. The responder's sockets are opened inside the
+// node's namespace; they stay there whichever thread reads them.
+func (s *segment) set(t *testing.T, i int, ips ...netip.Addr) {
+	t.Helper()
+	if err := lab.In(s.net.Nodes[i].NS, func() error { return s.ann[i].Set(map[string][]netip.Addr{"eth0": ips}) }); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// resolve asks for ip from the router with arping or ndisc6 and returns the MAC address
+// that answered ("" when nobody did).
+func (s *segment) resolve(t *testing.T, ip netip.Addr) string {
+	t.Helper()
+	cmd := []string{"arping", "-c", "1", "-w", "1", "-i", "eth0", ip.String()}
+	if ip.Is6() {
+		cmd = []string{"ndisc6", "-1", "-r", "1", "-w", "1000", ip.String(), "eth0"}
+	}
+	out, _ := exec.Command("ip", append([]string{"netns", "exec", s.net.Client}, cmd...)...).CombinedOutput()
+	for _, line := range strings.Split(string(out), "\n") {
+		// arping: "60 bytes from 02:..:.. (192.0.2.100): index=0 ..."; ndisc6: "Target link-layer address: 02:..".
+		if f := strings.Fields(line); len(f) >= 4 && f[1] == "bytes" && f[2] == "from" {
+			return strings.ToLower(f[3])
+		}
+		if _, mac, ok := strings.Cut(line, "Target link-layer address: "); ok {
+			return strings.ToLower(strings.TrimSpace(mac))
+		}
+	}
+	return ""
+}
+
+// neighbour returns the router kernel's neighbour entry for ip (its MAC, "" when none).
+func (s *segment) neighbour(t *testing.T, ip netip.Addr) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", s.net.Client, "ip", "neigh", "show", ip.String(), "dev", "eth0").Output()
+	if err != nil {
+		t.Fatalf("ip neigh: %v", err)
+	}
+	if f := strings.Fields(string(out)); len(f) >= 3 && f[1] == "lladdr" {
+		return f[2]
+	}
+	return ""
+}
+
+var (
+	vip4, vip6     = netip.MustParseAddr("192.0.2.100"), netip.MustParseAddr("2001:db8::100")
+	other4, other6 = netip.MustParseAddr("192.0.2.101"), netip.MustParseAddr("2001:db8::101")
+	free4, free6   = netip.MustParseAddr("192.0.2.102"), netip.MustParseAddr("2001:db8::102")
+)
+
+func TestOnlyTheAnnouncingNodeAnswers(t *testing.T) {
+	s := newSegment(t)
+	s.set(t, 0, vip4, vip6)
+	s.set(t, 1, other4, other6)
+	for _, tc := range []struct {
+		ip   netip.Addr
+		want string
+	}{{vip4, s.macs[0]}, {vip6, s.macs[0]}, {other4, s.macs[1]}, {other6, s.macs[1]}, {free4, ""}, {free6, ""}} {
+		if got := s.resolve(t, tc.ip); got != tc.want {
+			t.Errorf("%s answered by %q; want %q (node-1 %s, node-2 %s)", tc.ip, got, tc.want, s.macs[0], s.macs[1])
+		}
+	}
+	// ARP requests are broadcast: each node hears all three (and whatever else asks). A solicitation goes to the
+	// solicited-node group of its target: each node hears only those of its own address.
+	for proto, heard := range map[string]float64{"arp": 3, "ndp": 1} {
+		for node := range 2 {
+			if got := testutil.ToFloat64(s.metrics[node].replies.WithLabelValues("eth0", proto)); got != 1 {
+				t.Errorf("node-%d sent %v %s replies; want one (for its own address)", node+1, got, proto)
+			}
+			if got := testutil.ToFloat64(s.metrics[node].requests.WithLabelValues("eth0", proto)); got < heard {
+				t.Errorf("node-%d heard %v %s requests; want at least %v", node+1, got, proto, heard)
+			}
+		}
+	}
+}
+
+func TestTakeOverMovesTheRoutersNeighbourEntry(t *testing.T) {
+	s := newSegment(t)
+	s.set(t, 0, vip4, vip6)
+	for _, ip := range []netip.Addr{vip4, vip6} {
+		// The router's kernel resolves the address for a packet of its own (nothing answers the
+		// connection here: there is no datapath).
+		_ = lab.In(s.net.Client, func() error {
+			c, err := net.DialTimeout("tcp", netip.AddrPortFrom(ip, 80).String(), 300*time.Millisecond)
+			if err == nil {
+				_ = c.Close()
+			}
+			return nil
+		})
+		if got := s.neighbour(t, ip); got != s.macs[0] {
+			t.Fatalf("the router resolved %s to %q; want node-1's %s", ip, got, s.macs[0])
+		}
+	}
+	s.set(t, 0)
+	s.set(t, 1, vip4, vip6)
+	for _, ip := range []netip.Addr{vip4, vip6} {
+		// Bounded wait: the gratuitous ARP or NA is on the wire once set returns.
+		deadline := time.Now().Add(2 * time.Second)
+		for s.neighbour(t, ip) != s.macs[1] && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if got := s.neighbour(t, ip); got != s.macs[1] {
+			t.Errorf("after node-2 took %s over, the router's entry is %q; want node-2's %s", ip, got, s.macs[1])
+		}
+		if got := s.resolve(t, ip); got != s.macs[1] {
+			t.Errorf("%s answered by %q after the take-over; want node-2's %s only", ip, got, s.macs[1])
+		}
+	}
+	// Each node took the addresses over once: ARP as a request and a reply, one NA.
+	for node := range 2 {
+		for proto, want := range map[string]float64{"arp": 2, "ndp": 1} {
+			if got := testutil.ToFloat64(s.metrics[node].gratuitous.WithLabelValues("eth0", proto)); got != want {
+				t.Errorf("node-%d sent %v gratuitous %s; want %v", node+1, got, proto, want)
+			}
+		}
+	}
+}
