@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -27,6 +28,11 @@ func main() {
 	flag.StringVar(&o.ProxyName, "service-proxy-name", "", "Serve only Services labelled service.kubernetes.io/service-proxy-name with this value (empty: only Services without the label).")
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":9090", "Address of the Prometheus metrics endpoint; 0 turns it off.")
 	flag.BoolVar(&o.Profiling, "profiling", false, "Serve Go's /debug/pprof/ on the metrics endpoint.")
+	l2 := agent.L2Options{}
+	announceL2 := flag.Bool("l2-announce", true, "Answer ARP and NDP for the LoadBalancer addresses this node wins (docs/l2.md).")
+	l2Port := flag.Uint("l2-port", 7947, "UDP port of the agents' heartbeats, the same on every node; it must be open between nodes.")
+	flag.DurationVar(&l2.Interval, "l2-heartbeat-interval", 100*time.Millisecond, "How often agents heartbeat each other.")
+	flag.DurationVar(&l2.DeadAfter, "l2-dead-after", 400*time.Millisecond, "How long an agent may stay silent before its peers take its addresses over.")
 	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":9091", "Address of the /healthz and /readyz endpoints.")
 	zo := zap.Options{}
 	zo.BindFlags(flag.CommandLine)
@@ -55,6 +61,10 @@ func main() {
 		}
 	}
 	o.MaglevTableSize = uint32(*maglevSize)
+	if *announceL2 {
+		l2.Port = uint16(*l2Port)
+		o.L2 = &l2
+	}
 	o.Version = version.Get()
 	mgr, err := agent.NewManager(ctrl.GetConfigOrDie(), dp, o)
 	if err != nil {

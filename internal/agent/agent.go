@@ -72,6 +72,8 @@ type Options struct {
 	// Recheck is how often a Service that could not be programmed fully is looked at again
 	// (a port freed, an older Service gone); 0: every minute.
 	Recheck time.Duration
+	// L2, when set, announces the LoadBalancer addresses this node wins with ARP and NDP.
+	L2 *L2Options
 }
 
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
@@ -105,8 +107,9 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 			// without copying them: nothing here modifies what it reads.
 			DefaultTransform:             keepWhatIsRead,
 			DefaultUnsafeDisableDeepCopy: ptr.To(true),
-			// Only this node's Node object.
-			ByObject: map[client.Object]cache.ByObject{&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", o.NodeName)}},
+			// Only this node's Node object, unless L2 announcement needs every node's labels
+			// and addresses.
+			ByObject: nodeCache(o),
 		},
 		Metrics:                metricsserver.Options{BindAddress: o.MetricsAddr, ExtraHandlers: profiling(o.Profiling)},
 		HealthProbeBindAddress: o.ProbeAddr,
@@ -142,6 +145,15 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	if err := mgr.Add(r.report); err != nil {
 		return nil, fmt.Errorf("add the NodeAgent report: %w", err)
 	}
+	if o.L2 != nil {
+		sp, err := newSpeaker(mgr, o, r.report, r.ready, reg)
+		if err != nil {
+			return nil, fmt.Errorf("set up L2 announcement: %w", err)
+		}
+		if err := mgr.Add(sp); err != nil {
+			return nil, fmt.Errorf("add L2 announcement: %w", err)
+		}
+	}
 	if err := mgr.Add(manager.RunnableFunc(r.resync(mgr.GetCache()))); err != nil {
 		return nil, fmt.Errorf("add the first sync: %w", err)
 	}
@@ -157,11 +169,11 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		})).
 		WatchesRawSource(source.Channel(r.requeue, &handler.EnqueueRequestForObject{})).
 		Watches(&lbv1.ServicePolicy{}, handler.EnqueueRequestsFromMapFunc(r.servicesOf)).
-		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.everyService), builder.WithPredicates(predicate.Funcs{
-			UpdateFunc: func(e event.UpdateEvent) bool {
+		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.everyService), builder.WithPredicates(
+			predicate.NewPredicateFuncs(func(n client.Object) bool { return n.GetName() == o.NodeName }),
+			predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
 				return !equalAddresses(e.ObjectOld.(*corev1.Node), e.ObjectNew.(*corev1.Node))
-			},
-		})).
+			}})).
 		Complete(r)
 	if err != nil {
 		return nil, fmt.Errorf("set up the agent controller: %w", err)
@@ -173,6 +185,14 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		return nil, fmt.Errorf("add ready check: %w", err)
 	}
 	return mgr, nil
+}
+
+// nodeCache limits the cached Nodes to this node's, unless L2 announcement is on.
+func nodeCache(o Options) map[client.Object]cache.ByObject {
+	if o.L2 != nil {
+		return nil
+	}
+	return map[client.Object]cache.ByObject{&corev1.Node{}: {Field: fields.OneTermEqualSelector("metadata.name", o.NodeName)}}
 }
 
 // profiling returns Go's profiling handlers, when on.
@@ -187,11 +207,14 @@ func profiling(on bool) map[string]http.Handler {
 }
 
 // keepWhatIsRead drops from cached objects what the agent never reads: managed fields and
-// annotations of everything, and per endpoint the target reference, hostname, zone and hints.
+// annotations of everything, the images of Nodes, and per endpoint the target reference, hostname, zone and hints.
 func keepWhatIsRead(obj any) (any, error) {
 	if m, ok := obj.(metav1.Object); ok {
 		m.SetManagedFields(nil)
 		m.SetAnnotations(nil)
+	}
+	if n, ok := obj.(*corev1.Node); ok {
+		n.Status.Images = nil
 	}
 	if es, ok := obj.(*discoveryv1.EndpointSlice); ok {
 		for i := range es.Endpoints {

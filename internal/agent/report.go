@@ -36,8 +36,9 @@ type reporter struct {
 	interval time.Duration
 	changed  chan struct{}
 
-	mu       sync.Mutex
-	policies map[types.NamespacedName]lbv1.ProgrammedPolicy // by Service
+	mu            sync.Mutex
+	policies      map[types.NamespacedName]lbv1.ProgrammedPolicy // by Service
+	announcements []lbv1.AnnouncedAddress
 }
 
 func newReporter(c client.Client, node, version string, syncer *Syncer, ready <-chan struct{}) *reporter {
@@ -53,6 +54,14 @@ func (p *reporter) setPolicy(svc types.NamespacedName, pol *lbv1.ProgrammedPolic
 	} else {
 		p.policies[svc] = *pol
 	}
+	p.mu.Unlock()
+	p.poke()
+}
+
+// setAnnouncements records the addresses the node announces and schedules a write.
+func (p *reporter) setAnnouncements(a []lbv1.AnnouncedAddress) {
+	p.mu.Lock()
+	p.announcements = a
 	p.mu.Unlock()
 	p.poke()
 }
@@ -108,6 +117,7 @@ func (p *reporter) status(since metav1.Time) lbv1.NodeAgentStatus {
 		Version: p.version, Services: int32(services), Frontends: int32(frontends),
 	}
 	p.mu.Lock()
+	s.Announcements = p.announcements
 	seen := map[lbv1.ProgrammedPolicy]bool{}
 	for _, pol := range p.policies {
 		if !seen[pol] {

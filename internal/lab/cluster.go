@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -28,9 +30,6 @@ type Config struct {
 	// Operator and Agent are the binaries of cmd/operator and cmd/agent.
 	Operator, Agent string
 	BPFFS           string // a bpffs mount for the agents' pins
-	// Routes gives the client a route through a node to every LoadBalancer address, a
-	// stand-in for ARP/NDP announcement. Off, the caller routes itself.
-	Routes bool
 }
 
 // Cluster is a lab cluster: the network, kube-controller-manager and kube-scheduler, the
@@ -110,10 +109,6 @@ func (c *Cluster) up(ctx context.Context) error {
 		if err := c.StartAgent(i); err != nil {
 			return err
 		}
-	}
-	if c.cfg.Routes {
-		c.wg.Add(1)
-		go func() { defer c.wg.Done(); c.routes(ctx) }()
 	}
 	return nil
 }
@@ -229,4 +224,15 @@ func WriteKubeconfig(cfg *rest.Config, server, path string) error {
 		return fmt.Errorf("write kubeconfig: %w", err)
 	}
 	return nil
+}
+
+// LoadBalancerIPs are a LoadBalancer Service's addresses.
+func LoadBalancerIPs(s *corev1.Service) []netip.Addr {
+	var out []netip.Addr
+	for _, in := range s.Status.LoadBalancer.Ingress {
+		if a, err := netip.ParseAddr(in.IP); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
 }

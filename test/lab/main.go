@@ -115,7 +115,7 @@ func up(nodes, port int, bin string) error {
 	defer func() { _ = env.Stop() }()
 	step("Starting %d nodes, kube-controller-manager, kube-scheduler, the operator and the agents", nodes)
 	c, err := lab.Up(lab.Config{Name: name, Nodes: nodes, Dir: logs, API: env.Config, Assets: testenv.Assets(),
-		Operator: filepath.Join(bin, "operator"), Agent: filepath.Join(bin, "agent"), BPFFS: bpffs, Routes: true})
+		Operator: filepath.Join(bin, "operator"), Agent: filepath.Join(bin, "agent"), BPFFS: bpffs})
 	if err != nil {
 		return err
 	}
@@ -136,11 +136,11 @@ func up(nodes, port int, bin string) error {
 		}
 	}
 	step("Waiting for the web Deployment's pods and the web Service's addresses")
-	svc, err := waitWeb(ctx, env.Client, c)
+	svc, announced, err := waitWeb(ctx, env.Client, c)
 	if err != nil {
 		return err
 	}
-	if err := show(ctx, env.Client, c, svc); err != nil {
+	if err := show(ctx, env.Client, c, svc, announced); err != nil {
 		return err
 	}
 	fmt.Printf("\nUp with first results in %.1f s. Try:\n", time.Since(began).Seconds())
@@ -272,39 +272,50 @@ func leaveCgroup(dir string) error {
 	return lab.RemoveCgroup(dir)
 }
 
-// waitWeb waits until the web Service has its addresses and every web pod is ready.
-func waitWeb(ctx context.Context, c client.Client, lc *lab.Cluster) (*corev1.Service, error) {
+// waitWeb waits until the web Service has its addresses, every web pod is ready and a node
+// announces each address; it returns the Service and who announces what.
+func waitWeb(ctx context.Context, c client.Client, lc *lab.Cluster) (*corev1.Service, map[string]string, error) {
 	var svc corev1.Service
 	var dep appsv1.Deployment
+	var agents lbv1.NodeAgentList
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		errSvc := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "web"}, &svc)
 		errDep := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "web"}, &dep)
-		if err := errors.Join(errSvc, errDep); err != nil {
-			return nil, err
+		errAgents := c.List(ctx, &agents)
+		if err := errors.Join(errSvc, errDep, errAgents); err != nil {
+			return nil, nil, err
 		}
-		if len(svc.Status.LoadBalancer.Ingress) > 0 && dep.Status.ReadyReplicas == *dep.Spec.Replicas {
-			// Give the client's routes and the agents a moment to follow.
-			time.Sleep(time.Second)
-			return &svc, nil
+		announced := map[string]string{}
+		for _, a := range agents.Items {
+			for _, ann := range a.Status.Announcements {
+				announced[ann.Address] = fmt.Sprintf("%s on %s", a.Name, strings.Join(ann.Interfaces, ","))
+			}
+		}
+		all := len(svc.Status.LoadBalancer.Ingress) > 0
+		for _, in := range svc.Status.LoadBalancer.Ingress {
+			all = all && announced[in.IP] != ""
+		}
+		if all && dep.Status.ReadyReplicas == *dep.Spec.Replicas {
+			return &svc, announced, nil
 		}
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, nil, ctx.Err()
 		case err := <-lc.Failed():
-			return nil, err
+			return nil, nil, err
 		case <-time.After(200 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("after 60 s the web Service has addresses %v and %d of %d pods are ready; see the logs in %s",
-				svc.Status.LoadBalancer.Ingress, dep.Status.ReadyReplicas, *dep.Spec.Replicas, logs)
+			return nil, nil, fmt.Errorf("after 60 s the web Service has addresses %v (announced: %v) and %d of %d pods are ready; see the logs in %s",
+				svc.Status.LoadBalancer.Ingress, announced, dep.Status.ReadyReplicas, *dep.Spec.Replicas, logs)
 		}
 	}
 }
 
 // show prints the pool, the web Service and its pods, and what curl in the client namespace
 // gets from each of its addresses.
-func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Service) error {
+func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Service, announced map[string]string) error {
 	var pools lbv1.LBPoolList
 	if err := c.List(ctx, &pools); err != nil {
 		return fmt.Errorf("list pools: %w", err)
@@ -334,7 +345,7 @@ func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Ser
 	}
 	fmt.Printf("\nFrom the client namespace %s (no route out of the machine):\n", lc.Client)
 	for _, a := range lab.LoadBalancerIPs(svc) {
-		fmt.Printf("  %s is reached through %s (a static route until ARP/NDP announcement lands)\n", a, lc.Announcer(a).Name)
+		fmt.Printf("  %s is announced (ARP/NDP) by %s\n", a, announced[a.String()])
 		counts := map[string]int{}
 		for range 12 {
 			out, err := exec.CommandContext(ctx, "ip", "netns", "exec", lc.Client, "curl", "-s", "-m", "2", url(a)).Output()

@@ -26,6 +26,20 @@ type NodeAgentStatus struct {
 	// +listType=atomic
 	// +optional
 	Policies []ProgrammedPolicy `json:"policies,omitempty"`
+	// Announcements are the LoadBalancer addresses this node answers ARP and NDP for.
+	// +listType=atomic
+	// +optional
+	Announcements []AnnouncedAddress `json:"announcements,omitempty"`
+}
+
+// AnnouncedAddress is one LoadBalancer address a node announces on its segment.
+type AnnouncedAddress struct {
+	// Address is the LoadBalancer address.
+	Address string `json:"address"`
+	// Service holds the address, as namespace/name.
+	Service string `json:"service"`
+	// Interfaces are the node's interfaces that answer for it.
+	Interfaces []string `json:"interfaces"`
 }
 
 // ProgrammedPolicy names a policy and the generation of it a node programmed.
@@ -44,6 +58,7 @@ type ProgrammedPolicy struct {
 // +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=".status.conditions[?(@.type==\"Ready\")].status"
 // +kubebuilder:printcolumn:name="Services",type=integer,JSONPath=".status.services"
 // +kubebuilder:printcolumn:name="Frontends",type=integer,JSONPath=".status.frontends"
+// +kubebuilder:printcolumn:name="Announcing",type=string,JSONPath=".status.announcements[*].address"
 // +kubebuilder:printcolumn:name="Version",type=string,JSONPath=".status.version"
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=".metadata.creationTimestamp"
 type NodeAgent struct {

@@ -1,0 +1,331 @@
+package agent
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+	toolscache "k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/announce"
+	"github.com/portico-dev/portico/internal/announce/l2"
+	"github.com/portico-dev/portico/internal/announce/members"
+	"github.com/portico-dev/portico/internal/poolconfig"
+)
+
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools,verbs=get;list;watch
+
+// L2Options turn on L2 announcement (docs/l2.md).
+type L2Options struct {
+	// Port is the heartbeat port, the same on every node.
+	Port uint16
+	// Interval is how often heartbeats go out; DeadAfter how long a silent peer stays alive.
+	Interval, DeadAfter time.Duration
+}
+
+// speaker announces the LoadBalancer addresses this node wins (docs/l2.md): it follows the
+// API server's Services, EndpointSlices, Nodes and LBPools and its peers' heartbeats, and
+// answers ARP and NDP for its addresses on the right interfaces.
+type speaker struct {
+	client    client.Client
+	cache     cache.Cache
+	recorder  record.EventRecorder
+	node      string
+	proxyName string
+	members   *members.Members
+	announcer *l2.Announcer
+	report    *reporter
+	ready     <-chan struct{} // the datapath's first sync is done
+	changed   chan struct{}
+
+	// announced is what the last sync set up: address -> Service; told, the last problem
+	// Event of each Service.
+	announced map[netip.Addr]types.NamespacedName
+	told      map[types.NamespacedName]string
+}
+
+func newSpeaker(mgr ctrl.Manager, o Options, report *reporter, ready <-chan struct{}, reg prometheus.Registerer) (*speaker, error) {
+	m, err := members.New(members.Config{Self: o.NodeName, Port: o.L2.Port, Interval: o.L2.Interval, DeadAfter: o.L2.DeadAfter})
+	if err != nil {
+		return nil, err
+	}
+	metrics, err := l2.NewMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	return &speaker{client: mgr.GetClient(), cache: mgr.GetCache(), recorder: mgr.GetEventRecorderFor("portico-agent"),
+		node: o.NodeName, proxyName: o.ProxyName, members: m, announcer: l2.NewAnnouncer(metrics), report: report,
+		ready: ready, changed: make(chan struct{}, 1), announced: map[netip.Addr]types.NamespacedName{}, told: map[types.NamespacedName]string{}}, nil
+}
+
+func (s *speaker) poke() {
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Start announces until ctx ends (a manager Runnable); then it stops answering first and
+// tells its peers it is leaving second, so that they take over at once.
+func (s *speaker) Start(ctx context.Context) error {
+	for _, obj := range []client.Object{&corev1.Service{}, &discoveryv1.EndpointSlice{}, &corev1.Node{}, &lbv1.LBPool{}} {
+		inf, err := s.cache.GetInformer(ctx, obj)
+		if err != nil {
+			return fmt.Errorf("watch for L2 announcement: %w", err)
+		}
+		poke := func(any) { s.poke() }
+		if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{AddFunc: poke, UpdateFunc: func(_, o any) { poke(o) }, DeleteFunc: poke}); err != nil {
+			return fmt.Errorf("watch for L2 announcement: %w", err)
+		}
+	}
+	mctx, stopMembers := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan error, 1)
+	go func() { done <- s.members.Run(mctx) }()
+	stop := func() error {
+		s.announcer.Close()
+		stopMembers()
+		return <-done
+	}
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return stop()
+	case err := <-done:
+		return err
+	}
+	// Interfaces come and go without an event the agent watches: look again now and then.
+	recheck := time.NewTicker(10 * time.Second)
+	defer recheck.Stop()
+	for {
+		if err := s.sync(ctx); err != nil {
+			ctrl.LoggerFrom(ctx).Error(err, "Failed to announce")
+		}
+		select {
+		case <-ctx.Done():
+			return stop()
+		case err := <-done:
+			s.announcer.Close()
+			return err
+		case <-s.changed:
+		case <-s.members.Changed():
+		case <-recheck.C:
+		}
+	}
+}
+
+// sync works out the addresses this node announces and sets them up.
+func (s *speaker) sync(ctx context.Context) error {
+	in, err := s.inputs(ctx)
+	if err != nil {
+		return err
+	}
+	peers := map[string][]netip.Addr{}
+	var self *corev1.Node
+	for _, n := range in.Nodes {
+		if n.Name == s.node {
+			self = n
+		}
+		peers[n.Name] = nodeIPs(n)
+	}
+	s.members.SetPeers(peers)
+	ready := s.members.WarmedUp()
+	live := s.members.Live()
+	candidates := func(a announce.Address) []string {
+		var out []string
+		for _, n := range a.Eligible {
+			if _, ok := live[n]; ok || (n == s.node && ready) {
+				out = append(out, n)
+			}
+		}
+		return out
+	}
+	var links []link
+	if self != nil {
+		links, err = localLinks(nodeIPs(self))
+		if err != nil {
+			return err
+		}
+	}
+	byIface := map[string][]netip.Addr{}
+	var mine []netip.Addr
+	var report []lbv1.AnnouncedAddress
+	now := map[netip.Addr]types.NamespacedName{}
+	problems := map[types.NamespacedName][]string{}
+	for _, a := range announce.Addresses(in) {
+		if announce.Choose(a.IP, candidates(a)) != s.node || s.outranked(a.IP, live) {
+			continue
+		}
+		ifaces := matching(links, a)
+		if len(ifaces) == 0 {
+			problems[a.Service] = append(problems[a.Service], fmt.Sprintf("node %s has no interface of pool %s to announce %s on", s.node, a.Pool, a.IP))
+			continue
+		}
+		mine = append(mine, a.IP)
+		now[a.IP] = a.Service
+		for _, i := range ifaces {
+			byIface[i] = append(byIface[i], a.IP)
+		}
+		report = append(report, lbv1.AnnouncedAddress{Address: a.IP.String(), Service: a.Service.String(), Interfaces: ifaces})
+	}
+	err = s.announcer.Set(byIface)
+	s.members.SetSelf(ready, mine)
+	s.report.setAnnouncements(report)
+	s.tell(ctx, now, problems, byIface)
+	return err
+}
+
+// outranked says whether a live peer that comes before this node for ip announces it: two
+// agents whose views differ both think they win, and the lower one yields within a heartbeat.
+func (s *speaker) outranked(ip netip.Addr, live map[string][]netip.Addr) bool {
+	for peer, claims := range live {
+		if slices.Contains(claims, ip) && announce.Outranks(ip, peer, s.node) {
+			return true
+		}
+	}
+	return false
+}
+
+// tell writes an Event on each Service whose address this node has just taken over, and on
+// each Service with a new problem.
+func (s *speaker) tell(ctx context.Context, now map[netip.Addr]types.NamespacedName, problems map[types.NamespacedName][]string, byIface map[string][]netip.Addr) {
+	for ip, svc := range now {
+		if s.announced[ip] == svc {
+			continue
+		}
+		var ifaces []string
+		for i, ips := range byIface {
+			if slices.Contains(ips, ip) {
+				ifaces = append(ifaces, i)
+			}
+		}
+		slices.Sort(ifaces)
+		s.event(ctx, svc, corev1.EventTypeNormal, "Announced", fmt.Sprintf("Node %s announces %s on %s", s.node, ip, strings.Join(ifaces, ",")))
+	}
+	s.announced = now
+	for svc, msgs := range problems {
+		if msg := strings.Join(msgs, "; "); s.told[svc] != msg {
+			s.told[svc] = msg
+			s.event(ctx, svc, corev1.EventTypeWarning, "NotAnnounced", msg)
+		}
+	}
+	for svc := range s.told {
+		if _, ok := problems[svc]; !ok {
+			delete(s.told, svc)
+		}
+	}
+}
+
+func (s *speaker) event(ctx context.Context, name types.NamespacedName, kind, reason, msg string) {
+	var svc corev1.Service
+	if err := s.client.Get(ctx, name, &svc); err != nil {
+		return // gone: nobody to tell
+	}
+	s.recorder.Event(&svc, kind, reason, msg)
+}
+
+// inputs reads what the decision needs from the cache.
+func (s *speaker) inputs(ctx context.Context) (announce.Inputs, error) {
+	var pools lbv1.LBPoolList
+	var services corev1.ServiceList
+	var nodes corev1.NodeList
+	for _, l := range []client.ObjectList{&pools, &services, &nodes} {
+		if err := s.client.List(ctx, l); err != nil {
+			return announce.Inputs{}, fmt.Errorf("list for L2 announcement: %w", err)
+		}
+	}
+	in := announce.Inputs{Pools: poolconfig.Parse(pools.Items), ProxyName: s.proxyName,
+		Slices: map[types.NamespacedName][]*discoveryv1.EndpointSlice{}}
+	for i := range services.Items {
+		svc := &services.Items[i]
+		in.Services = append(in.Services, svc)
+		if svc.Spec.ExternalTrafficPolicy != corev1.ServiceExternalTrafficPolicyLocal || len(svc.Status.LoadBalancer.Ingress) == 0 {
+			continue
+		}
+		var es discoveryv1.EndpointSliceList
+		if err := s.client.List(ctx, &es, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
+			return announce.Inputs{}, fmt.Errorf("list EndpointSlices: %w", err)
+		}
+		name := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
+		for j := range es.Items {
+			in.Slices[name] = append(in.Slices[name], &es.Items[j])
+		}
+	}
+	for i := range nodes.Items {
+		in.Nodes = append(in.Nodes, &nodes.Items[i])
+	}
+	return in, nil
+}
+
+// nodeIPs are a Node's InternalIP addresses, IPv4 first: heartbeats go to the first.
+func nodeIPs(n *corev1.Node) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range n.Status.Addresses {
+		if ip, err := netip.ParseAddr(a.Address); err == nil && a.Type == corev1.NodeInternalIP {
+			out = append(out, ip)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b netip.Addr) int { return cmp.Compare(a.BitLen(), b.BitLen()) })
+	return out
+}
+
+// link is one of the node's interfaces that can announce: up, Ethernet, not loopback.
+type link struct {
+	name string
+	// own says whether it carries one of the node's InternalIP addresses.
+	own bool
+}
+
+func localLinks(nodeIPs []netip.Addr) ([]link, error) {
+	ifaces, err := net.Interfaces()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	var out []link
+	for _, ifi := range ifaces {
+		if ifi.Flags&net.FlagUp == 0 || ifi.Flags&net.FlagLoopback != 0 || len(ifi.HardwareAddr) != 6 {
+			continue
+		}
+		l := link{name: ifi.Name}
+		addrs, err := ifi.Addrs()
+		if err != nil {
+			return nil, fmt.Errorf("addresses of %s: %w", ifi.Name, err)
+		}
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil && slices.Contains(nodeIPs, p.Addr()) {
+				l.own = true
+			}
+		}
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+// matching are the interfaces an address is announced on: those its pool's patterns match,
+// or the node's own.
+func matching(links []link, a announce.Address) []string {
+	var out []string
+	for _, l := range links {
+		ok := l.own && len(a.Interfaces) == 0
+		for _, re := range a.Interfaces {
+			ok = ok || re.MatchString(l.name)
+		}
+		if ok {
+			out = append(out, l.name)
+		}
+	}
+	return out
+}
