@@ -38,6 +38,7 @@ func TestAgentsOnThreeNodes(t *testing.T) {
 	t.Run("Deployment: readiness gates, termination, scale to zero", c.deployment)
 	t.Run("type changes: ExternalName and ClusterIP, a released NodePort", c.typeChanges)
 	t.Run("pool withdrawn and back", c.poolLifecycle)
+	t.Run("L2: one node answers ARP/NDP, another takes over when its agent dies", c.l2)
 	t.Run("a pod with an image the lab lacks stays Pending", c.unknownImage)
 }
 

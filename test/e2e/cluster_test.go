@@ -185,23 +185,7 @@ func (c *cluster) update(t *testing.T, svc *corev1.Service, edit func(*corev1.Se
 // and has the client reach them through node.
 func (c *cluster) ingress(t *testing.T, svc *corev1.Service, node int) []netip.Addr {
 	t.Helper()
-	addrs := make([]netip.Addr, len(families))
-	eventually(t, "addresses for "+svc.Name, func() error {
-		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(svc), svc); err != nil {
-			return err
-		}
-		for _, in := range svc.Status.LoadBalancer.Ingress {
-			if a, err := netip.ParseAddr(in.IP); err == nil && a.Is4() {
-				addrs[0] = a
-			} else if err == nil {
-				addrs[1] = a
-			}
-		}
-		if !addrs[0].IsValid() || !addrs[1].IsValid() {
-			return fmt.Errorf("status %+v", svc.Status.LoadBalancer)
-		}
-		return nil
-	})
+	addrs := c.addresses(t, svc)
 	for _, a := range addrs {
 		c.routeVia(t, a, node)
 	}

@@ -1,0 +1,200 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/lab"
+)
+
+// l2 checks announcement as a router on the segment sees it: arping and ndisc6 get the
+// announcing node's MAC, the kernel's own resolution carries TCP to the Service, nobody
+// answers for a free address of the pool, and killing the announcing agent moves the router's
+// neighbour entry to another node, through which connections work again.
+func (c *cluster) l2(t *testing.T) {
+	svc := c.service(t, "l2", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
+	c.endpoints(t, "l2", c.web...)
+	addrs := c.addresses(t, svc)
+	for _, a := range addrs {
+		// No static route (an earlier row's, for a reused address): the client resolves it.
+		_ = ip(c.net.Client, "route", "del", netip.PrefixFrom(a, a.BitLen()).String())
+	}
+	macs := c.macs(t)
+	announcer := make([]int, len(families))
+	for f, fam := range families {
+		t.Run(fam, func(t *testing.T) {
+			announcer[f] = c.announcer(t, addrs[f], -1)
+			if got := c.resolve(t, addrs[f]); len(got) == 0 || !allEqual(got, macs[announcer[f]]) {
+				t.Fatalf("%s answered by %v; want only node-%d's %s", addrs[f], got, announcer[f]+1, macs[announcer[f]])
+			}
+			everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(addrs[f], 80)), c.web...)
+			if got := c.neighbour(t, addrs[f]); got != macs[announcer[f]] {
+				t.Fatalf("the client's kernel resolved %s to %q; want node-%d's %s", addrs[f], got, announcer[f]+1, macs[announcer[f]])
+			}
+			// A pool address no Service holds (the pool hands out from its start).
+			free := map[int]string{0: "192.0.2.62", 1: "2001:db8::1fe"}[f]
+			if got := c.resolve(t, netip.MustParseAddr(free)); len(got) != 0 {
+				t.Fatalf("%s, held by no Service, answered by %v", free, got)
+			}
+		})
+	}
+	for f, fam := range families {
+		t.Run(fam+"/announcing agent killed", func(t *testing.T) {
+			dead := announcer[f]
+			if err := c.lab.Agents[dead].Kill(); err != nil {
+				t.Fatal(err)
+			}
+			took := time.Now()
+			eventually(t, "the client's entry for "+addrs[f].String()+" to move", func() error {
+				if got := c.neighbour(t, addrs[f]); got == macs[dead] || got == "" {
+					return fmt.Errorf("still %q", got)
+				}
+				return nil
+			})
+			t.Logf("the client's neighbour entry moved %v after the kill", time.Since(took).Round(time.Millisecond))
+			now := c.announcer(t, addrs[f], dead)
+			if got := c.neighbour(t, addrs[f]); got != macs[now] {
+				t.Fatalf("the client's entry for %s is %q; want node-%d's %s, which announces it now", addrs[f], got, now+1, macs[now])
+			}
+			everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(addrs[f], 80)), c.web...)
+			if got := c.resolve(t, addrs[f]); !allEqual(got, macs[now]) {
+				t.Fatalf("%s answered by %v after the take-over; want only node-%d's %s", addrs[f], got, now+1, macs[now])
+			}
+			// Back: it wins its address back after its warm-up.
+			if err := c.lab.StartAgent(dead); err != nil {
+				t.Fatal(err)
+			}
+			eventually(t, "node-"+fmt.Sprint(dead+1)+" to take "+addrs[f].String()+" back", func() error {
+				if got := c.neighbour(t, addrs[f]); got != macs[dead] {
+					return fmt.Errorf("the client's entry is %q", got)
+				}
+				return nil
+			})
+			everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(addrs[f], 80)), c.web...)
+		})
+	}
+}
+
+// addresses waits for a LoadBalancer Service's addresses, IPv4 then IPv6.
+func (c *cluster) addresses(t *testing.T, svc *corev1.Service) []netip.Addr {
+	t.Helper()
+	addrs := make([]netip.Addr, len(families))
+	eventually(t, "addresses for "+svc.Name, func() error {
+		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(svc), svc); err != nil {
+			return err
+		}
+		for _, a := range lab.LoadBalancerIPs(svc) {
+			addrs[map[bool]int{true: 0, false: 1}[a.Is4()]] = a
+		}
+		if !addrs[0].IsValid() || !addrs[1].IsValid() {
+			return fmt.Errorf("status %+v", svc.Status.LoadBalancer)
+		}
+		return nil
+	})
+	return addrs
+}
+
+// announcer waits until exactly one node other than not reports announcing a, and returns it.
+// A killed agent's NodeAgent still says what it announced when it died: not's is skipped.
+func (c *cluster) announcer(t *testing.T, a netip.Addr, not int) int {
+	t.Helper()
+	found := -1
+	eventually(t, "a node to announce "+a.String(), func() error {
+		found = -1
+		for i, n := range c.net.Nodes {
+			if i == not {
+				continue
+			}
+			var agent lbv1.NodeAgent
+			if err := c.c.Get(context.Background(), client.ObjectKey{Name: n.Name}, &agent); err != nil {
+				return err
+			}
+			for _, ann := range agent.Status.Announcements {
+				if ann.Address != a.String() {
+					continue
+				}
+				if found >= 0 {
+					return fmt.Errorf("node-%d and %s both report it", found+1, n.Name)
+				}
+				found = i
+			}
+		}
+		if found < 0 {
+			return fmt.Errorf("nobody reports it")
+		}
+		return nil
+	})
+	return found
+}
+
+// macs are the nodes' MAC addresses on the segment.
+func (c *cluster) macs(t *testing.T) []string {
+	t.Helper()
+	out := make([]string, len(c.net.Nodes))
+	for i, n := range c.net.Nodes {
+		if err := lab.In(n.NS, func() error {
+			ifi, err := net.InterfaceByName("eth0")
+			if err == nil {
+				out[i] = ifi.HardwareAddr.String()
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out
+}
+
+// resolve asks for a from the client twice, with arping or ndisc6, and returns the MAC
+// address of every answer.
+func (c *cluster) resolve(t *testing.T, a netip.Addr) []string {
+	t.Helper()
+	cmd := []string{"arping", "-c", "2", "-i", "eth0", a.String()}
+	if a.Is6() {
+		cmd = []string{"ndisc6", "-m", "-n", "-r", "2", "-w", "500", a.String(), "eth0"}
+	}
+	out, _ := exec.Command("ip", append([]string{"netns", "exec", c.net.Client}, cmd...)...).CombinedOutput()
+	var macs []string
+	for _, line := range strings.Split(string(out), "\n") {
+		// arping: "60 bytes from 02:..:.. (192.0.2.33): index=0 ..."; ndisc6: "Target link-layer address: 02:..".
+		if f := strings.Fields(line); len(f) >= 4 && f[1] == "bytes" && f[2] == "from" {
+			macs = append(macs, strings.ToLower(f[3]))
+		}
+		if _, mac, ok := strings.Cut(line, "Target link-layer address: "); ok {
+			macs = append(macs, strings.ToLower(strings.TrimSpace(mac)))
+		}
+	}
+	return macs
+}
+
+// neighbour is the client kernel's neighbour entry for a: its MAC, "" when none.
+func (c *cluster) neighbour(t *testing.T, a netip.Addr) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", c.net.Client, "ip", "neigh", "show", a.String(), "dev", "eth0").Output()
+	if err != nil {
+		t.Fatalf("ip neigh: %v", err)
+	}
+	if f := strings.Fields(string(out)); len(f) >= 3 && f[1] == "lladdr" {
+		return f[2]
+	}
+	return ""
+}
+
+func allEqual(got []string, want string) bool {
+	for _, g := range got {
+		if g != want {
+			return false
+		}
+	}
+	return true
+}
