@@ -255,6 +255,22 @@ func (n *Network) RouteVia(addr netip.Addr, node *Node) error {
 	return ip(n.Client, "route", "replace", netip.PrefixFrom(addr, addr.BitLen()).String(), "via", via.String())
 }
 
+// Cut takes node off the segment, as a dead node or a pulled cable would: the bridge drops
+// every frame from and to its port (nftables, bridge family). Its link stays up, so the
+// bridge keeps its MAC address and does not flood frames meant for it to the other nodes,
+// just as a switch right after a node dies. Mend plugs it back.
+func (n *Network) Cut(node *Node) error {
+	port := "p" + strings.TrimPrefix(node.Name, "node-")
+	rules := fmt.Sprintf(`add table bridge cut_%[1]s; add chain bridge cut_%[1]s forward { type filter hook forward priority 0; }; `+
+		`add rule bridge cut_%[1]s forward iifname %[1]q drop; add rule bridge cut_%[1]s forward oifname %[1]q drop`, port)
+	return run("ip", "netns", "exec", n.lan, "nft", rules)
+}
+
+// Mend puts a node cut off by Cut back on the segment.
+func (n *Network) Mend(node *Node) error {
+	return run("ip", "netns", "exec", n.lan, "nft", "delete table bridge cut_p"+strings.TrimPrefix(node.Name, "node-"))
+}
+
 // Close removes every namespace and cgroup of the network. Processes in the node cgroups
 // must have ended.
 func (n *Network) Close() error {
