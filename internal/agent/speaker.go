@@ -160,32 +160,39 @@ func (s *speaker) sync(ctx context.Context) error {
 			return err
 		}
 	}
-	byIface := map[string][]netip.Addr{}
-	var mine []netip.Addr
-	var report []lbv1.AnnouncedAddress
-	now := map[netip.Addr]types.NamespacedName{}
+	var held []holding
 	problems := map[types.NamespacedName][]string{}
 	for _, a := range announce.Addresses(in) {
 		if announce.Choose(a.IP, candidates(a)) != s.node || s.outranked(a.IP, live) {
 			continue
 		}
-		ifaces := matching(links, a)
-		if len(ifaces) == 0 {
+		if ifaces := matching(links, a); len(ifaces) > 0 {
+			held = append(held, holding{a, ifaces})
+		} else {
 			problems[a.Service] = append(problems[a.Service], fmt.Sprintf("node %s has no interface of pool %s to announce %s on", s.node, a.Pool, a.IP))
-			continue
 		}
-		mine = append(mine, a.IP)
-		now[a.IP] = a.Service
-		for _, i := range ifaces {
-			byIface[i] = append(byIface[i], a.IP)
+	}
+	byIface := map[string][]netip.Addr{}
+	mine := make([]netip.Addr, 0, len(held))
+	report := make([]lbv1.AnnouncedAddress, 0, len(held))
+	for _, h := range held {
+		mine = append(mine, h.IP)
+		for _, i := range h.ifaces {
+			byIface[i] = append(byIface[i], h.IP)
 		}
-		report = append(report, lbv1.AnnouncedAddress{Address: a.IP.String(), Service: a.Service.String(), Interfaces: ifaces})
+		report = append(report, lbv1.AnnouncedAddress{Address: h.IP.String(), Service: h.Service.String(), Interfaces: h.ifaces})
 	}
 	err = s.announcer.Set(byIface)
 	s.members.SetSelf(ready, mine)
 	s.report.setAnnouncements(report)
-	s.tell(ctx, now, problems, byIface)
+	s.tell(ctx, held, problems)
 	return err
+}
+
+// holding is an address this node announces, and on which interfaces.
+type holding struct {
+	announce.Address
+	ifaces []string
 }
 
 // outranked says whether a live peer that comes before this node for ip announces it: two
@@ -201,19 +208,13 @@ func (s *speaker) outranked(ip netip.Addr, live map[string][]netip.Addr) bool {
 
 // tell writes an Event on each Service whose address this node has just taken over, and on
 // each Service with a new problem.
-func (s *speaker) tell(ctx context.Context, now map[netip.Addr]types.NamespacedName, problems map[types.NamespacedName][]string, byIface map[string][]netip.Addr) {
-	for ip, svc := range now {
-		if s.announced[ip] == svc {
-			continue
+func (s *speaker) tell(ctx context.Context, held []holding, problems map[types.NamespacedName][]string) {
+	now := map[netip.Addr]types.NamespacedName{}
+	for _, h := range held {
+		now[h.IP] = h.Service
+		if s.announced[h.IP] != h.Service {
+			s.event(ctx, h.Service, corev1.EventTypeNormal, "Announced", fmt.Sprintf("Node %s announces %s on %s", s.node, h.IP, strings.Join(h.ifaces, ",")))
 		}
-		var ifaces []string
-		for i, ips := range byIface {
-			if slices.Contains(ips, ip) {
-				ifaces = append(ifaces, i)
-			}
-		}
-		slices.Sort(ifaces)
-		s.event(ctx, svc, corev1.EventTypeNormal, "Announced", fmt.Sprintf("Node %s announces %s on %s", s.node, ip, strings.Join(ifaces, ",")))
 	}
 	s.announced = now
 	for svc, msgs := range problems {

@@ -130,7 +130,7 @@ func (n *Network) addNode(node *Node) error {
 	if err := os.Mkdir(node.Cgroup, 0o755); err != nil {
 		return fmt.Errorf("create cgroup: %w", err)
 	}
-	if err := n.plug(node.NS, strings.TrimPrefix(node.Name, "node-"), node.IPs); err != nil {
+	if err := n.plug(node.NS, node.port(), node.IPs); err != nil {
 		return err
 	}
 	// Multicast snooping off, as on br0: a new pod answers neighbour solicitations at once.
@@ -260,7 +260,7 @@ func (n *Network) RouteVia(addr netip.Addr, node *Node) error {
 // bridge keeps its MAC address and does not flood frames meant for it to the other nodes,
 // just as a switch right after a node dies. Mend plugs it back.
 func (n *Network) Cut(node *Node) error {
-	port := "p" + strings.TrimPrefix(node.Name, "node-")
+	port := "p" + node.port()
 	rules := fmt.Sprintf(`add table bridge cut_%[1]s; add chain bridge cut_%[1]s forward { type filter hook forward priority 0; }; `+
 		`add rule bridge cut_%[1]s forward iifname %[1]q drop; add rule bridge cut_%[1]s forward oifname %[1]q drop`, port)
 	return run("ip", "netns", "exec", n.lan, "nft", rules)
@@ -268,8 +268,11 @@ func (n *Network) Cut(node *Node) error {
 
 // Mend puts a node cut off by Cut back on the segment.
 func (n *Network) Mend(node *Node) error {
-	return run("ip", "netns", "exec", n.lan, "nft", "delete table bridge cut_p"+strings.TrimPrefix(node.Name, "node-"))
+	return run("ip", "netns", "exec", n.lan, "nft", "delete table bridge cut_p"+node.port())
 }
+
+// port names the node's side of the bridge: its number ("p"+port in the bridge's namespace).
+func (node *Node) port() string { return strings.TrimPrefix(node.Name, "node-") }
 
 // Close removes every namespace and cgroup of the network. Processes in the node cgroups
 // must have ended.

@@ -114,15 +114,11 @@ func BenchmarkL2Failover(b *testing.B) {
 	})
 	macs := map[string]int{}
 	for i, n := range lc.Nodes {
-		if err := lab.In(n.NS, func() error {
-			ifi, err := net.InterfaceByName("eth0")
-			if err == nil {
-				macs[ifi.HardwareAddr.String()] = i
-			}
-			return err
-		}); err != nil {
+		mac, err := n.MAC()
+		if err != nil {
 			b.Fatal(err)
 		}
+		macs[mac] = i
 	}
 	events := listen(b, lc.Client)
 	// announcer is the one node whose NodeAgent reports announcing a, if there is one.
@@ -149,7 +145,7 @@ func BenchmarkL2Failover(b *testing.B) {
 	// entry now names node i and a connection through it works.
 	resolved := func(a netip.Addr, i int) bool {
 		_ = exec.Command("ip", "netns", "exec", lc.Client, "ip", "neigh", "del", a.String(), "dev", "eth0").Run()
-		n, ok := macs[neighbourAfterConnect(lc.Client, a)]
+		n, ok := macs[neighbourAfterConnect(lc.Network, a)]
 		return ok && n == i
 	}
 	families := []string{"IPv4", "IPv6"}
@@ -342,17 +338,14 @@ func connects(ns string, a netip.Addr, limit time.Duration) bool {
 	}) == nil
 }
 
-// neighbourAfterConnect connects from ns to a and returns the MAC address ns's kernel
-// resolved a to ("" when the connection failed or there is no entry).
-func neighbourAfterConnect(ns string, a netip.Addr) string {
-	if !connects(ns, a, time.Second) {
+// neighbourAfterConnect connects from the client to a and returns the MAC address the
+// client's kernel resolved a to ("" when the connection failed or there is no entry).
+func neighbourAfterConnect(n *lab.Network, a netip.Addr) string {
+	if !connects(n.Client, a, time.Second) {
 		return ""
 	}
-	out, err := exec.Command("ip", "netns", "exec", ns, "ip", "neigh", "show", a.String(), "dev", "eth0").Output()
-	if f := strings.Fields(string(out)); err == nil && len(f) >= 3 && f[1] == "lladdr" {
-		return f[2]
-	}
-	return ""
+	mac, _ := n.Neighbour(a)
+	return mac
 }
 
 func poll(b *testing.B, limit time.Duration, what string, ok func() bool) {

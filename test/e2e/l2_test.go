@@ -3,10 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
-	"os/exec"
-	"strings"
 	"testing"
 	"time"
 
@@ -34,7 +31,7 @@ func (c *cluster) l2(t *testing.T) {
 	for f, fam := range families {
 		t.Run(fam, func(t *testing.T) {
 			announcer[f] = c.announcer(t, addrs[f], -1)
-			if got := c.resolve(t, addrs[f]); len(got) == 0 || !allEqual(got, macs[announcer[f]]) {
+			if got := c.net.Resolve(addrs[f], 2); len(got) == 0 || !allEqual(got, macs[announcer[f]]) {
 				t.Fatalf("%s answered by %v; want only node-%d's %s", addrs[f], got, announcer[f]+1, macs[announcer[f]])
 			}
 			everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(addrs[f], 80)), c.web...)
@@ -43,7 +40,7 @@ func (c *cluster) l2(t *testing.T) {
 			}
 			// A pool address no Service holds (the pool hands out from its start).
 			free := map[int]string{0: "192.0.2.62", 1: "2001:db8::1fe"}[f]
-			if got := c.resolve(t, netip.MustParseAddr(free)); len(got) != 0 {
+			if got := c.net.Resolve(netip.MustParseAddr(free), 2); len(got) != 0 {
 				t.Fatalf("%s, held by no Service, answered by %v", free, got)
 			}
 		})
@@ -67,7 +64,7 @@ func (c *cluster) l2(t *testing.T) {
 				t.Fatalf("the client's entry for %s is %q; want node-%d's %s, which announces it now", addrs[f], got, now+1, macs[now])
 			}
 			everyPodAnswers(t, f, c.fromClient(netip.AddrPortFrom(addrs[f], 80)), c.web...)
-			if got := c.resolve(t, addrs[f]); !allEqual(got, macs[now]) {
+			if got := c.net.Resolve(addrs[f], 2); !allEqual(got, macs[now]) {
 				t.Fatalf("%s answered by %v after the take-over; want only node-%d's %s", addrs[f], got, now+1, macs[now])
 			}
 			// Back: it wins its address back after its warm-up.
@@ -142,52 +139,22 @@ func (c *cluster) macs(t *testing.T) []string {
 	t.Helper()
 	out := make([]string, len(c.net.Nodes))
 	for i, n := range c.net.Nodes {
-		if err := lab.In(n.NS, func() error {
-			ifi, err := net.InterfaceByName("eth0")
-			if err == nil {
-				out[i] = ifi.HardwareAddr.String()
-			}
-			return err
-		}); err != nil {
+		var err error
+		if out[i], err = n.MAC(); err != nil {
 			t.Fatal(err)
 		}
 	}
 	return out
 }
 
-// resolve asks for a from the client twice, with arping or ndisc6, and returns the MAC
-// address of every answer.
-func (c *cluster) resolve(t *testing.T, a netip.Addr) []string {
-	t.Helper()
-	cmd := []string{"arping", "-c", "2", "-i", "eth0", a.String()}
-	if a.Is6() {
-		cmd = []string{"ndisc6", "-m", "-n", "-r", "2", "-w", "500", a.String(), "eth0"}
-	}
-	out, _ := exec.Command("ip", append([]string{"netns", "exec", c.net.Client}, cmd...)...).CombinedOutput()
-	var macs []string
-	for _, line := range strings.Split(string(out), "\n") {
-		// arping: "60 bytes from 02:..:.. (192.0.2.33): index=0 ..."; ndisc6: "Target link-layer address: 02:..".
-		if f := strings.Fields(line); len(f) >= 4 && f[1] == "bytes" && f[2] == "from" {
-			macs = append(macs, strings.ToLower(f[3]))
-		}
-		if _, mac, ok := strings.Cut(line, "Target link-layer address: "); ok {
-			macs = append(macs, strings.ToLower(strings.TrimSpace(mac)))
-		}
-	}
-	return macs
-}
-
 // neighbour is the client kernel's neighbour entry for a: its MAC, "" when none.
 func (c *cluster) neighbour(t *testing.T, a netip.Addr) string {
 	t.Helper()
-	out, err := exec.Command("ip", "netns", "exec", c.net.Client, "ip", "neigh", "show", a.String(), "dev", "eth0").Output()
+	mac, err := c.net.Neighbour(a)
 	if err != nil {
-		t.Fatalf("ip neigh: %v", err)
+		t.Fatal(err)
 	}
-	if f := strings.Fields(string(out)); len(f) >= 3 && f[1] == "lladdr" {
-		return f[2]
-	}
-	return ""
+	return mac
 }
 
 func allEqual(got []string, want string) bool {

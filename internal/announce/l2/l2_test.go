@@ -6,7 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"strings"
+	"slices"
 	"testing"
 	"time"
 
@@ -52,14 +52,8 @@ func newSegment(t *testing.T) *segment {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var mac string
-		if err := lab.In(node.NS, func() error {
-			ifi, err := net.InterfaceByName("eth0")
-			if err == nil {
-				mac = ifi.HardwareAddr.String()
-			}
-			return err
-		}); err != nil {
+		mac, err := node.MAC()
+		if err != nil {
 			t.Fatal(err)
 		}
 		s.ann, s.metrics, s.macs = append(s.ann, NewAnnouncer(m)), append(s.metrics, m), append(s.macs, mac)
@@ -76,38 +70,14 @@ func (s *segment) set(t *testing.T, i int, ips ...netip.Addr) {
 	}
 }
 
-// resolve asks for ip from the router with arping or ndisc6 and returns the MAC address
-// that answered ("" when nobody did).
-func (s *segment) resolve(t *testing.T, ip netip.Addr) string {
-	t.Helper()
-	cmd := []string{"arping", "-c", "1", "-w", "1", "-i", "eth0", ip.String()}
-	if ip.Is6() {
-		cmd = []string{"ndisc6", "-1", "-r", "1", "-w", "1000", ip.String(), "eth0"}
-	}
-	out, _ := exec.Command("ip", append([]string{"netns", "exec", s.net.Client}, cmd...)...).CombinedOutput()
-	for _, line := range strings.Split(string(out), "\n") {
-		// arping: "60 bytes from 02:..:.. (192.0.2.100): index=0 ..."; ndisc6: "Target link-layer address: 02:..".
-		if f := strings.Fields(line); len(f) >= 4 && f[1] == "bytes" && f[2] == "from" {
-			return strings.ToLower(f[3])
-		}
-		if _, mac, ok := strings.Cut(line, "Target link-layer address: "); ok {
-			return strings.ToLower(strings.TrimSpace(mac))
-		}
-	}
-	return ""
-}
-
 // neighbour returns the router kernel's neighbour entry for ip (its MAC, "" when none).
 func (s *segment) neighbour(t *testing.T, ip netip.Addr) string {
 	t.Helper()
-	out, err := exec.Command("ip", "netns", "exec", s.net.Client, "ip", "neigh", "show", ip.String(), "dev", "eth0").Output()
+	mac, err := s.net.Neighbour(ip)
 	if err != nil {
-		t.Fatalf("ip neigh: %v", err)
+		t.Fatal(err)
 	}
-	if f := strings.Fields(string(out)); len(f) >= 3 && f[1] == "lladdr" {
-		return f[2]
-	}
-	return ""
+	return mac
 }
 
 var (
@@ -124,8 +94,12 @@ func TestOnlyTheAnnouncingNodeAnswers(t *testing.T) {
 		ip   netip.Addr
 		want string
 	}{{vip4, s.macs[0]}, {vip6, s.macs[0]}, {other4, s.macs[1]}, {other6, s.macs[1]}, {free4, ""}, {free6, ""}} {
-		if got := s.resolve(t, tc.ip); got != tc.want {
-			t.Errorf("%s answered by %q; want %q (node-1 %s, node-2 %s)", tc.ip, got, tc.want, s.macs[0], s.macs[1])
+		want := []string{tc.want}
+		if tc.want == "" {
+			want = nil
+		}
+		if got := s.net.Resolve(tc.ip, 1); !slices.Equal(got, want) {
+			t.Errorf("%s answered by %v; want %q (node-1 %s, node-2 %s)", tc.ip, got, tc.want, s.macs[0], s.macs[1])
 		}
 	}
 	// ARP requests are broadcast: each node hears all three (and whatever else asks). A solicitation goes to the
@@ -170,8 +144,8 @@ func TestTakeOverMovesTheRoutersNeighbourEntry(t *testing.T) {
 		if got := s.neighbour(t, ip); got != s.macs[1] {
 			t.Errorf("after node-2 took %s over, the router's entry is %q; want node-2's %s", ip, got, s.macs[1])
 		}
-		if got := s.resolve(t, ip); got != s.macs[1] {
-			t.Errorf("%s answered by %q after the take-over; want node-2's %s only", ip, got, s.macs[1])
+		if got := s.net.Resolve(ip, 1); !slices.Equal(got, []string{s.macs[1]}) {
+			t.Errorf("%s answered by %v after the take-over; want node-2's %s only", ip, got, s.macs[1])
 		}
 	}
 	// Each node took the addresses over once: ARP as a request and a reply, one NA.
