@@ -102,7 +102,8 @@ func start(t *testing.T, lab, bin string, port int) (*exec.Cmd, *bytes.Buffer) {
 		s := bufio.NewScanner(pipe)
 		for s.Scan() {
 			out.WriteString(s.Text() + "\n")
-			if strings.HasPrefix(s.Text(), "Up with first results") {
+			// The last line the lab prints once it is up (after "Up with first results").
+			if strings.HasPrefix(s.Text(), "Logs are in ") {
 				up <- true
 			}
 		}
