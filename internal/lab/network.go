@@ -94,6 +94,13 @@ func (n *Network) build(nodes int) error {
 	if err := n.plug(n.Client, "client", router[:]); err != nil {
 		return err
 	}
+	// A router takes no redirects. A host would: a node forwarding an address it has not
+	// programmed yet to the node that announces it sends one, and the client's traffic for
+	// that address would bypass the node a test routes it through from then on.
+	if err := sysctl(n.Client, "net.ipv4.conf.all.accept_redirects=0", "net.ipv4.conf.eth0.accept_redirects=0",
+		"net.ipv6.conf.all.accept_redirects=0", "net.ipv6.conf.eth0.accept_redirects=0"); err != nil {
+		return err
+	}
 	for i := 1; i <= nodes; i++ {
 		node := &Node{
 			Name:   fmt.Sprintf("node-%d", i),
