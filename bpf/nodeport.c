@@ -15,6 +15,7 @@
  */
 #include <stddef.h>
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/in.h>
@@ -510,6 +511,10 @@ int portico_nodeport_ingress(struct __sk_buff *skb)
 	struct ct_value *ct;
 	int rc;
 
+	/* A frame for another MAC (a switch flooding after a failover, a promiscuous port) is
+	 * not this node's to answer: the stack drops it, and so do we by leaving it alone. */
+	if (skb->pkt_type == PACKET_OTHERHOST)
+		return TC_ACT_UNSPEC;
 	rc = parse(skb, &f);
 	if (rc != PARSE_OK)
 		return rc == PARSE_DROP ? TC_ACT_SHOT : TC_ACT_UNSPEC;

@@ -75,7 +75,7 @@ func newNode(t testing.TB) *node {
 	n := &node{t: t, name: fmt.Sprintf("ptn-%d", os.Getpid()%100000), d: d}
 	cmds := [][]string{
 		{"ip", "netns", "add", n.name},
-		{"ip", "-n", n.name, "link", "add", "ext0", "type", "veth", "peer", "name", "ext1"},
+		{"ip", "-n", n.name, "link", "add", "ext0", "address", net.HardwareAddr(nodeMAC).String(), "type", "veth", "peer", "name", "ext1"},
 		{"ip", "-n", n.name, "link", "add", "pod0", "type", "veth", "peer", "name", "pod1"},
 		{"ip", "-n", n.name, "addr", "add", "192.0.2.1/24", "dev", "ext0"},
 		{"ip", "-n", n.name, "addr", "add", "2001:db8::1/64", "dev", "ext0", "nodad"},
@@ -462,6 +462,7 @@ func TestPacketLayerMalformedInput(t *testing.T) {
 			{"wrong IP version", func() []byte { b := slices.Clone(good); b[14] = 0x55; return b }(), actShot},
 			{"first fragment", pkt{src: syn.src, dst: frontend, proto: TCP, fragment: true}.bytes(), actUnspec},
 			{"not to a frontend", pkt{src: syn.src, dst: netip.AddrPortFrom(fam.lb, 96), proto: TCP}.bytes(), actUnspec},
+			{"for another node's MAC", func() []byte { b := slices.Clone(good); b[5] = 0x03; return b }(), actUnspec},
 		} {
 			t.Run(fam.name+"/"+tc.name, func(t *testing.T) {
 				ret, out := n.ingress(t, tc.in)
