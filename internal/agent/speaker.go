@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -56,6 +57,7 @@ type speaker struct {
 	// Event of each Service.
 	announced map[netip.Addr]types.NamespacedName
 	told      map[types.NamespacedName]string
+	held      []netip.Addr // what the last sync announced, in the order Addresses gives
 }
 
 func newSpeaker(mgr ctrl.Manager, o Options, report *reporter, ready <-chan struct{}, reg prometheus.Registerer) (*speaker, error) {
@@ -181,6 +183,11 @@ func (s *speaker) sync(ctx context.Context) error {
 			byIface[i] = append(byIface[i], h.IP)
 		}
 		report = append(report, lbv1.AnnouncedAddress{Address: h.IP.String(), Service: h.Service.String(), Interfaces: h.ifaces})
+	}
+	if !slices.Equal(mine, s.held) {
+		peers := slices.Sorted(maps.Keys(live))
+		ctrl.LoggerFrom(ctx).Info("Announcing", "addresses", mine, "livePeers", peers, "warmedUp", ready)
+		s.held = mine
 	}
 	err = s.announcer.Set(byIface)
 	s.members.SetSelf(ready, mine)
