@@ -33,6 +33,8 @@ func main() {
 	l2Port := flag.Uint("l2-port", 7947, "UDP port of the agents' heartbeats, the same on every node; it must be open between nodes.")
 	flag.DurationVar(&l2.Interval, "l2-heartbeat-interval", 100*time.Millisecond, "How often agents heartbeat each other.")
 	flag.DurationVar(&l2.DeadAfter, "l2-dead-after", 400*time.Millisecond, "How long an agent may stay silent before its peers take its addresses over.")
+	flag.StringVar(&o.LeaseNamespace, "lease-namespace", os.Getenv("POD_NAMESPACE"), "Namespace of the agent's Lease, the operator's --agent-namespace (default $POD_NAMESPACE; empty: no Lease, and the operator cannot tell when this agent dies).")
+	flag.DurationVar(&o.LeaseDuration, "lease-duration", 40*time.Second, "How long the agent's Lease lasts unrenewed; it renews every quarter of it.")
 	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":9091", "Address of the /healthz and /readyz endpoints.")
 	zo := zap.Options{}
 	zo.BindFlags(flag.CommandLine)

@@ -28,7 +28,7 @@ func main() {
 	qps := flag.Float64("kube-api-qps", 200, "Requests per second the operator may send to the API server.")
 	flag.IntVar(&o.Burst, "kube-api-burst", 400, "Requests the operator may send at once above kube-api-qps.")
 	agentImage := flag.String("agent-image", "", "Image of the node agent; the operator runs it as a DaemonSet. Empty: no agents.")
-	agentNamespace := flag.String("agent-namespace", os.Getenv("POD_NAMESPACE"), "Namespace of the agents' DaemonSet (default $POD_NAMESPACE).")
+	agentNamespace := flag.String("agent-namespace", os.Getenv("POD_NAMESPACE"), "Namespace of the agents' DaemonSet and of their Leases, by which the operator tells a lost agent (default $POD_NAMESPACE).")
 	agentName := flag.String("agent-name", "portico-agent", "Name of the agents' DaemonSet.")
 	agentAccount := flag.String("agent-service-account", "portico-agent", "ServiceAccount the agents run as.")
 	agentDevices := flag.String("agent-devices", "", "Comma-separated interfaces external traffic arrives on, on every node (the agents' --devices).")
@@ -36,6 +36,7 @@ func main() {
 	zo.BindFlags(flag.CommandLine)
 	flag.Parse()
 	o.QPS = float32(*qps)
+	o.AgentNamespace = *agentNamespace
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zo)))
 	log := ctrl.Log.WithName("setup")
 	if *agentImage != "" {

@@ -74,6 +74,11 @@ type Options struct {
 	Recheck time.Duration
 	// L2, when set, announces the LoadBalancer addresses this node wins with ARP and NDP.
 	L2 *L2Options
+	// LeaseNamespace, when set, is where the agent renews its Lease (lbv1.AgentLeasePrefix +
+	// node), which the operator reads to mark the NodeAgents of dead agents; it must be the
+	// operator's --agent-namespace. LeaseDuration is the Lease's duration (0: 40 s; at least 1 s).
+	LeaseNamespace string
+	LeaseDuration  time.Duration
 }
 
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
@@ -92,6 +97,12 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	}
 	if o.MaglevTableSize == 0 {
 		o.MaglevTableSize = maglev.DefaultTableSize
+	}
+	if o.LeaseDuration == 0 {
+		o.LeaseDuration = 40 * time.Second
+	}
+	if o.LeaseDuration < time.Second {
+		return nil, fmt.Errorf("lease duration %v is under the 1 s a Lease can say", o.LeaseDuration)
 	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
@@ -144,6 +155,12 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	r.report = newReporter(mgr.GetClient(), o.NodeName, o.Version, r.syncer, r.ready)
 	if err := mgr.Add(r.report); err != nil {
 		return nil, fmt.Errorf("add the NodeAgent report: %w", err)
+	}
+	if o.LeaseNamespace != "" {
+		lease := &leaseKeeper{client: mgr.GetClient(), namespace: o.LeaseNamespace, node: o.NodeName, duration: o.LeaseDuration, report: r.report}
+		if err := mgr.Add(lease); err != nil {
+			return nil, fmt.Errorf("add the agent's Lease: %w", err)
+		}
 	}
 	if o.L2 != nil {
 		sp, err := newSpeaker(mgr, o, r.report, r.ready, reg)

@@ -17,8 +17,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
@@ -400,4 +402,38 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 	programmed("the Service's own settings", func(f datapath.Frontend) bool {
 		return f.Balancing == datapath.Random && f.Affinity == 0
 	})
+}
+
+// The agent keeps a Lease the operator reads to tell it is alive: renewed four times per
+// duration, owned by nobody else, gone when the agent stops cleanly.
+func TestAgentKeepsItsLease(t *testing.T) {
+	env := startAPI(t)
+	mgr, err := NewManager(env.Config, &recorder{}, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
+		Registry: prometheus.NewRegistry(), LeaseNamespace: "default", LeaseDuration: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, mgr)
+	ctx, key := context.Background(), client.ObjectKey{Namespace: "default", Name: lbv1.AgentLeasePrefix + "n1"}
+	var renewals []time.Time
+	for deadline := time.Now().Add(10 * time.Second); len(renewals) < 3 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		var l coordinationv1.Lease
+		if err := env.Client.Get(ctx, key, &l); err != nil {
+			continue
+		}
+		if *l.Spec.HolderIdentity != "n1" || *l.Spec.LeaseDurationSeconds != 1 {
+			t.Fatalf("lease spec: %+v", l.Spec)
+		}
+		if r := l.Spec.RenewTime.Time; len(renewals) == 0 || r.After(renewals[len(renewals)-1]) {
+			renewals = append(renewals, r)
+		}
+	}
+	if len(renewals) < 3 {
+		t.Fatalf("the Lease was renewed %d times in 10 s: %v", len(renewals), renewals)
+	}
+	stop()
+	var l coordinationv1.Lease
+	if err := env.Client.Get(ctx, key, &l); !apierrors.IsNotFound(err) {
+		t.Errorf("the Lease outlives the agent that stopped: %v %+v", err, l.Spec)
+	}
 }

@@ -39,6 +39,7 @@ type reporter struct {
 	mu            sync.Mutex
 	policies      map[types.NamespacedName]lbv1.ProgrammedPolicy // by Service
 	announcements []lbv1.AnnouncedAddress
+	stale         bool // the NodeAgent may differ from what was last written
 }
 
 func newReporter(c client.Client, node, version string, syncer *Syncer, ready <-chan struct{}) *reporter {
@@ -66,6 +67,15 @@ func (p *reporter) setAnnouncements(a []lbv1.AnnouncedAddress) {
 	p.poke()
 }
 
+// rewrite schedules a write even if nothing changed: someone else (the operator marking a
+// lost agent) may have changed the NodeAgent.
+func (p *reporter) rewrite() {
+	p.mu.Lock()
+	p.stale = true
+	p.mu.Unlock()
+	p.poke()
+}
+
 // poke schedules a write.
 func (p *reporter) poke() {
 	select {
@@ -87,11 +97,15 @@ func (p *reporter) Start(ctx context.Context) error {
 	for {
 		status := p.status(since)
 		wait := p.interval
-		if last == nil || !equality.Semantic.DeepEqual(*last, status) {
+		p.mu.Lock()
+		stale := p.stale
+		p.stale = false
+		p.mu.Unlock()
+		if last == nil || stale || !equality.Semantic.DeepEqual(*last, status) {
 			if err := p.write(ctx, status); err != nil {
 				ctrl.LoggerFrom(ctx).Error(err, "Failed to report to the NodeAgent")
 				wait = 5 * p.interval
-				p.poke()
+				p.rewrite()
 			} else {
 				last = &status
 			}

@@ -35,7 +35,8 @@ type Process struct {
 func (node *Node) StartAgent(c AgentConfig) (*Process, error) {
 	cmd := exec.Command("nsenter", "--net="+filepath.Join("/run/netns", node.NS), c.Binary,
 		"--node-name="+node.Name, "--devices=eth0", "--cgroup-root="+node.Cgroup, "--bpffs="+c.BPFFS,
-		"--kubeconfig="+c.Kubeconfig, "--metrics-bind-address=127.0.0.1:9090", "--health-probe-bind-address=127.0.0.1:9091")
+		"--kubeconfig="+c.Kubeconfig, "--metrics-bind-address=127.0.0.1:9090", "--health-probe-bind-address=127.0.0.1:9091",
+		"--lease-namespace="+AgentNamespace, "--lease-duration=2s")
 	cmd.Stdout, cmd.Stderr = c.Log, c.Log
 	p, err := startIn(cmd, node.Cgroup)
 	if err != nil {

@@ -85,7 +85,7 @@ func (c *Cluster) up(ctx context.Context) error {
 			"--cluster-name="+c.cfg.Name),
 		exec.Command(filepath.Join(c.cfg.Assets, "kube-scheduler"), "--kubeconfig="+c.Kubeconfig,
 			"--leader-elect=false", "--secure-port=0"),
-		exec.Command(c.cfg.Operator, "--kubeconfig="+c.Kubeconfig, "--claim-classless-services",
+		exec.Command(c.cfg.Operator, "--kubeconfig="+c.Kubeconfig, "--claim-classless-services", "--agent-namespace="+AgentNamespace,
 			"--metrics-bind-address=0", "--health-probe-bind-address=0"),
 	}
 	for _, cmd := range components {
@@ -143,6 +143,10 @@ func (c *Cluster) start(ctx context.Context, cmd *exec.Cmd) error {
 
 // Failed reports a component that ended, or a kubelet that could not start.
 func (c *Cluster) Failed() <-chan error { return c.errs }
+
+// AgentNamespace holds the agents' Leases, as a DaemonSet's namespace would. The lab's Leases
+// last 2 s (40 s by default), so that a killed agent's NodeAgent is marked lost in seconds.
+const AgentNamespace = "kube-system"
 
 // StartAgent starts node i's agent, or starts it again after it stopped.
 func (c *Cluster) StartAgent(i int) error {

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -18,6 +20,7 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/internal/controller/lbpool"
+	"github.com/portico-dev/portico/internal/controller/nodeagent"
 	"github.com/portico-dev/portico/internal/controller/policystatus"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
 )
@@ -37,6 +40,11 @@ type Options struct {
 
 	// Agents, when set, is how the operator runs the node agents' DaemonSet.
 	Agents *agentds.Config
+	// AgentNamespace, when set, is where the agents keep their Leases: the NodeAgents of
+	// agents whose Lease lapses are marked lost. AgentGrace is how long a Ready NodeAgent may
+	// go without a Lease (0: 40 s).
+	AgentNamespace string
+	AgentGrace     time.Duration
 
 	LeaderElect       bool
 	LeaderNamespace   string
@@ -81,6 +89,10 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		LeaderElectionReleaseOnCancel: true,
 		Controller:                    config.Controller{SkipNameValidation: &o.SeveralPerProcess},
 	}
+	if o.AgentNamespace != "" {
+		// Only the agents' Leases: not every namespace's (the kubelets' alone are one per node).
+		opts.Cache.ByObject = map[client.Object]cache.ByObject{&coordinationv1.Lease{}: {Namespaces: map[string]cache.Config{o.AgentNamespace: {}}}}
+	}
 	if o.LeaseDuration > 0 {
 		opts.LeaseDuration, opts.RenewDeadline, opts.RetryPeriod = &o.LeaseDuration, &o.RenewDeadline, &o.LeaderRetryPeriod
 	}
@@ -98,6 +110,11 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 	for _, kind := range []policystatus.Kind{policystatus.ServicePolicies, policystatus.L7Policies} {
 		if err := (&policystatus.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Kind: kind}).SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("set up the %s controller: %w", kind.Name, err)
+		}
+	}
+	if o.AgentNamespace != "" {
+		if err := (&nodeagent.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Namespace: o.AgentNamespace, Grace: o.AgentGrace}).SetupWithManager(mgr); err != nil {
+			return nil, fmt.Errorf("set up the NodeAgent controller: %w", err)
 		}
 	}
 	if o.Agents != nil {

@@ -8,16 +8,20 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/controller/nodeagent"
 	"github.com/portico-dev/portico/internal/lab"
 )
 
 // l2 checks announcement as a router on the segment sees it: arping and ndisc6 get the
 // announcing node's MAC, the kernel's own resolution carries TCP to the Service, nobody
 // answers for a free address of the pool, and killing the announcing agent moves the router's
-// neighbour entry to another node, through which connections work again.
+// neighbour entry to another node, through which connections work again, and the operator
+// marks the dead agent's NodeAgent lost.
 func (c *cluster) l2(t *testing.T) {
 	svc := c.service(t, "l2", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
 	c.endpoints(t, "l2", c.web...)
@@ -30,7 +34,7 @@ func (c *cluster) l2(t *testing.T) {
 	announcer := make([]int, len(families))
 	for f, fam := range families {
 		t.Run(fam, func(t *testing.T) {
-			announcer[f] = c.announcer(t, addrs[f], -1)
+			announcer[f] = c.announcer(t, addrs[f])
 			if got := c.net.Resolve(addrs[f], 2); len(got) == 0 || !allEqual(got, macs[announcer[f]]) {
 				t.Fatalf("%s answered by %v; want only node-%d's %s", addrs[f], got, announcer[f]+1, macs[announcer[f]])
 			}
@@ -59,7 +63,8 @@ func (c *cluster) l2(t *testing.T) {
 				return nil
 			})
 			t.Logf("the client's neighbour entry moved %v after the kill", time.Since(took).Round(time.Millisecond))
-			now := c.announcer(t, addrs[f], dead)
+			c.lost(t, dead)
+			now := c.announcer(t, addrs[f])
 			if got := c.neighbour(t, addrs[f]); got != macs[now] {
 				t.Fatalf("the client's entry for %s is %q; want node-%d's %s, which announces it now", addrs[f], got, now+1, macs[now])
 			}
@@ -101,17 +106,13 @@ func (c *cluster) addresses(t *testing.T, svc *corev1.Service) []netip.Addr {
 	return addrs
 }
 
-// announcer waits until exactly one node other than not reports announcing a, and returns it.
-// A killed agent's NodeAgent still says what it announced when it died: not's is skipped.
-func (c *cluster) announcer(t *testing.T, a netip.Addr, not int) int {
+// announcer waits until exactly one node reports announcing a, and returns it.
+func (c *cluster) announcer(t *testing.T, a netip.Addr) int {
 	t.Helper()
 	found := -1
 	eventually(t, "a node to announce "+a.String(), func() error {
 		found = -1
 		for i, n := range c.net.Nodes {
-			if i == not {
-				continue
-			}
 			var agent lbv1.NodeAgent
 			if err := c.c.Get(context.Background(), client.ObjectKey{Name: n.Name}, &agent); err != nil {
 				return err
@@ -132,6 +133,23 @@ func (c *cluster) announcer(t *testing.T, a netip.Addr, not int) int {
 		return nil
 	})
 	return found
+}
+
+// lost waits until the operator marks node i's NodeAgent lost (its agent's Lease lapsed):
+// Ready=Unknown, announcing nothing.
+func (c *cluster) lost(t *testing.T, i int) {
+	t.Helper()
+	eventually(t, c.net.Nodes[i].Name+"'s NodeAgent to be marked lost", func() error {
+		var agent lbv1.NodeAgent
+		if err := c.c.Get(context.Background(), client.ObjectKey{Name: c.net.Nodes[i].Name}, &agent); err != nil {
+			return err
+		}
+		ready := meta.FindStatusCondition(agent.Status.Conditions, lbv1.ConditionReady)
+		if ready == nil || ready.Status != metav1.ConditionUnknown || ready.Reason != nodeagent.ReasonLost || len(agent.Status.Announcements) > 0 {
+			return fmt.Errorf("Ready %+v, announcing %v", ready, agent.Status.Announcements)
+		}
+		return nil
+	})
 }
 
 // macs are the nodes' MAC addresses on the segment.

@@ -32,6 +32,11 @@ type NodeAgentStatus struct {
 	Announcements []AnnouncedAddress `json:"announcements,omitempty"`
 }
 
+// AgentLeasePrefix starts the name of the Lease each node's agent renews in the agents'
+// namespace ("portico-agent-<node>"). The operator marks the NodeAgent of an agent whose Lease
+// expired: Ready=Unknown, no announcements.
+const AgentLeasePrefix = "portico-agent-"
+
 // AnnouncedAddress is one LoadBalancer address a node announces on its segment.
 type AnnouncedAddress struct {
 	// Address is the LoadBalancer address.

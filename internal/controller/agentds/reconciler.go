@@ -131,6 +131,7 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 						Args:  args,
 						Env: []corev1.EnvVar{
 							{Name: "NODE_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "spec.nodeName"}}},
+							{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
 							{Name: "GOMEMLIMIT", Value: MemoryLimit},
 						},
 						Ports:          []corev1.ContainerPort{{Name: "metrics", ContainerPort: 9090}, {Name: "probes", ContainerPort: 9091}},
@@ -142,7 +143,7 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 							ReadOnlyRootFilesystem:   ptr.To(true),
 							Capabilities: &corev1.Capabilities{
 								Drop: []corev1.Capability{"ALL"},
-								Add:  []corev1.Capability{"BPF", "NET_ADMIN", "PERFMON"},
+								Add:  []corev1.Capability{"BPF", "NET_ADMIN", "NET_RAW", "PERFMON"},
 							},
 						},
 						VolumeMounts: []corev1.VolumeMount{

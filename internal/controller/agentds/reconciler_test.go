@@ -2,6 +2,7 @@ package agentds_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
@@ -75,8 +76,10 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	switch {
 	case !pod.HostNetwork || pod.ServiceAccountName != "portico-agent" || ctr.Image != "portico-agent:test":
 		t.Errorf("pod spec: %+v", pod)
-	case ctr.Env[0].ValueFrom.FieldRef.FieldPath != "spec.nodeName":
-		t.Errorf("NODE_NAME: %+v", ctr.Env)
+	case ctr.Env[0].ValueFrom.FieldRef.FieldPath != "spec.nodeName" || ctr.Env[1].Name != "POD_NAMESPACE" || ctr.Env[1].ValueFrom.FieldRef.FieldPath != "metadata.namespace":
+		t.Errorf("NODE_NAME and POD_NAMESPACE (the agent's Lease): %+v", ctr.Env)
+	case !slices.Contains(ctr.SecurityContext.Capabilities.Add, "NET_RAW"):
+		t.Errorf("no NET_RAW for the ARP and NDP sockets: %+v", ctr.SecurityContext.Capabilities)
 	case *ctr.SecurityContext.AllowPrivilegeEscalation || ctr.SecurityContext.Privileged != nil && *ctr.SecurityContext.Privileged:
 		t.Errorf("security context grants more than capabilities: %+v", ctr.SecurityContext)
 	case len(pod.Tolerations) != 1 || pod.Tolerations[0].Operator != corev1.TolerationOpExists:
