@@ -146,15 +146,6 @@ func (s *speaker) sync(ctx context.Context) error {
 	s.members.SetPeers(peers)
 	ready := s.members.WarmedUp()
 	live := s.members.Live()
-	candidates := func(a announce.Address) []string {
-		var out []string
-		for _, n := range a.Eligible {
-			if _, ok := live[n]; ok || (n == s.node && ready) {
-				out = append(out, n)
-			}
-		}
-		return out
-	}
 	var links []link
 	if self != nil {
 		links, err = localLinks(nodeIPs(self))
@@ -162,18 +153,9 @@ func (s *speaker) sync(ctx context.Context) error {
 			return err
 		}
 	}
-	var held []holding
-	problems := map[types.NamespacedName][]string{}
-	for _, a := range announce.Addresses(in) {
-		if announce.Choose(a.IP, candidates(a)) != s.node || s.outranked(a.IP, live) {
-			continue
-		}
-		if ifaces := matching(links, a); len(ifaces) > 0 {
-			held = append(held, holding{a, ifaces})
-		} else {
-			problems[a.Service] = append(problems[a.Service], fmt.Sprintf("node %s has no interface of pool %s to announce %s on", s.node, a.Pool, a.IP))
-		}
-	}
+	addresses := announce.Addresses(in)
+	ifaces, noInterface := poolInterfaces(links, addresses)
+	held, problems := view{self: s.node, ready: ready, live: live, ifaces: ifaces}.decide(addresses)
 	byIface := map[string][]netip.Addr{}
 	mine := make([]netip.Addr, 0, len(held))
 	report := make([]lbv1.AnnouncedAddress, 0, len(held))
@@ -190,7 +172,7 @@ func (s *speaker) sync(ctx context.Context) error {
 		s.held = mine
 	}
 	err = s.announcer.Set(byIface)
-	s.members.SetSelf(ready, mine)
+	s.members.SetSelf(ready, members.Peer{Claims: mine, NoInterface: noInterface})
 	s.report.setAnnouncements(report)
 	s.tell(ctx, held, problems)
 	return err
@@ -202,11 +184,70 @@ type holding struct {
 	ifaces []string
 }
 
+// poolInterfaces returns, per pool of the addresses, the interfaces this node announces its
+// addresses on, and the pools it has none for (sorted).
+func poolInterfaces(links []link, addresses []announce.Address) (map[string][]string, []string) {
+	ifaces := map[string][]string{}
+	var none []string
+	for _, a := range addresses {
+		if _, seen := ifaces[a.Pool]; !seen {
+			ifaces[a.Pool] = matching(links, a)
+			if len(ifaces[a.Pool]) == 0 {
+				none = append(none, a.Pool)
+			}
+		}
+	}
+	slices.Sort(none)
+	return ifaces, none
+}
+
+// view is what one agent knows when it decides: itself, whether it has warmed up, its live
+// peers (with their claims and the pools they have no interface for) and its own interfaces
+// per pool.
+type view struct {
+	self   string
+	ready  bool
+	live   map[string]members.Peer
+	ifaces map[string][]string
+}
+
+// decide returns the addresses this node announces, and the problems it should tell: an
+// address is this node's when it ranks first among the eligible, live nodes with an interface
+// for its pool, and no live peer ranked higher claims it.
+func (v view) decide(addresses []announce.Address) ([]holding, map[types.NamespacedName][]string) {
+	var held []holding
+	problems := map[types.NamespacedName][]string{}
+	for _, a := range addresses {
+		switch chosen := announce.Choose(a.IP, v.candidates(a, true)); {
+		case chosen == v.self && !v.outranked(a.IP):
+			held = append(held, holding{a, v.ifaces[a.Pool]})
+		case chosen == "" && announce.Choose(a.IP, v.candidates(a, false)) == v.self:
+			// Nobody can: the node that would have been chosen says so.
+			problems[a.Service] = append(problems[a.Service],
+				fmt.Sprintf("no node with an interface of pool %s can announce %s (node %s has none)", a.Pool, a.IP, v.self))
+		}
+	}
+	return held, problems
+}
+
+// candidates are the eligible nodes that are live (this one: warmed up) and, when able is
+// set, have an interface for the address's pool.
+func (v view) candidates(a announce.Address, able bool) []string {
+	var out []string
+	for _, n := range a.Eligible {
+		if p, ok := v.live[n]; ok && (!able || !slices.Contains(p.NoInterface, a.Pool)) ||
+			n == v.self && v.ready && (!able || len(v.ifaces[a.Pool]) > 0) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 // outranked says whether a live peer that comes before this node for ip announces it: two
 // agents whose views differ both think they win, and the lower one yields within a heartbeat.
-func (s *speaker) outranked(ip netip.Addr, live map[string][]netip.Addr) bool {
-	for peer, claims := range live {
-		if slices.Contains(claims, ip) && announce.Outranks(ip, peer, s.node) {
+func (v view) outranked(ip netip.Addr) bool {
+	for name, peer := range v.live {
+		if slices.Contains(peer.Claims, ip) && announce.Outranks(ip, name, v.self) {
 			return true
 		}
 	}

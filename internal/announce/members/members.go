@@ -1,7 +1,8 @@
 // Package members tells an agent which other agents are alive, from heartbeats they send each
 // other directly over UDP: fast enough for sub-second failover, and independent of the API
 // server. Each heartbeat also carries the addresses its sender announces, so that two agents
-// that disagree about an address find out within one interval. See docs/l2.md.
+// that disagree about an address find out within one interval, and the pools it has no
+// interface for, so that its peers do not choose it for those. See docs/l2.md.
 package members
 
 import (
@@ -38,15 +39,27 @@ type Members struct {
 	mu      sync.Mutex
 	peers   map[string]*peer
 	ready   bool
-	claims  []netip.Addr
+	self    Peer
 	started time.Time
 }
 
+// Peer is what an agent's heartbeats say besides its name and readiness.
+type Peer struct {
+	// Claims are the addresses it announces.
+	Claims []netip.Addr
+	// NoInterface are the pools it has no interface for: it cannot announce their addresses.
+	NoInterface []string
+}
+
+func (p Peer) equal(q Peer) bool {
+	return slices.Equal(p.Claims, q.Claims) && slices.Equal(p.NoInterface, q.NoInterface)
+}
+
 type peer struct {
-	addrs  []netip.Addr
-	seen   time.Time // the last heartbeat; zero: none yet, or it said it is leaving
-	ready  bool
-	claims []netip.Addr
+	addrs []netip.Addr
+	seen  time.Time // the last heartbeat; zero: none yet, or it said it is leaving
+	ready bool
+	Peer
 }
 
 // New binds the heartbeat socket.
@@ -83,27 +96,28 @@ func (m *Members) SetPeers(peers map[string][]netip.Addr) {
 	}
 }
 
-// SetSelf sets what the next heartbeats say: whether this agent may announce, and what it
-// announces. A change goes out at once.
-func (m *Members) SetSelf(ready bool, claims []netip.Addr) {
+// SetSelf sets what the next heartbeats say: whether this agent may announce, what it
+// announces and which pools it cannot. A change goes out at once.
+func (m *Members) SetSelf(ready bool, self Peer) {
+	self = Peer{Claims: slices.Clone(self.Claims), NoInterface: slices.Clone(self.NoInterface)}
 	m.mu.Lock()
-	changed := ready != m.ready || !slices.Equal(claims, m.claims)
-	m.ready, m.claims = ready, slices.Clone(claims)
+	changed := ready != m.ready || !self.equal(m.self)
+	m.ready, m.self = ready, self
 	m.mu.Unlock()
 	if changed {
 		m.send(false)
 	}
 }
 
-// Live returns the peers that are alive and ready, with the addresses they announce.
-func (m *Members) Live() map[string][]netip.Addr {
+// Live returns the peers that are alive and ready, with what they last said.
+func (m *Members) Live() map[string]Peer {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	now := time.Now()
-	out := map[string][]netip.Addr{}
+	out := map[string]Peer{}
 	for name, p := range m.peers {
 		if m.alive(p, now) {
-			out[name] = p.claims
+			out[name] = p.Peer
 		}
 	}
 	return out
@@ -144,7 +158,7 @@ func (m *Members) Run(ctx context.Context) error {
 	check := time.NewTicker(m.cfg.Interval / 4)
 	defer check.Stop()
 	warm := time.After(m.cfg.DeadAfter)
-	live := map[string][]netip.Addr{}
+	live := map[string]Peer{}
 	m.send(false)
 	for {
 		select {
@@ -160,7 +174,7 @@ func (m *Members) Run(ctx context.Context) error {
 		case <-warm:
 			m.poke()
 		case <-check.C:
-			if now := m.Live(); !maps.EqualFunc(now, live, slices.Equal) {
+			if now := m.Live(); !maps.EqualFunc(now, live, Peer.equal) {
 				live = now
 				m.poke()
 			}
@@ -170,7 +184,7 @@ func (m *Members) Run(ctx context.Context) error {
 
 func (m *Members) send(leaving bool) {
 	m.mu.Lock()
-	msg := encode(heartbeat{name: m.cfg.Self, ready: m.ready && !leaving, leaving: leaving, claims: m.claims})
+	msg := encode(heartbeat{name: m.cfg.Self, ready: m.ready && !leaving, leaving: leaving, Peer: m.self})
 	to := make([]netip.Addr, 0, len(m.peers))
 	for _, p := range m.peers {
 		to = append(to, p.addrs[0])
@@ -210,12 +224,12 @@ func (m *Members) heard(hb heartbeat, from netip.Addr) {
 	}
 	now := time.Now()
 	was := m.alive(p, now)
-	wasClaims := p.claims
-	p.seen, p.ready, p.claims = now, hb.ready, hb.claims
+	before := p.Peer
+	p.seen, p.ready, p.Peer = now, hb.ready, hb.Peer
 	if hb.leaving {
 		p.seen = time.Time{}
 	}
-	news := was != m.alive(p, now) || !slices.Equal(wasClaims, p.claims)
+	news := was != m.alive(p, now) || !before.equal(p.Peer)
 	m.mu.Unlock()
 	if news {
 		m.poke()
@@ -223,24 +237,30 @@ func (m *Members) heard(hb heartbeat, from netip.Addr) {
 }
 
 // The heartbeat on the wire: "PL2", version 1, flags, the name's length and the name, the
-// number of claims and each claim as 16 bytes (IPv4 mapped).
+// number of claims (2 bytes) and each claim as 16 bytes (IPv4 mapped), then the number of
+// pools without an interface (1 byte) and each pool's name, length first. Bytes after what a
+// reader knows are ignored: fields are only ever appended, so that agents of two versions
+// understand each other during a rolling update.
 const (
 	magic       = "PL2\x01"
 	flagReady   = 1
 	flagLeaving = 2
-	// MaxClaims keeps a heartbeat within one UDP datagram.
+	// MaxClaims keeps a heartbeat within one UDP datagram (with up to 255 pools of 253
+	// bytes at most).
 	MaxClaims = 4000
+	maxPools  = 255
 )
 
 type heartbeat struct {
 	name           string
 	ready, leaving bool
-	claims         []netip.Addr
+	Peer
 }
 
 func encode(hb heartbeat) []byte {
-	claims := hb.claims[:min(len(hb.claims), MaxClaims)]
-	b := make([]byte, 0, len(magic)+2+len(hb.name)+2+16*len(claims))
+	claims := hb.Claims[:min(len(hb.Claims), MaxClaims)]
+	pools := hb.NoInterface[:min(len(hb.NoInterface), maxPools)]
+	b := make([]byte, 0, len(magic)+2+len(hb.name)+2+16*len(claims)+1+256*len(pools))
 	b = append(b, magic...)
 	var flags byte
 	if hb.ready {
@@ -255,6 +275,12 @@ func encode(hb heartbeat) []byte {
 	for _, c := range claims {
 		a := c.As16()
 		b = append(b, a[:]...)
+	}
+	b = append(b, byte(len(pools)))
+	for _, p := range pools {
+		p = p[:min(len(p), 255)]
+		b = append(b, byte(len(p)))
+		b = append(b, p...)
 	}
 	return b
 }
@@ -275,11 +301,24 @@ func decode(b []byte) (heartbeat, error) {
 	b = b[n:]
 	count := int(binary.BigEndian.Uint16(b))
 	b = b[2:]
-	if len(b) != 16*count {
+	if len(b) < 16*count {
 		return heartbeat{}, errMalformed
 	}
 	for i := range count {
-		hb.claims = append(hb.claims, netip.AddrFrom16([16]byte(b[16*i:16*i+16])).Unmap())
+		hb.Claims = append(hb.Claims, netip.AddrFrom16([16]byte(b[16*i:16*i+16])).Unmap())
+	}
+	b = b[16*count:]
+	if len(b) == 0 {
+		return hb, nil // from an agent that does not send pools
+	}
+	pools := int(b[0])
+	b = b[1:]
+	for range pools {
+		if len(b) == 0 || len(b) < 1+int(b[0]) {
+			return heartbeat{}, errMalformed
+		}
+		hb.NoInterface = append(hb.NoInterface, string(b[1:1+int(b[0])]))
+		b = b[1+int(b[0]):]
 	}
 	return hb, nil
 }

@@ -12,29 +12,40 @@ import (
 
 func TestHeartbeatRoundTrip(t *testing.T) {
 	for _, hb := range []heartbeat{
-		{name: "node-1", ready: true, claims: []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}},
+		{name: "node-1", ready: true, Peer: Peer{Claims: []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")},
+			NoInterface: []string{"storage", "dmz"}}},
 		{name: "n", leaving: true},
 	} {
 		got, err := decode(encode(hb))
-		if err != nil || got.name != hb.name || got.ready != hb.ready || got.leaving != hb.leaving || !slices.Equal(got.claims, hb.claims) {
+		if err != nil || got.name != hb.name || got.ready != hb.ready || got.leaving != hb.leaving || !got.equal(hb.Peer) {
 			t.Fatalf("decode(encode(%+v)) = %+v, %v", hb, got, err)
 		}
 	}
-	for _, bad := range [][]byte{nil, []byte("PL2\x02\x01\x01a\x00\x00"), []byte("PL2\x01\x01\x09a\x00\x00"), []byte("PL2\x01\x01\x01a\x00\x01abc")} {
+	for _, bad := range [][]byte{nil, []byte("PL2\x02\x01\x01a\x00\x00"), []byte("PL2\x01\x01\x09a\x00\x00"), []byte("PL2\x01\x01\x01a\x00\x01abc"),
+		[]byte("PL2\x01\x01\x01a\x00\x00\x02\x01x"), []byte("PL2\x01\x01\x01a\x00\x00\x01\x05abc")} {
 		if _, err := decode(bad); err == nil {
 			t.Fatalf("decode(%q) accepted a malformed heartbeat", bad)
 		}
 	}
+	// A heartbeat of an older agent (no pools) and of a newer one (fields appended) are read.
+	older := []byte("PL2\x01\x01\x01a\x00\x00")
+	newer := append(encode(heartbeat{name: "a", ready: true, Peer: Peer{NoInterface: []string{"p"}}}), "a field of later"...)
+	if hb, err := decode(older); err != nil || hb.name != "a" || !hb.ready || hb.NoInterface != nil {
+		t.Fatalf("an older agent's heartbeat: %+v, %v", hb, err)
+	}
+	if hb, err := decode(newer); err != nil || !slices.Equal(hb.NoInterface, []string{"p"}) {
+		t.Fatalf("a newer agent's heartbeat: %+v, %v", hb, err)
+	}
 }
 
 func FuzzDecode(f *testing.F) {
-	f.Add(encode(heartbeat{name: "node-1", ready: true, claims: []netip.Addr{netip.MustParseAddr("192.0.2.1")}}))
+	f.Add(encode(heartbeat{name: "node-1", ready: true, Peer: Peer{Claims: []netip.Addr{netip.MustParseAddr("192.0.2.1")}, NoInterface: []string{"pool"}}}))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		hb, err := decode(b)
 		if err != nil {
 			return
 		}
-		if again, err := decode(encode(hb)); err != nil || again.name != hb.name || !slices.Equal(again.claims, hb.claims) {
+		if again, err := decode(encode(hb)); err != nil || again.name != hb.name || !again.equal(hb.Peer) {
 			t.Fatalf("a decoded heartbeat does not survive encoding: %+v", hb)
 		}
 	})
@@ -92,7 +103,7 @@ func (g *group) waitLive(t *testing.T, i int, want map[string][]netip.Addr) time
 	t.Helper()
 	t0 := time.Now()
 	for time.Since(t0) < 5*time.Second {
-		if got := g.m[i].Live(); maps.EqualFunc(got, want, slices.Equal) {
+		if got := g.m[i].Live(); maps.EqualFunc(got, want, func(p Peer, claims []netip.Addr) bool { return slices.Equal(p.Claims, claims) }) {
 			return time.Since(t0)
 		}
 		select {
@@ -108,10 +119,13 @@ func TestPeersAreLiveWhenReady(t *testing.T) {
 	g := startGroup(t, 3)
 	g.waitLive(t, 0, map[string][]netip.Addr{}) // nobody ready yet
 	a := netip.MustParseAddr("192.0.2.7")
-	g.m[1].SetSelf(true, []netip.Addr{a})
-	g.m[2].SetSelf(true, nil)
+	g.m[1].SetSelf(true, Peer{Claims: []netip.Addr{a}, NoInterface: []string{"dmz"}})
+	g.m[2].SetSelf(true, Peer{})
 	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": {a}, "node-3": nil})
-	g.m[1].SetSelf(true, nil)
+	if got := g.m[0].Live()["node-2"].NoInterface; !slices.Equal(got, []string{"dmz"}) {
+		t.Fatalf("node-2's pools without an interface, as node-1 heard them: %v", got)
+	}
+	g.m[1].SetSelf(true, Peer{})
 	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil, "node-3": nil})
 	for t0 := time.Now(); !g.m[0].WarmedUp(); time.Sleep(10 * time.Millisecond) {
 		if time.Since(t0) > 5*time.Second {
@@ -122,7 +136,7 @@ func TestPeersAreLiveWhenReady(t *testing.T) {
 
 func TestLeavingPeerGoesAtOnce(t *testing.T) {
 	g := startGroup(t, 2)
-	g.m[1].SetSelf(true, nil)
+	g.m[1].SetSelf(true, Peer{})
 	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil})
 	g.stop(t, 1)
 	// It said it is leaving: gone before it could have been timed out.
@@ -133,7 +147,7 @@ func TestLeavingPeerGoesAtOnce(t *testing.T) {
 
 func TestSilentPeerDiesAfterDeadTime(t *testing.T) {
 	g := startGroup(t, 2)
-	g.m[1].SetSelf(true, nil)
+	g.m[1].SetSelf(true, Peer{})
 	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil})
 	// A crash: the socket goes without a word.
 	g.crashed[1] = true
@@ -155,7 +169,7 @@ func TestHeartbeatFromAnotherAddressIsIgnored(t *testing.T) {
 	impostor.SetPeers(map[string][]netip.Addr{"node-1": {netip.MustParseAddr("127.0.0.1")}})
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	impostor.SetSelf(true, nil)
+	impostor.SetSelf(true, Peer{})
 	if err := impostor.Run(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,78 @@
+package agent
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/portico-dev/portico/internal/announce"
+	"github.com/portico-dev/portico/internal/announce/members"
+)
+
+// A node without an interface for an address's pool is no candidate for it, whether it
+// knows that of itself or hears it from a peer; when no eligible node has one, the node
+// that would have been chosen says so, and nobody announces.
+func TestDecidePassesOverNodesWithoutAnInterface(t *testing.T) {
+	nodes := []string{"node-1", "node-2", "node-3"}
+	ip := netip.MustParseAddr("192.0.2.10")
+	a := announce.Address{IP: ip, Service: types.NamespacedName{Namespace: "default", Name: "web"}, Pool: "dmz", Eligible: nodes}
+	ranked := slices.Clone(nodes)
+	slices.SortFunc(ranked, func(x, y string) int {
+		if announce.Outranks(ip, x, y) {
+			return -1
+		}
+		return 1
+	})
+	first, second := ranked[0], ranked[1]
+	// views returns each node's view with every other node live, where the nodes in
+	// without have no interface for the pool.
+	views := func(without ...string) map[string]view {
+		out := map[string]view{}
+		for _, self := range nodes {
+			v := view{self: self, ready: true, live: map[string]members.Peer{}, ifaces: map[string][]string{"dmz": {"eth1"}}}
+			if slices.Contains(without, self) {
+				v.ifaces["dmz"] = nil
+			}
+			for _, n := range nodes {
+				if n != self {
+					p := members.Peer{}
+					if slices.Contains(without, n) {
+						p.NoInterface = []string{"dmz"}
+					}
+					v.live[n] = p
+				}
+			}
+			out[self] = v
+		}
+		return out
+	}
+	announcers := func(vs map[string]view) (who []string, problems []string) {
+		for _, n := range nodes {
+			held, probs := vs[n].decide([]announce.Address{a})
+			if len(held) > 0 {
+				who = append(who, n)
+				if !slices.Equal(held[0].ifaces, []string{"eth1"}) {
+					t.Errorf("%s announces on %v, want the pool's interface eth1", n, held[0].ifaces)
+				}
+			}
+			for _, p := range probs {
+				problems = append(problems, p...)
+			}
+		}
+		return who, problems
+	}
+
+	if who, probs := announcers(views()); !slices.Equal(who, []string{first}) || len(probs) != 0 {
+		t.Fatalf("every node able: announced by %v (problems %v); want the first-ranked %s alone", who, probs, first)
+	}
+	if who, probs := announcers(views(first)); !slices.Equal(who, []string{second}) || len(probs) != 0 {
+		t.Fatalf("first-ranked %s without an interface: announced by %v (problems %v); want %s alone", first, who, probs, second)
+	}
+	who, probs := announcers(views(nodes...))
+	if len(who) != 0 || len(probs) != 1 || !strings.Contains(probs[0], "node "+first+" has none") {
+		t.Fatalf("no node able: announced by %v, problems %v; want nobody, and one problem told by %s", who, probs, first)
+	}
+}
