@@ -1,0 +1,453 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/portico-dev/portico/internal/l7/proxy"
+	"github.com/portico-dev/portico/test/greeter"
+)
+
+// backend is a greeter serving on loopback.
+type backend struct {
+	*greeter.Server
+	addr netip.AddrPort
+	srv  *grpc.Server
+}
+
+// greeters starts n greeters named backend-1..n on loopback; they stop with the test.
+func greeters(t testing.TB, n int) []*backend {
+	t.Helper()
+	out := make([]*backend, n)
+	for i := range out {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := &backend{Server: &greeter.Server{Name: fmt.Sprintf("backend-%d", i+1)}, addr: netip.MustParseAddrPort(ln.Addr().String()), srv: grpc.NewServer()}
+		b.Register(b.srv)
+		go func() { _ = b.srv.Serve(ln) }()
+		t.Cleanup(b.srv.Stop)
+		out[i] = b
+	}
+	return out
+}
+
+func addrs(bs []*backend) []netip.AddrPort {
+	out := make([]netip.AddrPort, len(bs))
+	for i, b := range bs {
+		out[i] = b.addr
+	}
+	return out
+}
+
+// serve runs a proxy with one listener, "svc", on loopback; it closes with the test.
+func serve(t testing.TB, cfg proxy.Config) (*proxy.Proxy, netip.AddrPort) {
+	t.Helper()
+	p := proxy.New()
+	t.Cleanup(p.Close)
+	cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
+	if cfg.Protocol == "" {
+		cfg.Protocol = proxy.GRPC
+	}
+	if cfg.DrainTimeout == 0 {
+		cfg.DrainTimeout = 10 * time.Second
+	}
+	if err := p.Set(map[string]proxy.Config{"svc": cfg}); err != nil {
+		t.Fatal(err)
+	}
+	addr, ok := p.Addr("svc")
+	if !ok {
+		t.Fatal("no listener")
+	}
+	return p, addr
+}
+
+// dial opens one gRPC connection (grpc-go keeps exactly one per address).
+func dial(t testing.TB, addr netip.AddrPort) *grpc.ClientConn {
+	t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+addr.String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	return cc
+}
+
+// hellos makes n calls over cc, from workers goroutines, and counts the answers by backend
+// name; failed calls count under "error: <code>".
+func hellos(t testing.TB, cc *grpc.ClientConn, n, workers int) map[string]int {
+	t.Helper()
+	var mu sync.Mutex
+	got := map[string]int{}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(n) {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				out, err := greeter.Call(ctx, cc, "hi")
+				cancel()
+				key := strings.TrimPrefix(out, "Hello from ")
+				if err != nil {
+					key = "error: " + status.Code(err).String()
+				}
+				mu.Lock()
+				got[key]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return got
+}
+
+func spread(got map[string]int, names ...string) float64 {
+	lo, hi := -1, 0
+	for _, n := range names {
+		c := got[n]
+		if lo < 0 || c < lo {
+			lo = c
+		}
+		hi = max(hi, c)
+	}
+	if lo <= 0 {
+		return 0
+	}
+	return float64(hi) / float64(lo)
+}
+
+// The seed scenario: one client, one connection, 300 calls, three backends. Every backend
+// answers, evenly (max/min at most 1.2) with round robin; every backend answers with the
+// other algorithms too.
+func TestOneConnectionSpreadsOverEveryBackend(t *testing.T) {
+	bs := greeters(t, 3)
+	names := []string{"backend-1", "backend-2", "backend-3"}
+	for _, alg := range []proxy.Algorithm{proxy.RoundRobin, proxy.LeastRequest, proxy.Random} {
+		t.Run(string(alg), func(t *testing.T) {
+			_, addr := serve(t, proxy.Config{Algorithm: alg, Backends: addrs(bs)})
+			got := hellos(t, dial(t, addr), 300, 1)
+			t.Logf("%s: %v", alg, got)
+			for _, n := range names {
+				if got[n] == 0 {
+					t.Fatalf("%s never answered: %v", n, got)
+				}
+			}
+			if sum := got[names[0]] + got[names[1]] + got[names[2]]; sum != 300 {
+				t.Fatalf("%d of 300 calls answered by a backend: %v", sum, got)
+			}
+			if r := spread(got, names...); alg == proxy.RoundRobin && r > 1.2 {
+				t.Fatalf("max/min %.2f > 1.2: %v", r, got)
+			}
+		})
+	}
+}
+
+// Streams of every kind work through the proxy; gRPC status codes, messages and trailers
+// come back unchanged; large messages cross (flow control); the client's deadline reaches the
+// backend and ends the call there.
+func TestStreamsStatusesTrailersAndDeadlines(t *testing.T) {
+	bs := greeters(t, 1)
+	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
+	cc := dial(t, addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	t.Run("server streaming", func(t *testing.T) {
+		s, err := cc.NewStream(ctx, greeter.StreamDesc(greeter.Count), greeter.Count)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.SendMsg(wrapperspb.String("5:10ms")); err != nil {
+			t.Fatal(err)
+		}
+		_ = s.CloseSend()
+		var got []string
+		for {
+			m := new(wrapperspb.StringValue)
+			if err := s.RecvMsg(m); errors.Is(err, io.EOF) {
+				break
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, m.Value)
+		}
+		if want := []string{"backend-1 0", "backend-1 1", "backend-1 2", "backend-1 3", "backend-1 4"}; !slices.Equal(got, want) {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+	})
+	t.Run("client streaming, 3 MiB in", func(t *testing.T) {
+		s, err := cc.NewStream(ctx, greeter.StreamDesc(greeter.Sum), greeter.Sum)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chunk := strings.Repeat("y", 1<<20)
+		for range 3 {
+			if err := s.SendMsg(wrapperspb.String(chunk)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_ = s.CloseSend()
+		m := new(wrapperspb.StringValue)
+		if err := s.RecvMsg(m); err != nil || m.Value != fmt.Sprint(3<<20) {
+			t.Fatalf("sum %q, %v; want %d", m.Value, err, 3<<20)
+		}
+	})
+	t.Run("bidirectional, answers as requests arrive", func(t *testing.T) {
+		s, err := cc.NewStream(ctx, greeter.StreamDesc(greeter.Echo), greeter.Echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 3 {
+			// The next message goes only after the answer to this one came back.
+			if err := s.SendMsg(wrapperspb.String(fmt.Sprint(i))); err != nil {
+				t.Fatal(err)
+			}
+			m := new(wrapperspb.StringValue)
+			if err := s.RecvMsg(m); err != nil || m.Value != fmt.Sprintf("backend-1: %d", i) {
+				t.Fatalf("echo %d: %q, %v", i, m.Value, err)
+			}
+		}
+		_ = s.CloseSend()
+		if err := s.RecvMsg(new(wrapperspb.StringValue)); !errors.Is(err, io.EOF) {
+			t.Fatalf("end of stream: %v", err)
+		}
+	})
+	t.Run("3 MiB answer", func(t *testing.T) {
+		out, err := greeter.Call(ctx, cc, fmt.Sprintf("big:%d", 3<<20))
+		if err != nil || len(out) != 3<<20 {
+			t.Fatalf("%d bytes, %v", len(out), err)
+		}
+	})
+	t.Run("status and trailers unchanged", func(t *testing.T) {
+		for _, code := range []codes.Code{codes.NotFound, codes.Unavailable, codes.PermissionDenied, codes.Internal} {
+			var trailer metadata.MD
+			_, err := greeter.Call(ctx, cc, fmt.Sprintf("fail:%d:no such greeting, 100%% sure", code), grpc.Trailer(&trailer))
+			st := status.Convert(err)
+			if st.Code() != code || st.Message() != "no such greeting, 100% sure" || !slices.Equal(trailer.Get("portico-test"), []string{"failed"}) {
+				t.Fatalf("got %v %q, trailer %v; want %v, the message and portico-test: failed", st.Code(), st.Message(), trailer, code)
+			}
+		}
+	})
+	t.Run("deadline reaches the backend", func(t *testing.T) {
+		dctx, dcancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer dcancel()
+		_, err := greeter.Call(dctx, cc, "sleep:5s")
+		if status.Code(err) != codes.DeadlineExceeded {
+			t.Fatalf("got %v; want DeadlineExceeded", err)
+		}
+		if left := time.Duration(bs[0].LastDeadline.Load()); left <= 0 || left > 300*time.Millisecond {
+			t.Fatalf("the backend saw %v left; want the client's deadline (at most 300ms)", left)
+		}
+	})
+}
+
+// A backend that refuses connections costs no call when retries are on (and a third of them
+// when they are off: the test can tell).
+func TestRetriesHideARefusingBackend(t *testing.T) {
+	bs := greeters(t, 2)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusing := netip.MustParseAddrPort(ln.Addr().String())
+	_ = ln.Close()
+	backends := append(addrs(bs), refusing)
+	retries := &proxy.Retries{Attempts: 2, On: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 20}
+	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends, Retries: retries})
+	if got := hellos(t, dial(t, addr), 300, 4); got["error: Unavailable"] != 0 || got["backend-1"]+got["backend-2"] != 300 {
+		t.Fatalf("with retries: %v", got)
+	}
+	_, addr = serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends})
+	if got := hellos(t, dial(t, addr), 300, 4); got["error: Unavailable"] < 50 {
+		t.Fatalf("without retries, a third of the calls should fail: %v", got)
+	}
+}
+
+// A backend killed while calls are in flight costs no call: what was in flight on it is
+// retried elsewhere, and it is then passed over.
+func TestBackendKilledMidRun(t *testing.T) {
+	bs := greeters(t, 3)
+	for _, b := range bs {
+		b.Delay = 2 * time.Millisecond // calls are in flight when the kill comes
+	}
+	retries := &proxy.Retries{Attempts: 2, On: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 20}
+	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), Retries: retries,
+		Outlier: &proxy.Outlier{ConsecutiveFailures: 3, BaseEjection: 30 * time.Second, MaxEjectionPercent: 50}})
+	cc := dial(t, addr)
+	done := make(chan map[string]int)
+	go func() { done <- hellos(t, cc, 2000, 8) }()
+	for bs[1].Calls.Load() < 100 {
+		time.Sleep(time.Millisecond)
+	}
+	bs[1].srv.Stop()
+	got := <-done
+	t.Logf("%v", got)
+	for k, n := range got {
+		if strings.HasPrefix(k, "error") {
+			t.Fatalf("%d calls failed (%s) after a backend was killed: %v", n, k, got)
+		}
+	}
+}
+
+// A backend removed from the listener gets no new calls; a stream in flight on it runs to its
+// end. One that outlives the drain timeout is reset.
+func TestDrainingBackendFinishesWhatIsInFlight(t *testing.T) {
+	bs := greeters(t, 3)
+	p, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs[:1]), DrainTimeout: 10 * time.Second})
+	cc := dial(t, addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	open := func(n int) grpc.ClientStream {
+		s, err := cc.NewStream(ctx, greeter.StreamDesc(greeter.Count), greeter.Count)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.SendMsg(wrapperspb.String(fmt.Sprintf("%d:100ms", n))); err != nil {
+			t.Fatal(err)
+		}
+		_ = s.CloseSend()
+		if err := s.RecvMsg(new(wrapperspb.StringValue)); err != nil { // it runs on backend-1
+			t.Fatal(err)
+		}
+		return s
+	}
+	drain := func(s grpc.ClientStream) (int, error) {
+		n := 1
+		for {
+			if err := s.RecvMsg(new(wrapperspb.StringValue)); errors.Is(err, io.EOF) {
+				return n, nil
+			} else if err != nil {
+				return n, err
+			}
+			n++
+		}
+	}
+	long := open(10)
+	set := func(cfg proxy.Config) {
+		cfg.Listen, cfg.Protocol = netip.MustParseAddrPort("127.0.0.1:0"), proxy.GRPC // as serve asked: the listener stays
+		if err := p.Set(map[string]proxy.Config{"svc": cfg}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set(proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs[1:]), DrainTimeout: 10 * time.Second})
+	got := hellos(t, cc, 30, 1)
+	if got["backend-1"] != 0 || got["backend-2"]+got["backend-3"] != 30 {
+		t.Fatalf("a removed backend still gets calls: %v", got)
+	}
+	if n, err := drain(long); n != 10 || err != nil {
+		t.Fatalf("the stream in flight on the removed backend got %d of 10 messages: %v", n, err)
+	}
+
+	// Back, then removed with a short drain: a long stream is reset when it is over.
+	set(proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs[:1]), DrainTimeout: 300 * time.Millisecond})
+	long = open(50)
+	set(proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs[1:]), DrainTimeout: 300 * time.Millisecond})
+	if n, err := drain(long); err == nil || n >= 50 {
+		t.Fatalf("a stream outliving the drain timeout got %d of 50 messages and %v; want it reset", n, err)
+	}
+}
+
+// Least request sends fewer calls to a slow backend than round robin does.
+func TestLeastRequestAvoidsASlowBackend(t *testing.T) {
+	bs := greeters(t, 3)
+	bs[0].Delay = 20 * time.Millisecond
+	_, addr := serve(t, proxy.Config{Algorithm: proxy.LeastRequest, Backends: addrs(bs)})
+	got := hellos(t, dial(t, addr), 600, 12)
+	t.Logf("%v", got)
+	if slow := got["backend-1"]; slow*5 > 600 {
+		t.Fatalf("the slow backend got %d of 600 calls; round robin would give it 200, least request should give it under 120", slow)
+	}
+}
+
+// A backend that keeps answering UNAVAILABLE is ejected: it gets only the calls that
+// counted its failures, and those come back to the client unchanged.
+func TestOutlierIsEjected(t *testing.T) {
+	bs := greeters(t, 3)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sick := grpc.NewServer(grpc.UnknownServiceHandler(func(any, grpc.ServerStream) error {
+		return status.Error(codes.Unavailable, "sick")
+	}))
+	go func() { _ = sick.Serve(ln) }()
+	defer sick.Stop()
+	backends := append(addrs(bs), netip.MustParseAddrPort(ln.Addr().String()))
+	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends,
+		Outlier: &proxy.Outlier{ConsecutiveFailures: 3, BaseEjection: time.Minute, MaxEjectionPercent: 50}})
+	got := hellos(t, dial(t, addr), 300, 1)
+	t.Logf("%v", got)
+	if n := got["error: Unavailable"]; n != 3 {
+		t.Fatalf("the sick backend answered %d calls; want 3 (then ejected): %v", n, got)
+	}
+}
+
+// With no usable backend the client gets the proxy's own UNAVAILABLE at once.
+func TestNoBackendIsUnavailable(t *testing.T) {
+	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin})
+	_, err := greeter.Call(context.Background(), dial(t, addr), "hi")
+	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "no backend") {
+		t.Fatalf("got %v; want UNAVAILABLE: no backend", err)
+	}
+}
+
+// HTTP/1.1: keep-alive clients are spread per request too, headers go both ways, and the
+// client's address is appended to X-Forwarded-For.
+func TestHTTP1(t *testing.T) {
+	var backends []netip.AddrPort
+	for i := range 3 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Backend", fmt.Sprint(i+1))
+			fmt.Fprintf(w, "%s %s", r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Test"))
+		})}
+		go func() { _ = srv.Serve(ln) }()
+		t.Cleanup(func() { _ = srv.Close() })
+		backends = append(backends, netip.MustParseAddrPort(ln.Addr().String()))
+	}
+	_, addr := serve(t, proxy.Config{Protocol: proxy.HTTP1, Algorithm: proxy.RoundRobin, Backends: backends})
+	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}}
+	got := map[string]int{}
+	for range 30 {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+addr.String()+"/", nil)
+		req.Header.Set("X-Test", "kept")
+		req.Header.Set("X-Forwarded-For", "198.51.100.7")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		_ = resp.Body.Close()
+		if string(body) != "198.51.100.7, 127.0.0.1 kept" {
+			t.Fatalf("the backend saw %q", body)
+		}
+		got[resp.Header.Get("X-Backend")]++
+	}
+	if got["1"] != 10 || got["2"] != 10 || got["3"] != 10 {
+		t.Fatalf("one keep-alive connection, 30 requests: %v", got)
+	}
+}
