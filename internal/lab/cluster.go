@@ -177,6 +177,9 @@ func (c *Cluster) AgentLog(i int) string {
 // ConnectAPI opens node i's way to the API server (again); DisconnectAPI cuts it, as a
 // network partition between the node and the control plane would.
 func (c *Cluster) ConnectAPI(i int) error {
+	if c.forwards[i] != nil {
+		return nil // connected
+	}
 	server, err := url.Parse(c.cfg.API.Host)
 	if err != nil {
 		return fmt.Errorf("API server address: %w", err)

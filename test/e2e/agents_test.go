@@ -418,6 +418,9 @@ func (c *cluster) restart(t *testing.T) {
 			if err == nil {
 				_, err = answeredBy(answer, f, c.web[2])
 			}
+			if err == nil {
+				err = c.translatedBy(answer, f, 0)
+			}
 			if err != nil {
 				conn.Close()
 				return err
@@ -476,9 +479,23 @@ func (c *cluster) apiDown(t *testing.T) {
 		}
 	}
 	reach(t, c.web[1])
+	// The addresses are on the segment, so a node without the frontend would route the
+	// traffic to the announcing node, which has it: wait until node-1 translates the traffic
+	// itself (it SNATs to its own address, web-2 being on node-2), so that its state is the
+	// one the row looks at.
+	for f := range families {
+		eventually(t, "node-1 to translate "+lbIPs[f].String()+" itself", func() error {
+			answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(lbIPs[f], 80))
+			if err != nil {
+				return err
+			}
+			return c.translatedBy(answer, f, 0)
+		})
+	}
 	// Node-1 loses the API server (its watches break, its lists fail) while the cluster
 	// changes: it keeps forwarding with what it had.
 	c.lab.DisconnectAPI(0)
+	t.Cleanup(func() { _ = c.lab.ConnectAPI(0) }) // the next rows need it, whatever happens here
 	c.endpoints(t, "cut", c.web[2])
 	time.Sleep(3 * time.Second) // several of the agent's retries
 	for f := range families {

@@ -345,6 +345,21 @@ func (c *cluster) fromProbe(t *testing.T, to netip.AddrPort) func() (string, err
 	return func() (string, error) { return c.dialFromProbe(t, to), nil }
 }
 
+// translatedBy checks that an answer from a pod on another node than node i came through
+// node i's own translation: node i SNATs to its own address. LoadBalancer addresses are on
+// the segment, so a node without the frontend routes the traffic on to the node that
+// announces the address, whose (different) state answers instead.
+func (c *cluster) translatedBy(answer string, f, i int) error {
+	e, err := lab.ParseEcho(answer)
+	if err != nil {
+		return err
+	}
+	if e.Client.Addr() != c.net.Nodes[i].IPs[f] {
+		return fmt.Errorf("answer %q did not come through %s's translation", answer, c.net.Nodes[i].Name)
+	}
+	return nil
+}
+
 // answeredBy checks that an echo answer came from one of the pods on port 8080 (in family f),
 // and returns which.
 func answeredBy(answer string, f int, pods ...*lab.Pod) (*lab.Pod, error) {
