@@ -81,10 +81,10 @@ fuzz: ## Fuzz the allocator, the annotation parser and the packet programs (as r
 	$(GO) test ./internal/datapath -run '^$$' -fuzz FuzzPacketLayer -fuzztime $(or $(FUZZTIME),30s)
 
 .PHONY: bench-tools
-bench-tools: envtest ## Provide the kube-proxy baseline: kube-proxy built from the module proxy, and iptables, nftables, conntrack and ipset from Debian.
-	@command -v iptables-restore >/dev/null && command -v nft >/dev/null && command -v conntrack >/dev/null && command -v ipset >/dev/null || { \
-		echo "installing iptables, nftables, conntrack and ipset"; apt-get update -qq >/dev/null && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables nftables conntrack ipset >/dev/null; }
+bench-tools: envtest ## Provide the baselines: kube-proxy built from the module proxy; iptables, nftables, conntrack, ipset and nginx (grpc_pass) from Debian.
+	@command -v iptables-restore >/dev/null && command -v nft >/dev/null && command -v conntrack >/dev/null && command -v ipset >/dev/null && command -v nginx >/dev/null || { \
+		echo "installing iptables, nftables, conntrack, ipset and nginx"; apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables nftables conntrack ipset nginx >/dev/null; }
 	@test/tools/k8s-binaries.sh $(K8S_VERSION) $(ENVTEST_ASSETS) kube-proxy >/dev/null
 
 .PHONY: bench

@@ -36,6 +36,10 @@ func TestMain(m *testing.M) {
 		nstest.WaitConnect(addr)
 		return
 	}
+	if r := os.Getenv(roleEnv); r != "" {
+		runRole(r)
+		return
+	}
 	os.Exit(m.Run())
 }
 

@@ -451,3 +451,24 @@ func TestHTTP1(t *testing.T) {
 		t.Fatalf("one keep-alive connection, 30 requests: %v", got)
 	}
 }
+
+// BenchmarkUnary is unary gRPC through the proxy, in one process (client, proxy and
+// greeters): for profiles (-cpuprofile); test/bench's BenchmarkL7 compares it with nginx.
+func BenchmarkUnary(b *testing.B) {
+	bs := greeters(b, 3)
+	_, addr := serve(b, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
+	cc := dial(b, addr)
+	if _, err := greeter.Call(context.Background(), cc, "hi"); err != nil {
+		b.Fatal(err)
+	}
+	b.SetParallelism(8)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := greeter.Call(context.Background(), cc, "hi"); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
