@@ -1,0 +1,72 @@
+package distribution
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/portico-dev/portico/test/testenv"
+)
+
+// dist/install.yaml is accepted by a real API server: every object, applied server-side as a
+// dry run (the namespace is created first, as the real apply would have by then).
+func TestInstallManifestApplies(t *testing.T) {
+	if testenv.Assets() == "" {
+		t.Skip("needs kube-apiserver and etcd: run `make test`")
+	}
+	data, err := os.ReadFile(filepath.Join(testenv.Root(), "dist", "install.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var objs []*unstructured.Unstructured
+	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
+	for {
+		u := &unstructured.Unstructured{}
+		if err := dec.Decode(&u.Object); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		if len(u.Object) > 0 {
+			objs = append(objs, u)
+		}
+	}
+	kinds := map[string]int{}
+	for _, u := range objs {
+		kinds[u.GetKind()]++
+	}
+	for _, want := range []string{"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount", "Deployment"} {
+		if kinds[want] == 0 {
+			t.Errorf("no %s in dist/install.yaml (%v)", want, kinds)
+		}
+	}
+	env, err := testenv.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Stop() })
+	ctx := context.Background()
+	for _, u := range objs {
+		if u.GetKind() == "Namespace" {
+			if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: u.GetName()}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, u := range objs {
+		err := env.Client.Patch(ctx, u, client.Apply, client.DryRunAll, client.FieldOwner("install-test"), client.ForceOwnership)
+		if err != nil {
+			t.Errorf("%s %s/%s: %v", u.GetKind(), u.GetNamespace(), u.GetName(), err)
+		}
+	}
+}
