@@ -29,7 +29,7 @@ type Retries struct {
 	// PerTryTimeout bounds each attempt; empty means only the request timeout applies.
 	// +optional
 	PerTryTimeout Duration `json:"perTryTimeout,omitempty"`
-	// On lists the failures to retry. Every one of them happens before the backend processed
+	// RetryOn lists the failures to retry (not "on": YAML 1.1 reads an unquoted on as true). Every one of them happens before the backend processed
 	// the request: ConnectFailure (refused or timed out), Reset (connection reset before any
 	// response byte), RefusedStream (HTTP/2 REFUSED_STREAM), Unavailable (gRPC UNAVAILABLE
 	// from the proxy's own transport). Default: all four.
@@ -37,7 +37,7 @@ type Retries struct {
 	// +kubebuilder:validation:items:Enum=ConnectFailure;Reset;RefusedStream;Unavailable
 	// +listType=set
 	// +optional
-	On []string `json:"on,omitempty"`
+	RetryOn []string `json:"retryOn,omitempty"`
 	// BudgetPercent caps retries at this share of the requests in flight, so that retries
 	// cannot multiply load on failing backends.
 	// +kubebuilder:validation:Minimum=1

@@ -78,7 +78,7 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // mayRetry says whether a failure is one the listener retries, within its budget.
 func (s *service) mayRetry(cfg *Config, f Failure) bool {
-	if f == "" || cfg.Retries == nil || !slices.Contains(cfg.Retries.On, f) {
+	if f == "" || cfg.Retries == nil || !slices.Contains(cfg.Retries.RetryOn, f) {
 		return false
 	}
 	return s.retrying.Load() < max(3, s.active.Load()*int64(cfg.Retries.BudgetPercent)/100)

@@ -46,11 +46,11 @@ const (
 	Unavailable    Failure = "Unavailable"    // gRPC UNAVAILABLE with no response message
 )
 
-// Retries re-send requests that failed in one of the On ways.
+// Retries re-send requests that failed in one of the RetryOn ways.
 type Retries struct {
 	Attempts      int
 	PerTryTimeout time.Duration // 0: only the request timeout
-	On            []Failure
+	RetryOn       []Failure
 	// BudgetPercent caps retries in flight at this share of the requests in flight (at
 	// least 3 are always allowed).
 	BudgetPercent int
