@@ -47,12 +47,17 @@ build-installer: manifests ## Write dist/install.yaml: what `kubectl apply -k co
 	  echo "# from config/default; do not edit. Install: kubectl apply --server-side -f dist/install.yaml"; \
 	  kubectl kustomize config/default; } > dist/install.yaml
 
-GENERATED := apis config internal/datapath dist
+.PHONY: bundle
+bundle: build-installer ## Write the OLM bundle (bundle/, bundle.Dockerfile) from dist/install.yaml, config/manifests and config/samples.
+	$(GO) run ./hack/bundle -version $(BUNDLE_VERSION)
+
+BUNDLE_VERSION ?= 0.1.0
+GENERATED := apis config internal/datapath dist bundle bundle.Dockerfile
 
 .PHONY: verify-generated
 verify-generated: ## Fail when regenerating would change the tree (in a clean clone: the commit is stale).
 	@sums() { find $(GENERATED) -type f | sort | xargs sha256sum; }; before=$$(sums); \
-	$(MAKE) --no-print-directory manifests generate generate-bpf build-installer >/dev/null; \
+	$(MAKE) --no-print-directory manifests generate generate-bpf bundle >/dev/null; \
 	if [ "$$before" != "$$(sums)" ]; then \
 		echo "Generated files were out of date and are now regenerated; review and commit:"; \
 		diff <(echo "$$before") <(sums) | grep '^[<>]' | awk '{print "  " $$3}' | sort -u; exit 1; fi
