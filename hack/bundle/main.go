@@ -9,10 +9,8 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -23,9 +21,9 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
+
+	"github.com/portico-dev/portico/internal/yamldocs"
 )
 
 func main() {
@@ -41,7 +39,7 @@ func main() {
 const pkg = "portico"
 
 func write(version, channel string) error {
-	objs, err := decodeFile("dist/install.yaml")
+	objs, err := yamldocs.ReadFile("dist/install.yaml")
 	if err != nil {
 		return err
 	}
@@ -129,13 +127,13 @@ func build(csv *operatorsv1alpha1.ClusterServiceVersion, objs []*unstructured.Un
 			files[group+"_"+plural+".yaml"] = u.Object
 		case "ClusterRole", "Role":
 			var r rbacv1.ClusterRole
-			if err := convert(u, &r); err != nil {
+			if err := yamldocs.Convert(u, &r); err != nil {
 				return err
 			}
 			roles[u.GetKind()+"/"+u.GetName()] = r.Rules
 		case "ClusterRoleBinding", "RoleBinding":
 			var b rbacv1.RoleBinding
-			if err := convert(u, &b); err != nil {
+			if err := yamldocs.Convert(u, &b); err != nil {
 				return err
 			}
 			for _, s := range b.Subjects {
@@ -143,7 +141,7 @@ func build(csv *operatorsv1alpha1.ClusterServiceVersion, objs []*unstructured.Un
 			}
 		case "Deployment":
 			var d appsv1.Deployment
-			if err := convert(u, &d); err != nil {
+			if err := yamldocs.Convert(u, &d); err != nil {
 				return err
 			}
 			strategy.DeploymentSpecs = append(strategy.DeploymentSpecs, operatorsv1alpha1.StrategyDeploymentSpec{Name: d.Name, Label: d.Labels, Spec: d.Spec})
@@ -184,7 +182,7 @@ func samples() (string, error) {
 	}
 	var out []map[string]any
 	for _, p := range paths {
-		objs, err := decodeFile(p)
+		objs, err := yamldocs.ReadFile(p)
 		if err != nil {
 			return "", err
 		}
@@ -194,33 +192,6 @@ func samples() (string, error) {
 	}
 	b, err := json.MarshalIndent(out, "", "  ")
 	return string(b), err
-}
-
-func convert(u *unstructured.Unstructured, into any) error {
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, into); err != nil {
-		return fmt.Errorf("%s %s: %w", u.GetKind(), u.GetName(), err)
-	}
-	return nil
-}
-
-func decodeFile(path string) ([]*unstructured.Unstructured, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var out []*unstructured.Unstructured
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	for {
-		u := &unstructured.Unstructured{}
-		if err := dec.Decode(&u.Object); errors.Is(err, io.EOF) {
-			return out, nil
-		} else if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
-		}
-		if len(u.Object) > 0 {
-			out = append(out, u)
-		}
-	}
 }
 
 func readYAML(path string, into any) error {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -15,6 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
@@ -37,6 +39,9 @@ type Options struct {
 	// SeveralPerProcess allows more than one manager in a process (tests, benchmarks), which
 	// otherwise refuses duplicate controller names because they share metrics.
 	SeveralPerProcess bool
+	// Registry takes Portico's metrics; nil: controller-runtime's, which MetricsAddr serves
+	// (with SeveralPerProcess, a registry of the manager's own).
+	Registry prometheus.Registerer
 
 	// Agents, when set, is how the operator runs the node agents' DaemonSet.
 	Agents *agentds.Config
@@ -101,10 +106,25 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		return nil, fmt.Errorf("create manager: %w", err)
 	}
 	recorder := mgr.GetEventRecorderFor("portico")
-	if err := (&servicelb.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Class: o.Class, Workers: o.Workers}).SetupWithManager(mgr); err != nil {
+	reg := o.Registry
+	switch {
+	case reg == nil && o.SeveralPerProcess:
+		reg = prometheus.NewRegistry()
+	case reg == nil:
+		reg = crmetrics.Registry
+	}
+	allocMetrics, err := servicelb.NewMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	poolAddresses, err := lbpool.NewAddressesGauge(reg)
+	if err != nil {
+		return nil, err
+	}
+	if err := (&servicelb.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Class: o.Class, Workers: o.Workers, Metrics: allocMetrics}).SetupWithManager(mgr); err != nil {
 		return nil, fmt.Errorf("set up the Service controller: %w", err)
 	}
-	if err := (&lbpool.Reconciler{Client: mgr.GetClient(), Recorder: recorder}).SetupWithManager(mgr); err != nil {
+	if err := (&lbpool.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Addresses: poolAddresses}).SetupWithManager(mgr); err != nil {
 		return nil, fmt.Errorf("set up the LBPool controller: %w", err)
 	}
 	for _, kind := range []policystatus.Kind{policystatus.ServicePolicies, policystatus.L7Policies} {

@@ -74,7 +74,7 @@ func TestAdmissionRejectsBadObjects(t *testing.T) {
 		}}, `supported values: "GRPC", "HTTP2", "HTTP1"`},
 		{"l7 bad retry condition", &lbv1.L7Policy{ObjectMeta: metav1.ObjectMeta{GenerateName: "bad-", Namespace: ns}, Spec: lbv1.L7PolicySpec{
 			TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "greeter"}}}, Protocol: "GRPC",
-			Retries: &lbv1.Retries{On: []string{"Always"}},
+			Retries: &lbv1.Retries{RetryOn: []string{"Always"}},
 		}}, `supported values: "ConnectFailure", "Reset", "RefusedStream", "Unavailable"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

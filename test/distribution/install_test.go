@@ -1,20 +1,15 @@
 package distribution
 
 import (
-	"bytes"
 	"context"
-	"errors"
-	"io"
-	"os"
 	"path/filepath"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/portico-dev/portico/internal/yamldocs"
 	"github.com/portico-dev/portico/test/testenv"
 )
 
@@ -24,22 +19,9 @@ func TestInstallManifestApplies(t *testing.T) {
 	if testenv.Assets() == "" {
 		t.Skip("needs kube-apiserver and etcd: run `make test`")
 	}
-	data, err := os.ReadFile(filepath.Join(testenv.Root(), "dist", "install.yaml"))
+	objs, err := yamldocs.ReadFile(filepath.Join(testenv.Root(), "dist", "install.yaml"))
 	if err != nil {
 		t.Fatal(err)
-	}
-	var objs []*unstructured.Unstructured
-	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(data), 4096)
-	for {
-		u := &unstructured.Unstructured{}
-		if err := dec.Decode(&u.Object); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			t.Fatal(err)
-		}
-		if len(u.Object) > 0 {
-			objs = append(objs, u)
-		}
 	}
 	kinds := map[string]int{}
 	for _, u := range objs {

@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"math/big"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -36,6 +38,19 @@ import (
 type Reconciler struct {
 	Client   client.Client
 	Recorder record.EventRecorder
+	// Addresses, when set, is the portico_pool_addresses gauge (NewAddressesGauge).
+	Addresses *prometheus.GaugeVec
+}
+
+// NewAddressesGauge makes and registers portico_pool_addresses{pool,family,state}: the
+// addresses each pool has allocated and still available, per family (what its status says).
+func NewAddressesGauge(reg prometheus.Registerer) (*prometheus.GaugeVec, error) {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "portico_pool_addresses",
+		Help: "Addresses of each LBPool by family (ipv4, ipv6) and state (allocated, available)."}, []string{"pool", "family", "state"})
+	if err := reg.Register(g); err != nil {
+		return nil, fmt.Errorf("register portico_pool_addresses: %w", err)
+	}
+	return g, nil
 }
 
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools,verbs=get;list;watch
@@ -98,6 +113,9 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		}
 	}
 	if pool == nil {
+		if r.Addresses != nil {
+			r.Addresses.DeletePartialMatch(prometheus.Labels{"pool": req.Name})
+		}
 		return ctrl.Result{}, nil
 	}
 	st := poolconfig.Parse(pools.Items).States[pool.Name]
@@ -110,6 +128,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	status := &pool.Status
 	status.Blocks = st.Blocks
 	status.IPv4, status.IPv6 = counts(st, svcs.Items)
+	r.record(pool.Name, "ipv4", status.IPv4)
+	r.record(pool.Name, "ipv6", status.IPv6)
 	gen := pool.Generation
 	ready := metav1.Condition{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: lbv1.ReasonPoolReady, ObservedGeneration: gen,
 		Message: "the pool hands out addresses"}
@@ -144,6 +164,20 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		r.Recorder.Event(pool, corev1.EventTypeWarning, conflict.Reason, conflict.Message)
 	}
 	return ctrl.Result{}, nil
+}
+
+// record sets a pool's gauges for one family (none: the pool has no address of it).
+func (r *Reconciler) record(pool, family string, c *lbv1.AddressCounts) {
+	if r.Addresses == nil {
+		return
+	}
+	if c == nil {
+		r.Addresses.DeletePartialMatch(prometheus.Labels{"pool": pool, "family": family})
+		return
+	}
+	available, _ := strconv.ParseFloat(c.Available, 64) // an IPv6 pool's count may only fit a float
+	r.Addresses.WithLabelValues(pool, family, "allocated").Set(float64(c.Allocated))
+	r.Addresses.WithLabelValues(pool, family, "available").Set(available)
 }
 
 // counts tallies, per family, the pool's addresses that Services hold (once each, shared or

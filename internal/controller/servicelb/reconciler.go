@@ -12,7 +12,9 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -43,6 +45,8 @@ type Reconciler struct {
 	Class    Class
 	// Workers is how many Services are reconciled at once; allocation itself is serialised.
 	Workers int
+	// Metrics, when set, are the allocator's gauges and histogram (NewMetrics).
+	Metrics *Metrics
 
 	mu        sync.Mutex
 	alloc     *allocator.Allocator
@@ -52,6 +56,29 @@ type Reconciler struct {
 	// addresses back they are re-queued through retry.
 	waiting map[types.NamespacedName]struct{}
 	retry   chan event.GenericEvent
+}
+
+// Metrics are the allocator's: portico_services_waiting (LoadBalancer Services without an
+// address they want) and portico_allocation_duration_seconds (one Service's allocation).
+type Metrics struct {
+	Waiting    prometheus.Gauge
+	Allocation prometheus.Histogram
+}
+
+// NewMetrics makes and registers the allocator's metrics.
+func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
+	m := &Metrics{
+		Waiting: prometheus.NewGauge(prometheus.GaugeOpts{Name: "portico_services_waiting",
+			Help: "LoadBalancer Services that lack an address they want (no pool fits, pool exhausted, address taken, ...)."}),
+		Allocation: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "portico_allocation_duration_seconds",
+			Help: "Time to allocate one Service's addresses (the allocator alone, not the status write).", Buckets: prometheus.ExponentialBuckets(1e-6, 4, 10)}),
+	}
+	for _, c := range []prometheus.Collector{m.Waiting, m.Allocation} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register the allocator's metrics: %w", err)
+		}
+	}
+	return m, nil
 }
 
 // +kubebuilder:rbac:groups="",resources=services,verbs=get;list;watch
@@ -127,13 +154,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		// Keep what the Service has; a typo must not cost it its address.
 		got = r.alloc.Assigned(request.Key)
 	} else {
+		t0 := time.Now()
 		got, allocErr = r.alloc.Assign(request)
+		if r.Metrics != nil {
+			r.Metrics.Allocation.Observe(time.Since(t0).Seconds())
+		}
 	}
-	if allocErr != nil {
-		r.waiting[req.NamespacedName] = struct{}{}
-	} else {
-		delete(r.waiting, req.NamespacedName)
-	}
+	r.setWaiting(req.NamespacedName, allocErr != nil)
 	gaveBack := len(got.IPs) < held
 	r.mu.Unlock()
 	if gaveBack {
@@ -246,12 +273,24 @@ func (r *Reconciler) release(ctx context.Context, name types.NamespacedName) all
 	r.mu.Lock()
 	held := r.alloc.Assigned(name.String())
 	r.alloc.Release(name.String())
-	delete(r.waiting, name)
+	r.setWaiting(name, false)
 	r.mu.Unlock()
 	if len(held.IPs) > 0 {
 		r.retryWaiting(ctx)
 	}
 	return held
+}
+
+// setWaiting records whether a Service lacks an address it wants. Callers hold r.mu.
+func (r *Reconciler) setWaiting(name types.NamespacedName, waiting bool) {
+	if waiting {
+		r.waiting[name] = struct{}{}
+	} else {
+		delete(r.waiting, name)
+	}
+	if r.Metrics != nil {
+		r.Metrics.Waiting.Set(float64(len(r.waiting)))
+	}
 }
 
 // retryWaiting re-queues every Service that lacks an address. It must not hold r.mu: the
