@@ -108,9 +108,11 @@ bench: bench-tools ## Run the benchmarks and print their numbers (see docs/bench
 ##@ Run
 
 .PHONY: build
-build: ## Build the operator and agent binaries into bin/.
+build: ## Build the operator, agent and porticoctl binaries into bin/ (bin/kubectl-portico: the kubectl plugin).
 	$(GO) build -o $(LOCALBIN)/operator ./cmd/operator
 	$(GO) build -o $(LOCALBIN)/agent ./cmd/agent
+	$(GO) build -o $(LOCALBIN)/porticoctl ./cmd/porticoctl
+	ln -sf porticoctl $(LOCALBIN)/kubectl-portico
 
 .PHONY: lab
 lab: envtest build ## Run Portico on simulated nodes with traffic, until Ctrl-C (root; see docs/lab.md).
