@@ -57,8 +57,12 @@ func runRole(role string) {
 		for _, a := range strings.Split(arg, ",") {
 			backends = append(backends, netip.MustParseAddrPort(a))
 		}
-		p := proxy.New()
-		err := p.Set(map[string]proxy.Config{"bench": {Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: proxy.GRPC,
+		p, err := proxy.New(nil)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		err = p.Set(map[string]proxy.Config{"bench": {Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: proxy.GRPC,
 			Algorithm: proxy.RoundRobin, Backends: backends, DrainTimeout: time.Second}})
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // replayLimit is how much of a request body is kept so that the request can be sent again.
@@ -33,6 +35,8 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	cfg := s.cfg.Load()
 	s.active.Add(1)
 	defer s.active.Add(-1)
+	t0, code := time.Now(), "reset" // what the client got; reset unless a response ends whole
+	defer func() { s.metrics.request(s.name, code, time.Since(t0)) }()
 	ctx := r.Context()
 	if cfg.RequestTimeout > 0 {
 		var cancel context.CancelFunc
@@ -55,24 +59,25 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for try := 0; ; try++ {
 		b := s.pool.pick(cfg.Algorithm, tried)
 		if b == nil {
-			s.fail(w, cfg, ctx, errors.New("no backend is available"))
+			code = s.fail(w, cfg, ctx, errors.New("no backend is available"))
 			return
 		}
 		tried = append(tried, b)
 		var failure Failure
 		var answered bool
 		if try == 0 {
-			answered, failure, err = s.attempt(ctx, w, r, b, body.reader(), cfg, false)
+			answered, code, failure, err = s.attempt(ctx, w, r, b, body.reader(), cfg, false)
 		} else {
-			answered, failure, err = s.attempt(ctx, w, r, b, body.rewind(), cfg, true)
+			answered, code, failure, err = s.attempt(ctx, w, r, b, body.rewind(), cfg, true)
 		}
 		if answered {
 			return
 		}
 		if try+1 >= attempts || !s.mayRetry(cfg, failure) || !body.replayable() || ctx.Err() != nil {
-			s.fail(w, cfg, ctx, err)
+			code = s.fail(w, cfg, ctx, err)
 			return
 		}
+		s.metrics.retries.WithLabelValues(s.name, string(failure)).Inc()
 	}
 }
 
@@ -81,12 +86,17 @@ func (s *service) mayRetry(cfg *Config, f Failure) bool {
 	if f == "" || cfg.Retries == nil || !slices.Contains(cfg.Retries.RetryOn, f) {
 		return false
 	}
-	return s.retrying.Load() < max(3, s.active.Load()*int64(cfg.Retries.BudgetPercent)/100)
+	if s.retrying.Load() >= max(3, s.active.Load()*int64(cfg.Retries.BudgetPercent)/100) {
+		s.metrics.denied.WithLabelValues(s.name).Inc()
+		return false
+	}
+	return true
 }
 
 // attempt sends the request to b. answered says whether the client got a response (the
-// backend's); when not, failure says why, if it is a failure that may be retried.
-func (s *service) attempt(ctx context.Context, w http.ResponseWriter, r *http.Request, b *backend, body io.Reader, cfg *Config, retry bool) (answered bool, failure Failure, err error) {
+// backend's), and code which; when not, failure says why, if it is a failure that may be
+// retried.
+func (s *service) attempt(ctx context.Context, w http.ResponseWriter, r *http.Request, b *backend, body io.Reader, cfg *Config, retry bool) (answered bool, code string, failure Failure, err error) {
 	b.inflight.Add(1)
 	defer s.pool.release(b)
 	if retry {
@@ -121,7 +131,7 @@ func (s *service) attempt(ctx context.Context, w http.ResponseWriter, r *http.Re
 		if r.Context().Err() == nil { // not the client giving up
 			s.pool.report(b, false, cfg.Outlier)
 		}
-		return false, classify(err), err
+		return false, "", classify(err), err
 	}
 	defer resp.Body.Close()
 	// From here on the backend's answer is the client's, whatever it says: its status codes,
@@ -148,7 +158,10 @@ func (s *service) attempt(ctx context.Context, w http.ResponseWriter, r *http.Re
 		status = resp.Trailer.Get("Grpc-Status")
 	}
 	s.pool.report(b, !failed(cfg.Protocol, resp.StatusCode, status), cfg.Outlier)
-	return true, "", nil
+	if cfg.Protocol == GRPC {
+		return true, cmp.Or(status, "unknown"), "", nil
+	}
+	return true, strconv.Itoa(resp.StatusCode), "", nil
 }
 
 // stream copies a response body to the client, flushing after each read so that streams
@@ -185,8 +198,9 @@ func failed(p Protocol, code int, grpcStatus string) bool {
 }
 
 // fail answers with the proxy's own error: for gRPC a trailers-only response with
-// UNAVAILABLE (or DEADLINE_EXCEEDED), as grpc-go clients expect; otherwise 503 (or 504).
-func (s *service) fail(w http.ResponseWriter, cfg *Config, ctx context.Context, cause error) {
+// UNAVAILABLE (or DEADLINE_EXCEEDED), as grpc-go clients expect; otherwise 503 (or 504). It
+// returns the code the client got.
+func (s *service) fail(w http.ResponseWriter, cfg *Config, ctx context.Context, cause error) string {
 	timeout := errors.Is(ctx.Err(), context.DeadlineExceeded)
 	msg := "portico proxy: " + cause.Error()
 	if cfg.Protocol == GRPC {
@@ -199,13 +213,14 @@ func (s *service) fail(w http.ResponseWriter, cfg *Config, ctx context.Context, 
 		h.Set("Grpc-Status", strconv.Itoa(code))
 		h.Set("Grpc-Message", grpcMessage(msg))
 		w.WriteHeader(http.StatusOK)
-		return
+		return strconv.Itoa(code)
 	}
 	code := http.StatusServiceUnavailable
 	if timeout {
 		code = http.StatusGatewayTimeout
 	}
 	http.Error(w, msg, code)
+	return strconv.Itoa(code)
 }
 
 // grpcMessage percent-encodes what gRPC's message header may not carry as is.
@@ -234,7 +249,7 @@ func classify(err error) Failure {
 		// The backend is going away and did not take the stream (a stopping grpc-go server).
 		return Unavailable
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
-		strings.Contains(err.Error(), "client connection lost"):
+		strings.Contains(err.Error(), "client connection lost"), strings.Contains(err.Error(), "client connection force closed"):
 		return Reset
 	}
 	return ""

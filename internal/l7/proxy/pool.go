@@ -38,6 +38,7 @@ func (b *backend) usable(now int64) bool {
 // pool holds a listener's backends.
 type pool struct {
 	protocol Protocol
+	ejected  func() // told of each ejection
 	rr       atomic.Uint64
 
 	mu       sync.RWMutex
@@ -46,8 +47,8 @@ type pool struct {
 	closed   bool
 }
 
-func newPool(p Protocol) *pool {
-	return &pool{protocol: p, draining: map[*backend]bool{}}
+func newPool(p Protocol, ejected func()) *pool {
+	return &pool{protocol: p, ejected: ejected, draining: map[*backend]bool{}}
 }
 
 func (p *pool) newBackend(a netip.AddrPort) *backend {
@@ -187,6 +188,7 @@ func (p *pool) report(b *backend, ok bool, o *Outlier) {
 	b.failures.Store(0)
 	n := min(b.ejections.Add(1), 10)
 	b.ejectedUntil.Store(now.Add(time.Duration(n) * o.BaseEjection).UnixNano())
+	p.ejected()
 }
 
 // close resets every backend's requests and closes its connections.

@@ -16,6 +16,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Protocol is what clients speak to a listener, and the proxy to its backends.
@@ -82,15 +84,24 @@ type Config struct {
 
 // Proxy serves a set of listeners. The zero value is not usable: call New.
 type Proxy struct {
+	metrics  *metrics
 	mu       sync.Mutex
 	services map[string]*service
 	stopping map[*service]bool // listeners closed, requests in flight finishing
 	wg       sync.WaitGroup
 }
 
-// New returns a proxy with no listeners.
-func New() *Proxy {
-	return &Proxy{services: map[string]*service{}, stopping: map[*service]bool{}}
+// New returns a proxy with no listeners, its metrics (docs/metrics.md) registered in reg
+// (nil: kept to itself).
+func New(reg prometheus.Registerer) (*Proxy, error) {
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	return &Proxy{metrics: m, services: map[string]*service{}, stopping: map[*service]bool{}}, nil
 }
 
 // Set makes the proxy serve exactly these listeners, by name. A listener whose address and
@@ -109,6 +120,9 @@ func (p *Proxy) Set(cfgs map[string]Config) error {
 		}
 		p.stop(s)
 		delete(p.services, name)
+		if !keep {
+			p.metrics.forget(name)
+		}
 	}
 	for _, name := range slices.Sorted(maps.Keys(cfgs)) {
 		cfg := cfgs[name]
@@ -116,7 +130,7 @@ func (p *Proxy) Set(cfgs map[string]Config) error {
 			s.set(cfg)
 			continue
 		}
-		s, err := start(name, cfg)
+		s, err := start(name, cfg, p.metrics)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -173,6 +187,7 @@ type service struct {
 	listen   netip.AddrPort // as asked
 	addr     netip.AddrPort // as bound
 	protocol Protocol
+	metrics  *metrics
 	srv      *http.Server
 	cfg      atomic.Pointer[Config]
 	pool     *pool
@@ -182,7 +197,7 @@ type service struct {
 	retrying atomic.Int64 // retries in flight
 }
 
-func start(name string, cfg Config) (*service, error) {
+func start(name string, cfg Config, m *metrics) (*service, error) {
 	ln, err := net.Listen("tcp", cfg.Listen.String())
 	if err != nil {
 		return nil, fmt.Errorf("listener %s: %w", name, err)
@@ -198,7 +213,8 @@ func start(name string, cfg Config) (*service, error) {
 	} else {
 		protos.SetUnencryptedHTTP2(true)
 	}
-	s := &service{name: name, listen: cfg.Listen, addr: addr, protocol: cfg.Protocol, pool: newPool(cfg.Protocol), served: make(chan struct{})}
+	s := &service{name: name, listen: cfg.Listen, addr: addr, protocol: cfg.Protocol, metrics: m, served: make(chan struct{}),
+		pool: newPool(cfg.Protocol, func() { m.ejections.WithLabelValues(name).Inc() })}
 	s.srv = &http.Server{Handler: s, Protocols: &protos, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute,
 		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 1000}}
 	s.set(cfg)

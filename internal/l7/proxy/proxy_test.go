@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -59,10 +60,15 @@ func addrs(bs []*backend) []netip.AddrPort {
 	return out
 }
 
-// serve runs a proxy with one listener, "svc", on loopback; it closes with the test.
-func serve(t testing.TB, cfg proxy.Config) (*proxy.Proxy, netip.AddrPort) {
+// serve runs a proxy with one listener, "svc", on loopback, with its metrics in reg; it
+// closes with the test.
+func serve(t testing.TB, cfg proxy.Config) (*proxy.Proxy, netip.AddrPort, *prometheus.Registry) {
 	t.Helper()
-	p := proxy.New()
+	reg := prometheus.NewRegistry()
+	p, err := proxy.New(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(p.Close)
 	cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
 	if cfg.Protocol == "" {
@@ -78,7 +84,36 @@ func serve(t testing.TB, cfg proxy.Config) (*proxy.Proxy, netip.AddrPort) {
 	if !ok {
 		t.Fatal("no listener")
 	}
-	return p, addr
+	return p, addr, reg
+}
+
+// count is the sum of a counter's samples in reg whose labels include want.
+func count(t testing.TB, reg *prometheus.Registry, name string, want map[string]string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	total := 0.0
+	for _, mf := range families {
+		if mf.GetName() != name {
+			continue
+		}
+	samples:
+		for _, m := range mf.GetMetric() {
+			got := map[string]string{}
+			for _, l := range m.GetLabel() {
+				got[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if got[k] != v {
+					continue samples
+				}
+			}
+			total += m.GetCounter().GetValue()
+		}
+	}
+	return total
 }
 
 // dial opens one gRPC connection (grpc-go keeps exactly one per address).
@@ -156,7 +191,7 @@ func TestOneConnectionSpreadsOverEveryBackend(t *testing.T) {
 	names := []string{"backend-1", "backend-2", "backend-3"}
 	for _, alg := range []proxy.Algorithm{proxy.RoundRobin, proxy.LeastRequest, proxy.Random} {
 		t.Run(string(alg), func(t *testing.T) {
-			_, addr := serve(t, proxy.Config{Algorithm: alg, Backends: addrs(bs)})
+			_, addr, _ := serve(t, proxy.Config{Algorithm: alg, Backends: addrs(bs)})
 			got := hellos(t, dial(t, addr), 300, 1)
 			t.Logf("%s: %v", alg, got)
 			for _, n := range names {
@@ -179,7 +214,7 @@ func TestOneConnectionSpreadsOverEveryBackend(t *testing.T) {
 // backend and ends the call there.
 func TestStreamsStatusesTrailersAndDeadlines(t *testing.T) {
 	bs := greeters(t, 1)
-	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
 	cc := dial(t, addr)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -284,12 +319,17 @@ func TestRetriesHideARefusingBackend(t *testing.T) {
 	refusing := netip.MustParseAddrPort(ln.Addr().String())
 	_ = ln.Close()
 	backends := append(addrs(bs), refusing)
-	retries := &proxy.Retries{Attempts: 2, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 20}
-	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends, Retries: retries})
+	// A budget that lets every request in flight retry: the floor of 3 retries in flight
+	// would otherwise fail a fourth concurrent one now and then, as it should.
+	retries := &proxy.Retries{Attempts: 2, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 100}
+	_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends, Retries: retries})
 	if got := hellos(t, dial(t, addr), 300, 4); failed(got) != 0 || got["backend-1"]+got["backend-2"] != 300 {
 		t.Fatalf("with retries: %v", got)
 	}
-	_, addr = serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends})
+	if n, ok := count(t, reg, "portico_l7_retries_total", map[string]string{"listener": "svc", "failure": "ConnectFailure"}), count(t, reg, "portico_l7_requests_total", map[string]string{"code": "0"}); n < 50 || ok != 300 {
+		t.Fatalf("metrics: %v retries after connect failures (want about 100), %v requests with code 0 (want 300)", n, ok)
+	}
+	_, addr, _ = serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends})
 	if got := hellos(t, dial(t, addr), 300, 4); failed(got) < 50 {
 		t.Fatalf("without retries, a third of the calls should fail: %v", got)
 	}
@@ -305,7 +345,7 @@ func TestBackendKilledMidRun(t *testing.T) {
 		b.Delay = 2 * time.Millisecond // calls are in flight when the kill comes
 	}
 	retries := &proxy.Retries{Attempts: 2, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 100}
-	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), Retries: retries,
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), Retries: retries,
 		Outlier: &proxy.Outlier{ConsecutiveFailures: 3, BaseEjection: 30 * time.Second, MaxEjectionPercent: 50}})
 	cc := dial(t, addr)
 	done := make(chan map[string]int)
@@ -325,7 +365,7 @@ func TestBackendKilledMidRun(t *testing.T) {
 // end. One that outlives the drain timeout is reset.
 func TestDrainingBackendFinishesWhatIsInFlight(t *testing.T) {
 	bs := greeters(t, 3)
-	p, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs[:1]), DrainTimeout: 10 * time.Second})
+	p, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs[:1]), DrainTimeout: 10 * time.Second})
 	cc := dial(t, addr)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -383,7 +423,7 @@ func TestDrainingBackendFinishesWhatIsInFlight(t *testing.T) {
 func TestLeastRequestAvoidsASlowBackend(t *testing.T) {
 	bs := greeters(t, 3)
 	bs[0].Delay = 20 * time.Millisecond
-	_, addr := serve(t, proxy.Config{Algorithm: proxy.LeastRequest, Backends: addrs(bs)})
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.LeastRequest, Backends: addrs(bs)})
 	got := hellos(t, dial(t, addr), 600, 12)
 	t.Logf("%v", got)
 	if slow := got["backend-1"]; slow*5 > 600 {
@@ -405,18 +445,21 @@ func TestOutlierIsEjected(t *testing.T) {
 	go func() { _ = sick.Serve(ln) }()
 	defer sick.Stop()
 	backends := append(addrs(bs), netip.MustParseAddrPort(ln.Addr().String()))
-	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends,
+	_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends,
 		Outlier: &proxy.Outlier{ConsecutiveFailures: 3, BaseEjection: time.Minute, MaxEjectionPercent: 50}})
 	got := hellos(t, dial(t, addr), 300, 1)
 	t.Logf("%v", got)
 	if n := got["error: Unavailable sick"]; n != 3 {
 		t.Fatalf("the sick backend answered %d calls; want 3 (then ejected): %v", n, got)
 	}
+	if n, bad := count(t, reg, "portico_l7_ejections_total", nil), count(t, reg, "portico_l7_requests_total", map[string]string{"code": "14"}); n != 1 || bad != 3 {
+		t.Fatalf("metrics: %v ejections (want 1), %v requests answered UNAVAILABLE (want 3)", n, bad)
+	}
 }
 
 // With no usable backend the client gets the proxy's own UNAVAILABLE at once.
 func TestNoBackendIsUnavailable(t *testing.T) {
-	_, addr := serve(t, proxy.Config{Algorithm: proxy.RoundRobin})
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin})
 	_, err := greeter.Call(context.Background(), dial(t, addr), "hi")
 	if st := status.Convert(err); st.Code() != codes.Unavailable || !strings.Contains(st.Message(), "no backend") {
 		t.Fatalf("got %v; want UNAVAILABLE: no backend", err)
@@ -440,7 +483,7 @@ func TestHTTP1(t *testing.T) {
 		t.Cleanup(func() { _ = srv.Close() })
 		backends = append(backends, netip.MustParseAddrPort(ln.Addr().String()))
 	}
-	_, addr := serve(t, proxy.Config{Protocol: proxy.HTTP1, Algorithm: proxy.RoundRobin, Backends: backends})
+	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP1, Algorithm: proxy.RoundRobin, Backends: backends})
 	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}}
 	got := map[string]int{}
 	for range 30 {
@@ -467,7 +510,7 @@ func TestHTTP1(t *testing.T) {
 // greeters): for profiles (-cpuprofile); test/bench's BenchmarkL7 compares it with nginx.
 func BenchmarkUnary(b *testing.B) {
 	bs := greeters(b, 3)
-	_, addr := serve(b, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
+	_, addr, _ := serve(b, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
 	cc := dial(b, addr)
 	if _, err := greeter.Call(context.Background(), cc, "hi"); err != nil {
 		b.Fatal(err)
@@ -482,4 +525,34 @@ func BenchmarkUnary(b *testing.B) {
 			}
 		}
 	})
+}
+
+// The retry budget caps retries in flight: with three refusing backends and a slow good one,
+// 16 calls at once want a dozen retries; at 20% only 3 may be in flight (the floor), the rest
+// are denied and their calls fail; at 100% every call gets its retries.
+func TestRetryBudget(t *testing.T) {
+	good := greeters(t, 1)[0]
+	good.Delay = 300 * time.Millisecond
+	backends := []netip.AddrPort{good.addr}
+	for range 3 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		backends = append(backends, netip.MustParseAddrPort(ln.Addr().String()))
+		_ = ln.Close()
+	}
+	for _, budget := range []int{20, 100} {
+		retries := &proxy.Retries{Attempts: 3, RetryOn: []proxy.Failure{proxy.ConnectFailure}, BudgetPercent: budget}
+		_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: backends, Retries: retries})
+		got := hellos(t, dial(t, addr), 16, 16)
+		denied := count(t, reg, "portico_l7_retries_denied_total", nil)
+		t.Logf("budget %d%%: %v, %v retries denied", budget, got, denied)
+		switch {
+		case budget == 20 && (denied == 0 || failed(got) == 0):
+			t.Fatalf("budget 20%%: %v retries denied, %d calls failed; want some of both", denied, failed(got))
+		case budget == 100 && (denied != 0 || failed(got) != 0):
+			t.Fatalf("budget 100%%: %v retries denied, %d calls failed; want none", denied, failed(got))
+		}
+	}
 }
