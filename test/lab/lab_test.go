@@ -48,7 +48,7 @@ func TestLabUpAndDown(t *testing.T) {
 
 	cmd, out := start(t, lab, dir, port)
 	printed := out.String()
-	for _, want := range []string{"LBPool default", "Service web: 192.0.2.", "12 times", "export KUBECONFIG="} {
+	for _, want := range []string{"LBPool default", "Service web: 192.0.2.", "30 times", "export KUBECONFIG="} {
 		if !strings.Contains(printed, want) {
 			t.Errorf("the lab did not print %q:\n%s", want, printed)
 		}
