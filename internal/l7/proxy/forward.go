@@ -248,7 +248,7 @@ func classify(err error) Failure {
 	case strings.Contains(err.Error(), "GOAWAY"):
 		// The backend is going away and did not take the stream (a stopping grpc-go server).
 		return Unavailable
-	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNABORTED), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		strings.Contains(err.Error(), "client connection lost"), strings.Contains(err.Error(), "client connection force closed"):
 		return Reset
 	}
