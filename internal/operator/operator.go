@@ -138,7 +138,7 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		}
 	}
 	if o.Agents != nil {
-		if err := (&agentds.Reconciler{Client: mgr.GetClient(), Config: *o.Agents}).SetupWithManager(mgr); err != nil {
+		if err := (&agentds.Reconciler{Client: mgr.GetClient(), Recorder: recorder, Config: *o.Agents}).SetupWithManager(mgr); err != nil {
 			return nil, fmt.Errorf("set up the agent DaemonSet controller: %w", err)
 		}
 	}

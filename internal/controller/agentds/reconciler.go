@@ -11,11 +11,14 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
@@ -53,8 +56,9 @@ type Config struct {
 
 // Reconciler applies the DaemonSet.
 type Reconciler struct {
-	Client client.Client
-	Config Config
+	Client   client.Client
+	Recorder record.EventRecorder
+	Config   Config
 }
 
 // +kubebuilder:rbac:groups=apps,resources=daemonsets,verbs=get;list;watch;create;patch
@@ -72,8 +76,15 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Complete(r)
 }
 
-// Reconcile applies the DaemonSet as configured.
+// Reconcile applies the DaemonSet as configured, and says so in an Event when that created
+// it, rolled the agents to another version, or put back what someone else changed.
 func (r *Reconciler) Reconcile(ctx context.Context, _ ctrl.Request) (ctrl.Result, error) {
+	var before appsv1.DaemonSet
+	err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.Config.Namespace, Name: r.Config.Name}, &before)
+	if err != nil && !apierrors.IsNotFound(err) {
+		return ctrl.Result{}, fmt.Errorf("get DaemonSet %s/%s: %w", r.Config.Namespace, r.Config.Name, err)
+	}
+	existed := err == nil
 	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(r.DaemonSet())
 	if err != nil {
 		return ctrl.Result{}, fmt.Errorf("convert the DaemonSet: %w", err)
@@ -85,6 +96,14 @@ func (r *Reconciler) Reconcile(ctx context.Context, _ ctrl.Request) (ctrl.Result
 	u := &unstructured.Unstructured{Object: obj}
 	if err := r.Client.Patch(ctx, u, client.Apply, client.ForceOwnership, client.FieldOwner(fieldOwner)); err != nil {
 		return ctrl.Result{}, fmt.Errorf("apply DaemonSet %s/%s: %w", r.Config.Namespace, r.Config.Name, err)
+	}
+	switch was := before.Spec.Template.Annotations[VersionAnnotation]; {
+	case !existed:
+		r.Recorder.Eventf(u, corev1.EventTypeNormal, "Created", "Running the node agents %s (%s) on every Linux node", r.Config.Version, r.Config.Image)
+	case was != r.Config.Version:
+		r.Recorder.Eventf(u, corev1.EventTypeNormal, "Rolling", "Rolling the node agents from %s to %s (%s), one node at a time", was, r.Config.Version, r.Config.Image)
+	case before.ResourceVersion != u.GetResourceVersion():
+		r.Recorder.Event(u, corev1.EventTypeWarning, "Repaired", "Put back what the operator manages in the agents' DaemonSet: it had been changed")
 	}
 	return ctrl.Result{}, nil
 }

@@ -2,6 +2,7 @@ package agentds_test
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"testing"
 	"time"
@@ -29,7 +30,7 @@ func start(t *testing.T, env *testenv.Env, version string) (stop func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &agentds.Reconciler{Client: mgr.GetClient(), Config: agentds.Config{Namespace: key.Namespace, Name: key.Name, Image: "portico-agent:test",
+	r := &agentds.Reconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("portico"), Config: agentds.Config{Namespace: key.Namespace, Name: key.Name, Image: "portico-agent:test",
 		Version: version, ServiceAccount: "portico-agent", Devices: []string{"eth0", "eth1"}}}
 	if err := r.SetupWithManager(mgr); err != nil {
 		t.Fatal(err)
@@ -125,4 +126,25 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	await(t, c, "rolled to v2", func(ds *appsv1.DaemonSet) bool {
 		return ds.Spec.Template.Annotations[agentds.VersionAnnotation] == "v2"
 	})
+
+	// Each decision was told: created (twice: at start, after the delete), repaired, rolled;
+	// the unrelated edit was not.
+	want := map[string]int{"Created": 2, "Repaired": 1, "Rolling": 1}
+	var got map[string]int
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		var events corev1.EventList
+		if err := c.List(ctx, &events, client.InNamespace(key.Namespace)); err != nil {
+			t.Fatal(err)
+		}
+		got = map[string]int{}
+		for _, e := range events.Items {
+			if e.InvolvedObject.Kind == "DaemonSet" && e.InvolvedObject.Name == key.Name {
+				got[e.Reason] += int(e.Count)
+			}
+		}
+		if maps.Equal(got, want) {
+			return
+		}
+	}
+	t.Fatalf("Events on the DaemonSet: %v; want %v", got, want)
 }
