@@ -4,6 +4,7 @@ package main
 
 import (
 	"flag"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -33,6 +34,7 @@ func main() {
 	l2Port := flag.Uint("l2-port", 7947, "UDP port of the agents' heartbeats, the same on every node; it must be open between nodes.")
 	flag.DurationVar(&l2.Interval, "l2-heartbeat-interval", 100*time.Millisecond, "How often agents heartbeat each other.")
 	flag.DurationVar(&l2.DeadAfter, "l2-dead-after", 400*time.Millisecond, "How long an agent may stay silent before its peers take its addresses over.")
+	l7Ports := flag.String("l7-ports", "14000-14999", "Ports the L7 proxy's listeners take on the node's addresses, first-last (one per Service port and family with an L7Policy); empty: no L7 proxy.")
 	flag.StringVar(&o.LeaseNamespace, "lease-namespace", os.Getenv("POD_NAMESPACE"), "Namespace of the agent's Lease, the operator's --agent-namespace (default $POD_NAMESPACE; empty: no Lease, and the operator cannot tell when this agent dies).")
 	flag.DurationVar(&o.LeaseDuration, "lease-duration", 40*time.Second, "How long the agent's Lease lasts unrenewed; it renews every quarter of it.")
 	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":9091", "Address of the /healthz and /readyz endpoints.")
@@ -66,6 +68,13 @@ func main() {
 	if *announceL2 {
 		l2.Port = uint16(*l2Port)
 		o.L2 = &l2
+	}
+	if *l7Ports != "" {
+		var l7 agent.L7Options
+		if _, err := fmt.Sscanf(*l7Ports, "%d-%d", &l7.FirstPort, &l7.LastPort); err != nil || l7.FirstPort == 0 || l7.LastPort < l7.FirstPort {
+			fail(fmt.Errorf("--l7-ports %q: want first-last, such as 14000-14999", *l7Ports), "Bad flag")
+		}
+		o.L7 = &l7
 	}
 	o.Version = version.Get()
 	mgr, err := agent.NewManager(ctrl.GetConfigOrDie(), dp, o)

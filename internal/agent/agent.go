@@ -44,6 +44,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/agent/desired"
+	"github.com/portico-dev/portico/internal/l7/proxy"
 	"github.com/portico-dev/portico/internal/maglev"
 	"github.com/portico-dev/portico/internal/policy"
 )
@@ -74,6 +75,8 @@ type Options struct {
 	Recheck time.Duration
 	// L2, when set, announces the LoadBalancer addresses this node wins with ARP and NDP.
 	L2 *L2Options
+	// L7, when set, runs the node's L7 proxy for Service ports with an L7Policy.
+	L7 *L7Options
 	// LeaseNamespace, when set, is where the agent renews its Lease (lbv1.AgentLeasePrefix +
 	// node), which the operator reads to mark the NodeAgents of dead agents; it must be the
 	// operator's --agent-namespace. LeaseDuration is the Lease's duration (0: 40 s; at least 1 s).
@@ -86,7 +89,7 @@ const serviceNameIndex = "portico.serviceName"
 
 // +kubebuilder:rbac:groups="",resources=services;nodes,verbs=get;list;watch
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
-// +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies,verbs=get;list;watch
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies;l7policies,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
 
 // NewManager returns a manager running the agent for one node over dp. Nothing is written
@@ -152,6 +155,17 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	if err := mgr.Add(r.health); err != nil {
 		return nil, fmt.Errorf("add the health checks: %w", err)
 	}
+	if o.L7 != nil {
+		p, err := proxy.New(reg)
+		if err != nil {
+			return nil, err
+		}
+		r.l7 = newL7(p, *o.L7)
+		// The proxy stops with the agent; requests in flight are reset.
+		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error { <-ctx.Done(); p.Close(); return nil })); err != nil {
+			return nil, fmt.Errorf("add the L7 proxy: %w", err)
+		}
+	}
 	r.report = newReporter(mgr.GetClient(), o.NodeName, o.Version, r.syncer, r.ready)
 	if err := mgr.Add(r.report); err != nil {
 		return nil, fmt.Errorf("add the NodeAgent report: %w", err)
@@ -186,6 +200,7 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		})).
 		WatchesRawSource(source.Channel(r.requeue, &handler.EnqueueRequestForObject{})).
 		Watches(&lbv1.ServicePolicy{}, handler.EnqueueRequestsFromMapFunc(r.servicesOf)).
+		Watches(&lbv1.L7Policy{}, handler.EnqueueRequestsFromMapFunc(r.servicesOf)).
 		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.everyService), builder.WithPredicates(
 			predicate.NewPredicateFuncs(func(n client.Object) bool { return n.GetName() == o.NodeName }),
 			predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
@@ -250,6 +265,7 @@ type reconciler struct {
 	opts     Options
 	metrics  *metrics
 	health   *healthChecks
+	l7       *l7 // nil: no L7 proxy on this node
 	report   *reporter
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
@@ -387,12 +403,14 @@ func (r *reconciler) tell(svc types.NamespacedName, msg string) bool {
 func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, *lbv1.ProgrammedPolicy, []string, error) {
 	c := Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
 	if svc.UID == "" {
+		r.setL7(c.Service, nil)
 		return c, nil, nil, r.health.set(c.Service, 0, desired.Local{}) // closing cannot fail
 	}
 	// The policy counts as programmed for a Service this node does not serve (headless, or
 	// another proxy's): there is nothing to program.
 	set, pol, problems, err := r.policy(ctx, svc)
 	if err != nil || !desired.Serves(svc, r.opts.ProxyName) {
+		r.setL7(c.Service, nil)
 		return c, pol, nil, errors.Join(err, r.health.set(c.Service, 0, desired.Local{}))
 	}
 	var slices discoveryv1.EndpointSliceList
@@ -404,6 +422,15 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 		ptrs[i] = &slices.Items[i]
 	}
 	var more []string
+	if r.l7 != nil {
+		won, err := r.l7Policies(ctx, svc)
+		if err != nil {
+			return c, nil, nil, err
+		}
+		want, wrong := l7Listeners(node, svc, ptrs, won)
+		set.Proxied, more = r.l7.set(c.Service, want)
+		problems = append(append(problems, wrong...), more...)
+	}
 	c.Frontends, more = desired.Frontends(node, svc, ptrs, set)
 	problems = append(problems, more...)
 	port, local := int32(0), desired.Local{}
@@ -446,6 +473,45 @@ func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.S
 		}
 	}
 	return desired.Settings{}, nil, nil, nil
+}
+
+// setL7 removes or sets a Service's L7 listeners, when the node runs the proxy.
+func (r *reconciler) setL7(svc types.NamespacedName, want map[desired.ProxyKey]proxy.Config) {
+	if r.l7 != nil {
+		r.l7.set(svc, want)
+	}
+}
+
+// l7Policies returns the L7Policy that applies to each port of svc, by port name (the same
+// choice the operator reports in the policies' status).
+func (r *reconciler) l7Policies(ctx context.Context, svc *corev1.Service) (map[string]*lbv1.L7Policy, error) {
+	var list lbv1.L7PolicyList
+	if err := r.client.List(ctx, &list, client.InNamespace(svc.Namespace)); err != nil {
+		return nil, fmt.Errorf("list L7Policies: %w", err)
+	}
+	if len(list.Items) == 0 {
+		return nil, nil
+	}
+	attach := make([]policy.Policy, len(list.Items))
+	for i := range list.Items {
+		attach[i] = policy.FromL7Policy(&list.Items[i])
+	}
+	target := policy.Service{Name: svc.Name, Labels: labels.Set(svc.Labels)}
+	for _, p := range svc.Spec.Ports {
+		target.Ports = append(target.Ports, p.Name)
+	}
+	won := map[string]*lbv1.L7Policy{}
+	results := policy.Resolve(attach, []policy.Service{target}, true)
+	for i := range list.Items {
+		if res := results[list.Items[i].Name]; res != nil {
+			for _, a := range res.Attached {
+				if port, ok := strings.CutPrefix(a, svc.Name+"/"); ok {
+					won[port] = &list.Items[i]
+				}
+			}
+		}
+	}
+	return won, nil
 }
 
 // node reads this node's addresses; a Node not (yet) there has none.

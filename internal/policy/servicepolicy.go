@@ -31,3 +31,13 @@ func FromServicePolicy(p *lbv1.ServicePolicy) (Policy, error) {
 	}
 	return Policy{Name: p.Name, Created: p.CreationTimestamp.Time, Targets: targets, Selector: sel}, err
 }
+
+// FromL7Policy returns an L7Policy's attachment: the Service ports it names (L7Policies
+// select by targetRefs only, and resolve per port).
+func FromL7Policy(p *lbv1.L7Policy) Policy {
+	targets := make([]Target, len(p.Spec.TargetRefs))
+	for i, t := range p.Spec.TargetRefs {
+		targets[i] = Target{Service: t.Name, Port: t.SectionName}
+	}
+	return Policy{Name: p.Name, Created: p.CreationTimestamp.Time, Targets: targets}
+}

@@ -30,13 +30,22 @@ type Node struct {
 	Addresses []netip.Addr
 }
 
-// Settings are what a ServicePolicy adds to a Service.
+// Settings are what policies add to a Service.
 type Settings struct {
+	// Proxied sends a port's traffic of one family to the node's L7 proxy (an L7Policy)
+	// instead of the endpoints, from every frontend of the port.
+	Proxied   map[ProxyKey]netip.AddrPort
 	Balancing datapath.Balancing
 	// SourceRanges, when not nil, replace the Service's loadBalancerSourceRanges.
 	SourceRanges []netip.Prefix
 	// Affinity, when not nil, replaces the Service's session affinity (0: none).
 	Affinity *time.Duration
+}
+
+// ProxyKey names a Service port (by PortName) in one family.
+type ProxyKey struct {
+	Port string
+	IPv4 bool
 }
 
 // Serves says whether a proxy named proxyName ("" for the default proxy) handles svc.
@@ -107,14 +116,17 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 		case corev1.ProtocolUDP:
 			proto = datapath.UDP
 		default:
-			problems = append(problems, fmt.Sprintf("port %s: protocol %s is not supported", portName(port), port.Protocol))
+			problems = append(problems, fmt.Sprintf("port %s: protocol %s is not supported", PortName(port), port.Protocol))
 			continue
 		}
 		for _, is4 := range []bool{true, false} {
 			if !families[is4] {
 				continue
 			}
-			all := backends(node.Name, svc, endpointSlices, is4, port)
+			all := Backends(node.Name, svc, endpointSlices, is4, port)
+			if listener, ok := settings.Proxied[ProxyKey{PortName(port), is4}]; ok {
+				all = []datapath.Backend{{Address: listener, Local: true}}
+			}
 			local := onlyLocal(all)
 			add := func(a netip.Addr, p int32, scope datapath.Scope, bs []datapath.Backend, sourceRanges []netip.Prefix) {
 				frontends = append(frontends, datapath.Frontend{
@@ -222,17 +234,18 @@ func onlyLocal(bs []datapath.Backend) []datapath.Backend {
 	return out
 }
 
-func portName(p corev1.ServicePort) string {
+// PortName is how a Service port is named: its name, or its number when it has none.
+func PortName(p corev1.ServicePort) string {
 	if p.Name != "" {
 		return p.Name
 	}
 	return fmt.Sprint(p.Port)
 }
 
-// backends returns the endpoints of one family for one Service port: ready ones, and
+// Backends returns the endpoints of one family for one Service port: ready ones, and
 // serving terminating ones marked Terminating. An address in several slices counts once,
 // ready winning.
-func backends(node string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, is4 bool, port corev1.ServicePort) []datapath.Backend {
+func Backends(node string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, is4 bool, port corev1.ServicePort) []datapath.Backend {
 	want := discoveryv1.AddressTypeIPv6
 	if is4 {
 		want = discoveryv1.AddressTypeIPv4

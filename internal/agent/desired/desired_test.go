@@ -14,7 +14,9 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/utils/ptr"
 
 	"github.com/portico-dev/portico/internal/datapath"
 )
@@ -165,5 +167,35 @@ func TestSettingsOverrideTheService(t *testing.T) {
 	}
 	if len(fs) != 3 {
 		t.Errorf("got %d frontends, want the ClusterIP and both scopes of the load balancer address", len(fs))
+	}
+}
+
+// A port with an L7Policy sends every one of its frontends of the family to the node's proxy;
+// the other ports and families keep their endpoints.
+func TestProxiedPortsGoToTheProxy(t *testing.T) {
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "default"}, Spec: corev1.ServiceSpec{
+		Type: corev1.ServiceTypeNodePort, ClusterIPs: []string{"10.96.0.1", "fd00::1"},
+		Ports: []corev1.ServicePort{{Name: "grpc", Port: 50051, NodePort: 30051}, {Name: "metrics", Port: 9090, NodePort: 30090}},
+	}}
+	slice := &discoveryv1.EndpointSlice{AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:     []discoveryv1.EndpointPort{{Name: ptr.To("grpc"), Port: ptr.To(int32(50051))}, {Name: ptr.To("metrics"), Port: ptr.To(int32(9090))}},
+		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.244.2.7"}}}}
+	listener := netip.MustParseAddrPort("192.0.2.241:14000")
+	node := Node{Name: "n1", Addresses: []netip.Addr{netip.MustParseAddr("192.0.2.241")}}
+	fs, _ := Frontends(node, svc, []*discoveryv1.EndpointSlice{slice}, Settings{Proxied: map[ProxyKey]netip.AddrPort{{Port: "grpc", IPv4: true}: listener}})
+	proxied := 0
+	for _, f := range fs {
+		toProxy := len(f.Backends) == 1 && f.Backends[0].Address == listener && f.Backends[0].Local
+		switch wantProxy := f.Address.Addr().Is4() && (f.Address.Port() == 50051 || f.Address.Port() == 30051); {
+		case wantProxy && !toProxy:
+			t.Errorf("%s scope %d: backends %v, want the proxy", f.Address, f.Scope, f.Backends)
+		case !wantProxy && toProxy:
+			t.Errorf("%s scope %d goes to the proxy", f.Address, f.Scope)
+		case toProxy:
+			proxied++
+		}
+	}
+	if proxied != 3 { // the IPv4 cluster IP, and the node port in both scopes
+		t.Errorf("%d frontends go to the proxy, want 3", proxied)
 	}
 }

@@ -90,11 +90,7 @@ var L7Policies = Kind{Name: "l7policy", Object: &lbv1.L7Policy{}, PerPort: true,
 	out := make([]entry, len(l.Items))
 	for i := range l.Items {
 		p := &l.Items[i]
-		var targets []policy.Target
-		for _, t := range p.Spec.TargetRefs {
-			targets = append(targets, policy.Target{Service: t.Name, Port: t.SectionName})
-		}
-		out[i] = entry{obj: p, status: &p.Status, policy: policy.Policy{Name: p.Name, Created: p.CreationTimestamp.Time, Targets: targets}}
+		out[i] = entry{obj: p, status: &p.Status, policy: policy.FromL7Policy(p)}
 	}
 	return out, nil
 }}
