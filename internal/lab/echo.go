@@ -10,12 +10,20 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+
+	"google.golang.org/grpc"
+
+	"github.com/portico-dev/portico/test/greeter"
 )
 
 // EchoImage is the lab's built-in echo workload: on each container port (TCP and UDP 8080
 // when the container declares none) it answers every line, HTTP request and datagram with
 // one line naming the pod: "pod=<name> node=<node> server=<ip:port> client=<ip:port>".
 const EchoImage = "portico.dev/lab/echo"
+
+// GreeterImage is the lab's gRPC workload: test/greeter on real grpc-go, answering "Hello
+// from <pod>" on each TCP container port (50051 when the container declares none).
+const GreeterImage = "portico.dev/lab/greeter"
 
 // Echo is a parsed echo answer.
 type Echo struct {
@@ -55,7 +63,14 @@ type echo struct {
 type Port struct {
 	Number   int32
 	Protocol string // "TCP" or "UDP"
+	// GRPC serves the greeter (GreeterImage) instead of the echo.
+	GRPC bool
 }
+
+// closerFunc closes by calling itself.
+type closerFunc func()
+
+func (f closerFunc) Close() error { f(); return nil }
 
 // serveEcho starts the echo for pod p (in its namespace) on ports, on each of its addresses.
 func serveEcho(p *Pod, ports []Port) (*echo, error) {
@@ -70,6 +85,20 @@ func serveEcho(p *Pod, ports []Port) (*echo, error) {
 						go e.datagrams(pc)
 					}
 					return err
+				}
+				if port.GRPC {
+					ln, err := net.Listen("tcp", addr)
+					if err != nil {
+						return err
+					}
+					s := grpc.NewServer()
+					(&greeter.Server{Name: p.Name}).Register(s)
+					if e.track(closerFunc(s.Stop)) {
+						go func() { _ = s.Serve(ln) }()
+					} else {
+						_ = ln.Close()
+					}
+					return nil
 				}
 				ln, err := net.Listen("tcp", addr)
 				if err == nil && e.track(ln) {

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,11 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/portico-dev/portico/test/greeter"
 )
 
 // The echo answers lines, HTTP requests and datagrams, on both families, naming the pod,
@@ -25,7 +31,7 @@ func TestEchoAnswersEveryProtocolUntilClosed(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = delNS(ns) })
 	p := &Pod{Name: "web-1", Node: "node-9", NS: ns, IPs: []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")}}
-	e, err := serveEcho(p, []Port{{8080, "TCP"}, {8081, "UDP"}})
+	e, err := serveEcho(p, []Port{{8080, "TCP", false}, {8081, "UDP", false}, {50051, "TCP", true}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -37,8 +43,24 @@ func TestEchoAnswersEveryProtocolUntilClosed(t *testing.T) {
 		}
 	}
 	for _, a := range p.IPs {
+		// The greeter port answers gRPC (the dialer opens its connection in the namespace).
+		cc, err := grpc.NewClient("passthrough:///"+netip.AddrPortFrom(a, 50051).String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithContextDialer(func(ctx context.Context, addr string) (c net.Conn, err error) {
+				err = In(ns, func() (err error) { c, err = (&net.Dialer{}).DialContext(ctx, "tcp", addr); return err })
+				return c, err
+			}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		out, err := greeter.Call(ctx, cc, "hi")
+		cancel()
+		_ = cc.Close()
+		if err != nil || out != "Hello from web-1" {
+			t.Errorf("gRPC on %s: %q, %v", a, out, err)
+		}
 		tcp := netip.AddrPortFrom(a, 8080).String()
-		err := In(ns, func() error {
+		err = In(ns, func() error {
 			c, err := net.DialTimeout("tcp", tcp, time.Second)
 			if err != nil {
 				return err

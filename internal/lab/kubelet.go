@@ -152,16 +152,25 @@ func (k *Kubelet) sync(ctx context.Context, key string) error {
 // start runs a new pod: its namespace and workload, then Running in its status.
 func (k *Kubelet) start(ctx context.Context, key string, pod *corev1.Pod) error {
 	var ports []Port
+	var images []string
 	for _, c := range pod.Spec.Containers {
-		if image, _, _ := strings.Cut(c.Image, ":"); image != EchoImage {
+		image, _, _ := strings.Cut(c.Image, ":")
+		if image != EchoImage && image != GreeterImage {
 			return k.refuse(ctx, pod, c)
 		}
+		images = append(images, image)
+		var own []Port
 		for _, p := range c.Ports {
-			ports = append(ports, Port{Number: p.ContainerPort, Protocol: string(p.Protocol)})
+			own = append(own, Port{Number: p.ContainerPort, Protocol: string(p.Protocol), GRPC: image == GreeterImage})
 		}
-	}
-	if len(ports) == 0 {
-		ports = []Port{{8080, "TCP"}, {8080, "UDP"}}
+		switch {
+		case len(own) > 0:
+		case image == GreeterImage:
+			own = []Port{{50051, "TCP", true}}
+		default:
+			own = []Port{{8080, "TCP", false}, {8080, "UDP", false}}
+		}
+		ports = append(ports, own...)
 	}
 	p, err := k.node.AddPod(pod.Name)
 	if err != nil {
@@ -175,13 +184,13 @@ func (k *Kubelet) start(ctx context.Context, key string, pod *corev1.Pod) error 
 	k.mu.Lock()
 	k.running[key] = r
 	k.mu.Unlock()
-	k.events.Eventf(pod, corev1.EventTypeNormal, "Started", "Started the lab's %s on %s with addresses %v", EchoImage, k.node.Name, p.IPs)
+	k.events.Eventf(pod, corev1.EventTypeNormal, "Started", "Started the lab's %s on %s with addresses %v", strings.Join(images, ", "), k.node.Name, p.IPs)
 	return k.report(ctx, pod, r)
 }
 
 // refuse leaves a pod with an image the lab cannot run Pending, and says why once.
 func (k *Kubelet) refuse(ctx context.Context, pod *corev1.Pod, c corev1.Container) error {
-	msg := fmt.Sprintf("the lab runs only its built-in images (%s), not %q", EchoImage, c.Image)
+	msg := fmt.Sprintf("the lab runs only its built-in images (%s, %s), not %q", EchoImage, GreeterImage, c.Image)
 	k.mu.Lock()
 	told := k.refused[pod.UID]
 	k.refused[pod.UID] = true

@@ -2,16 +2,25 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/greeter"
 	"github.com/portico-dev/portico/test/nstest"
 )
 
@@ -81,4 +90,95 @@ func firstKey(m map[string]int) string {
 		return k
 	}
 	return ""
+}
+
+// grpcClientEnv runs this test binary as the seed scenario's client (in a pod's namespace and
+// cgroup): 300 unary calls over one connection to the address it names, then the answers
+// per greeter as JSON.
+const grpcClientEnv = "PORTICO_E2E_GRPC_CLIENT"
+
+func TestMain(m *testing.M) {
+	if addr := os.Getenv(grpcClientEnv); addr != "" {
+		os.Exit(grpcClient(addr))
+	}
+	os.Exit(m.Run())
+}
+
+func grpcClient(addr string) int {
+	cc, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer cc.Close()
+	got := map[string]int{}
+	for range 300 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		out, err := greeter.Call(ctx, cc, "hi")
+		cancel()
+		if err != nil {
+			out = "error: " + err.Error()
+		}
+		got[strings.TrimPrefix(out, "Hello from ")]++
+	}
+	_ = json.NewEncoder(os.Stdout).Encode(got)
+	return 0
+}
+
+// grpcSeed is issue "L7Policy"'s seed scenario on real grpc-go: greeters in three pods (one
+// per node), one client with one connection making 300 calls through the Service's cluster
+// IP. Without an L7Policy every call answers from one greeter (connection balancing, the
+// problem); with it every greeter answers and max/min is at most 1.2.
+func (c *cluster) grpcSeed(t *testing.T) {
+	var names []string
+	for i := range c.net.Nodes {
+		name := fmt.Sprintf("greeter-%d", i+1)
+		c.pod(t, name, i, func(p *corev1.Pod) {
+			p.Labels[member("greeter")] = "yes"
+			p.Spec.Containers[0].Image = lab.GreeterImage
+		})
+		names = append(names, name)
+	}
+	svc := c.service(t, "greeter", func(s *corev1.Service) {
+		s.Spec.Ports = []corev1.ServicePort{{Name: "grpc", Protocol: corev1.ProtocolTCP, Port: 50051, TargetPort: intstr.FromInt32(50051)}}
+	})
+	vip := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIPs[0]), 50051)
+	calls := func(what string, ok func(map[string]int) bool) map[string]int {
+		t.Helper()
+		var got map[string]int
+		eventually(t, what, func() error {
+			cmd, cg := nstest.CommandIn(t, c.probe.NS, c.net.Nodes[0].Cgroup, os.Args[0])
+			cmd.Env = append(os.Environ(), grpcClientEnv+"="+vip.String())
+			out, err := cmd.Output()
+			cg.Close()
+			got = nil
+			if err == nil {
+				err = json.Unmarshal(out, &got)
+			}
+			if err != nil || !ok(got) {
+				return fmt.Errorf("client: %v, answers %v", err, got)
+			}
+			return nil
+		})
+		return got
+	}
+	got := calls("all 300 calls answered by one greeter (connection balancing)", func(got map[string]int) bool {
+		return len(got) == 1 && got[firstKey(got)] == 300 && strings.HasPrefix(firstKey(got), "greeter-")
+	})
+	t.Logf("without an L7Policy: %v", got)
+	pol := &lbv1.L7Policy{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "greeter"}, Spec: lbv1.L7PolicySpec{
+		TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "greeter"}, SectionName: "grpc"}},
+		Protocol:   "GRPC"}}
+	if err := c.c.Create(context.Background(), pol); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.c.Delete(context.Background(), pol) })
+	got = calls("every greeter answers, max/min at most 1.2", func(got map[string]int) bool {
+		lo, hi, sum := 300, 0, 0
+		for _, n := range names {
+			lo, hi, sum = min(lo, got[n]), max(hi, got[n]), sum+got[n]
+		}
+		return sum == 300 && lo > 0 && float64(hi) <= 1.2*float64(lo)
+	})
+	t.Logf("with the L7Policy: %v", got)
 }
