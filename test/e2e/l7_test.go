@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -29,11 +30,14 @@ import (
 // balancing sends them all to one pod; with an L7Policy the node's proxy spreads them, round
 // robin: 10 each. Without the policy again, one pod answers all.
 func (c *cluster) l7(t *testing.T) {
-	svc := c.service(t, "l7", nil)
+	svc := c.service(t, "l7", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeLoadBalancer })
+	t.Cleanup(func() { _ = c.c.Delete(context.Background(), svc) })
 	c.endpoints(t, "l7", c.web...)
+	lbIPs := c.addresses(t, svc)
 	for f, fam := range families {
 		t.Run(fam, func(t *testing.T) {
 			vip := netip.AddrPortFrom(netip.MustParseAddr(svc.Spec.ClusterIPs[f]), 80)
+			lb := netip.AddrPortFrom(lbIPs[f], 80)
 			c.curlSpread(t, f, vip, "one pod answers every request of a connection", func(got map[string]int) bool {
 				return len(got) == 1 && got[firstKey(got)] == 30
 			})
@@ -43,9 +47,12 @@ func (c *cluster) l7(t *testing.T) {
 			if err := c.c.Create(context.Background(), pol); err != nil {
 				t.Fatal(err)
 			}
-			c.curlSpread(t, f, vip, "every pod answers 10 of the 30 requests", func(got map[string]int) bool {
+			even := func(got map[string]int) bool {
 				return len(got) == 3 && got[c.web[0].Name] == 10 && got[c.web[1].Name] == 10 && got[c.web[2].Name] == 10
-			})
+			}
+			c.curlSpread(t, f, vip, "every pod answers 10 of the 30 requests", even)
+			// From outside, through the LoadBalancer address and the announcing node's proxy.
+			c.curlSpread(t, f, lb, "from the segment too, every pod answers 10", even)
 			if err := c.c.Delete(context.Background(), pol); err != nil {
 				t.Fatal(err)
 			}
@@ -54,11 +61,11 @@ func (c *cluster) l7(t *testing.T) {
 			})
 		})
 	}
-	_ = c.c.Delete(context.Background(), &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "l7"}})
 }
 
-// curlSpread runs curl in the probe pod (node-1's cgroup) with 30 URLs, which it fetches over
-// one keep-alive connection, until the answers per pod satisfy ok.
+// curlSpread runs curl with 30 URLs, which it fetches over one keep-alive connection, until
+// the answers per pod satisfy ok: in the probe pod (node-1's cgroup) for a cluster IP, in the
+// client namespace on the segment for a LoadBalancer address.
 func (c *cluster) curlSpread(t *testing.T, f int, to netip.AddrPort, what string, ok func(map[string]int) bool) {
 	t.Helper()
 	urls := make([]string, 30)
@@ -67,9 +74,15 @@ func (c *cluster) curlSpread(t *testing.T, f int, to netip.AddrPort, what string
 	}
 	var got map[string]int
 	eventually(t, what, func() error {
-		cmd, cg := nstest.CommandIn(t, c.probe.NS, c.net.Nodes[0].Cgroup, "curl", append([]string{"-s", "-m", "5"}, urls...)...)
-		out, err := cmd.Output()
-		cg.Close()
+		var out []byte
+		var err error
+		if to.Addr().IsPrivate() { // a cluster IP: from the probe pod, through node-1's socket layer
+			cmd, cg := nstest.CommandIn(t, c.probe.NS, c.net.Nodes[0].Cgroup, "curl", append([]string{"-s", "-m", "5"}, urls...)...)
+			out, err = cmd.Output()
+			cg.Close()
+		} else { // a LoadBalancer address: from the client on the segment
+			out, err = exec.Command("ip", append([]string{"netns", "exec", c.net.Client, "curl", "-s", "-m", "5"}, urls...)...).Output()
+		}
 		got = map[string]int{}
 		for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
 			if p, perr := answeredBy(line, f, c.web...); perr == nil {
