@@ -291,7 +291,7 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 			return err
 		}
 		claims := make([]Claim, 0, len(services.Items))
-		policies := make([]*lbv1.ProgrammedPolicy, 0, len(services.Items))
+		policies := make([][]lbv1.ProgrammedPolicy, 0, len(services.Items))
 		for i := range services.Items {
 			c, pol, _, err := r.claim(ctx, node, &services.Items[i])
 			if err != nil {
@@ -305,7 +305,7 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 			return fmt.Errorf("first sync: %w", err)
 		}
 		for i, c := range claims {
-			r.report.setPolicy(c.Service, policies[i])
+			r.report.setPolicies(c.Service, policies[i])
 		}
 		took := time.Since(t0)
 		r.metrics.sync.WithLabelValues("full").Observe(took.Seconds())
@@ -350,7 +350,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	}
 	lost, affected, err := r.syncer.Set(c)
 	if err == nil {
-		r.report.setPolicy(c.Service, pol)
+		r.report.setPolicies(c.Service, pol)
 	}
 	r.metrics.sync.WithLabelValues("service").Observe(time.Since(t0).Seconds())
 	r.metrics.programmed(r.syncer)
@@ -398,9 +398,10 @@ func (r *reconciler) tell(svc types.NamespacedName, msg string) bool {
 	return true
 }
 
-// claim computes what a Service asks of this node and which ServicePolicy applies to it,
-// and sets its health check.
-func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, *lbv1.ProgrammedPolicy, []string, error) {
+// claim computes what a Service asks of this node and which policies it programs for it
+// (its ServicePolicy, the L7Policies whose listeners opened), and sets its health check and
+// L7 listeners.
+func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, []lbv1.ProgrammedPolicy, []string, error) {
 	c := Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
 	if svc.UID == "" {
 		r.setL7(c.Service, nil)
@@ -409,9 +410,13 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	// The policy counts as programmed for a Service this node does not serve (headless, or
 	// another proxy's): there is nothing to program.
 	set, pol, problems, err := r.policy(ctx, svc)
+	var pols []lbv1.ProgrammedPolicy
+	if pol != nil {
+		pols = append(pols, *pol)
+	}
 	if err != nil || !desired.Serves(svc, r.opts.ProxyName) {
 		r.setL7(c.Service, nil)
-		return c, pol, nil, errors.Join(err, r.health.set(c.Service, 0, desired.Local{}))
+		return c, pols, nil, errors.Join(err, r.health.set(c.Service, 0, desired.Local{}))
 	}
 	var slices discoveryv1.EndpointSliceList
 	if err := r.client.List(ctx, &slices, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
@@ -430,6 +435,7 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 		want, wrong := l7Listeners(node, svc, ptrs, won)
 		set.Proxied, more = r.l7.set(c.Service, want)
 		problems = append(append(problems, wrong...), more...)
+		pols = append(pols, l7Programmed(svc, won, want, set.Proxied)...)
 	}
 	c.Frontends, more = desired.Frontends(node, svc, ptrs, set)
 	problems = append(problems, more...)
@@ -441,7 +447,7 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	if err := r.health.set(c.Service, port, local); err != nil {
 		problems = append(problems, err.Error())
 	}
-	return c, pol, problems, nil
+	return c, pols, problems, nil
 }
 
 // policy returns the settings of the ServicePolicy that applies to svc (the same choice
@@ -469,7 +475,7 @@ func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.S
 			for j := range problems {
 				problems[j] = fmt.Sprintf("ServicePolicy %s: %s", p.Name, problems[j])
 			}
-			return set, &lbv1.ProgrammedPolicy{Namespace: p.Namespace, Name: p.Name, Generation: p.Generation}, problems, nil
+			return set, &lbv1.ProgrammedPolicy{Kind: "ServicePolicy", Namespace: p.Namespace, Name: p.Name, Generation: p.Generation}, problems, nil
 		}
 	}
 	return desired.Settings{}, nil, nil, nil

@@ -175,3 +175,37 @@ func l7Config(s *lbv1.L7PolicySpec) (proxy.Config, error) {
 	}
 	return c, err
 }
+
+// l7Programmed lists the L7Policies programmed for svc: those with a listener for each of
+// their ports, every one open.
+func l7Programmed(svc *corev1.Service, won map[string]*lbv1.L7Policy, want map[desired.ProxyKey]proxy.Config, open map[desired.ProxyKey]netip.AddrPort) []lbv1.ProgrammedPolicy {
+	ok := map[*lbv1.L7Policy]bool{}
+	for _, port := range svc.Spec.Ports {
+		p := won[port.Name]
+		if p == nil {
+			continue
+		}
+		if _, seen := ok[p]; !seen {
+			ok[p] = true
+		}
+		wanted := 0
+		for k := range want {
+			if k.Port == desired.PortName(port) {
+				wanted++
+				if _, opened := open[k]; !opened {
+					ok[p] = false
+				}
+			}
+		}
+		if wanted == 0 {
+			ok[p] = false // refused (not TCP, a bad duration) or no node address: not in force
+		}
+	}
+	var out []lbv1.ProgrammedPolicy
+	for p, in := range ok {
+		if in {
+			out = append(out, lbv1.ProgrammedPolicy{Kind: "L7Policy", Namespace: p.Namespace, Name: p.Name, Generation: p.Generation})
+		}
+	}
+	return out
+}

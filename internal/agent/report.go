@@ -37,23 +37,23 @@ type reporter struct {
 	changed  chan struct{}
 
 	mu            sync.Mutex
-	policies      map[types.NamespacedName]lbv1.ProgrammedPolicy // by Service
+	policies      map[types.NamespacedName][]lbv1.ProgrammedPolicy // by Service
 	announcements []lbv1.AnnouncedAddress
 	stale         bool // the NodeAgent may differ from what was last written
 }
 
 func newReporter(c client.Client, node, version string, syncer *Syncer, ready <-chan struct{}) *reporter {
 	return &reporter{client: c, node: node, version: version, syncer: syncer, ready: ready, interval: time.Second,
-		changed: make(chan struct{}, 1), policies: map[types.NamespacedName]lbv1.ProgrammedPolicy{}}
+		changed: make(chan struct{}, 1), policies: map[types.NamespacedName][]lbv1.ProgrammedPolicy{}}
 }
 
-// setPolicy records the policy programmed for a Service (nil: none) and schedules a write.
-func (p *reporter) setPolicy(svc types.NamespacedName, pol *lbv1.ProgrammedPolicy) {
+// setPolicies records the policies programmed for a Service and schedules a write.
+func (p *reporter) setPolicies(svc types.NamespacedName, pols []lbv1.ProgrammedPolicy) {
 	p.mu.Lock()
-	if pol == nil {
+	if len(pols) == 0 {
 		delete(p.policies, svc)
 	} else {
-		p.policies[svc] = *pol
+		p.policies[svc] = pols
 	}
 	p.mu.Unlock()
 	p.poke()
@@ -133,15 +133,17 @@ func (p *reporter) status(since metav1.Time) lbv1.NodeAgentStatus {
 	p.mu.Lock()
 	s.Announcements = p.announcements
 	seen := map[lbv1.ProgrammedPolicy]bool{}
-	for _, pol := range p.policies {
-		if !seen[pol] {
-			seen[pol] = true
-			s.Policies = append(s.Policies, pol)
+	for _, pols := range p.policies {
+		for _, pol := range pols {
+			if !seen[pol] {
+				seen[pol] = true
+				s.Policies = append(s.Policies, pol)
+			}
 		}
 	}
 	p.mu.Unlock()
 	slices.SortFunc(s.Policies, func(a, b lbv1.ProgrammedPolicy) int {
-		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name), cmp.Compare(a.Generation, b.Generation))
+		return cmp.Or(cmp.Compare(a.Kind, b.Kind), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name), cmp.Compare(a.Generation, b.Generation))
 	})
 	return s
 }

@@ -80,7 +80,7 @@ func (c *CLI) Nodes(ctx context.Context) error {
 	for _, a := range agents.Items {
 		var pols, anns []string
 		for _, p := range a.Status.Policies {
-			pols = append(pols, fmt.Sprintf("%s/%s@%d", p.Namespace, p.Name, p.Generation))
+			pols = append(pols, fmt.Sprintf("%s %s/%s@%d", p.Kind, p.Namespace, p.Name, p.Generation))
 		}
 		for _, an := range a.Status.Announcements {
 			anns = append(anns, an.Address)
@@ -88,7 +88,7 @@ func (c *CLI) Nodes(ctx context.Context) error {
 		rows = append(rows, []string{a.Name, condition(a.Status.Conditions, lbv1.ConditionReady), a.Status.Version,
 			fmt.Sprint(a.Status.Services), fmt.Sprint(a.Status.Frontends), orNone(pols), orNone(anns)})
 	}
-	return c.table("NODE\tAGENT READY\tVERSION\tSERVICES\tFRONTENDS\tSERVICEPOLICIES\tANNOUNCING", rows)
+	return c.table("NODE\tAGENT READY\tVERSION\tSERVICES\tFRONTENDS\tPOLICIES\tANNOUNCING", rows)
 }
 
 // Announcements prints, for every LoadBalancer address Portico handed out, the node that

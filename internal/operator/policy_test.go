@@ -103,7 +103,7 @@ func TestPolicyProgrammedFollowsNodeAgents(t *testing.T) {
 		}
 		na.Status = lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: status, Reason: "Test", LastTransitionTime: metav1.Now()}}}
 		for _, g := range generations {
-			na.Status.Policies = append(na.Status.Policies, lbv1.ProgrammedPolicy{Namespace: f.ns, Name: "web", Generation: g})
+			na.Status.Policies = append(na.Status.Policies, lbv1.ProgrammedPolicy{Kind: "ServicePolicy", Namespace: f.ns, Name: "web", Generation: g})
 		}
 		if err := env.Client.Status().Update(ctx, na); err != nil {
 			t.Fatal(err)
@@ -140,4 +140,51 @@ func TestPolicyProgrammedFollowsNodeAgents(t *testing.T) {
 	report(name("a"), true, 2)
 	report(name("b"), true, 2)
 	wait(metav1.ConditionTrue, "Programmed", "programmed on all 2 nodes", 2)
+}
+
+// An L7Policy is Programmed once every node with a ready agent reports it as an L7Policy: a
+// ServicePolicy of the same name and generation does not count.
+func TestL7PolicyProgrammedFollowsNodeAgents(t *testing.T) {
+	startOperator(t, operator.Options{})
+	f := newFixture(t)
+	f.service("grpc", func(s *corev1.Service) { s.Spec.Type = corev1.ServiceTypeClusterIP })
+	ctx := context.Background()
+	pol := &lbv1.L7Policy{ObjectMeta: metav1.ObjectMeta{Namespace: f.ns, Name: "spread"}, Spec: lbv1.L7PolicySpec{
+		TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "grpc"}}}, Protocol: "GRPC"}}
+	if err := env.Client.Create(ctx, pol); err != nil {
+		t.Fatal(err)
+	}
+	node := f.ns + "-n1" // NodeAgents are cluster-wide
+	report := func(kind string) {
+		t.Helper()
+		na := &lbv1.NodeAgent{ObjectMeta: metav1.ObjectMeta{Name: node}}
+		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(na), na); err != nil {
+			if err := env.Client.Create(ctx, na); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = env.Client.Delete(context.Background(), na) })
+		}
+		na.Status = lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Test", LastTransitionTime: metav1.Now()}},
+			Policies: []lbv1.ProgrammedPolicy{{Kind: kind, Namespace: f.ns, Name: "spread", Generation: 1}}}
+		if err := env.Client.Status().Update(ctx, na); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wait := func(want metav1.ConditionStatus, text string) {
+		t.Helper()
+		eventually(t, func() error {
+			if err := env.Client.Get(ctx, client.ObjectKeyFromObject(pol), pol); err != nil {
+				return err
+			}
+			c := meta.FindStatusCondition(pol.Status.Conditions, lbv1.ConditionProgrammed)
+			if c == nil || c.Status != want || !strings.Contains(c.Message, text) {
+				return fmt.Errorf("status %+v", pol.Status)
+			}
+			return nil
+		})
+	}
+	report("ServicePolicy")
+	wait(metav1.ConditionFalse, "not yet on "+node)
+	report("L7Policy")
+	wait(metav1.ConditionTrue, "programmed on all")
 }

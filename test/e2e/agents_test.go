@@ -329,7 +329,7 @@ func (c *cluster) maglev(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Run("every NodeAgent reports the policy, and the policy says so", func(t *testing.T) {
-		want := lbv1.ProgrammedPolicy{Namespace: "default", Name: "maglev", Generation: policy.Generation}
+		want := lbv1.ProgrammedPolicy{Kind: "ServicePolicy", Namespace: "default", Name: "maglev", Generation: policy.Generation}
 		for _, node := range c.net.Nodes {
 			eventually(t, node.Name+"'s NodeAgent", func() error {
 				var na lbv1.NodeAgent

@@ -15,8 +15,10 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
@@ -194,4 +196,13 @@ func (c *cluster) grpcSeed(t *testing.T) {
 		return sum == 300 && lo > 0 && float64(hi) <= 1.2*float64(lo)
 	})
 	t.Logf("with the L7Policy: %v", got)
+	eventually(t, "the L7Policy Programmed on the 3 nodes", func() error {
+		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(pol), pol); err != nil {
+			return err
+		}
+		if p := meta.FindStatusCondition(pol.Status.Conditions, lbv1.ConditionProgrammed); p == nil || p.Status != metav1.ConditionTrue || pol.Status.ProgrammedNodes != 3 {
+			return fmt.Errorf("status %+v", pol.Status)
+		}
+		return nil
+	})
 }

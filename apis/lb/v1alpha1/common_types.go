@@ -96,7 +96,7 @@ type ServiceTargetReference struct {
 // PolicyStatus is what every Portico policy reports.
 type PolicyStatus struct {
 	// Conditions: Accepted (valid and in force), Conflict (another policy wins some targets),
-	// Programmed (every node with a ready agent programmed this generation; ServicePolicy).
+	// Programmed (every node with a ready agent programmed this generation).
 	// +listType=map
 	// +listMapKey=type
 	// +optional
@@ -104,8 +104,7 @@ type PolicyStatus struct {
 	// AttachedServices is how many Services the policy applies to now.
 	// +optional
 	AttachedServices int32 `json:"attachedServices"`
-	// ProgrammedNodes is how many nodes programmed the policy's current generation
-	// (ServicePolicy).
+	// ProgrammedNodes is how many nodes programmed the policy's current generation.
 	// +optional
 	ProgrammedNodes int32 `json:"programmedNodes,omitempty"`
 }

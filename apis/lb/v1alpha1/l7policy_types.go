@@ -110,6 +110,8 @@ type L7PolicySpec struct {
 // +kubebuilder:printcolumn:name="Algorithm",type=string,JSONPath=".spec.algorithm"
 // +kubebuilder:printcolumn:name="Services",type=integer,JSONPath=".status.attachedServices"
 // +kubebuilder:printcolumn:name="Accepted",type=string,JSONPath=".status.conditions[?(@.type==\"Accepted\")].status"
+// +kubebuilder:printcolumn:name="Programmed",type=string,JSONPath=".status.conditions[?(@.type==\"Programmed\")].status"
+// +kubebuilder:printcolumn:name="Nodes",type=integer,JSONPath=".status.programmedNodes"
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=".metadata.creationTimestamp"
 type L7Policy struct {
 	metav1.TypeMeta   `json:",inline"`

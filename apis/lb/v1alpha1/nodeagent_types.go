@@ -21,8 +21,8 @@ type NodeAgentStatus struct {
 	// Frontends is how many frontends (address, port, protocol and scope) the datapath holds.
 	// +optional
 	Frontends int32 `json:"frontends"`
-	// Policies are the ServicePolicies in force on the node (each winning at least one
-	// Service), with the generation programmed.
+	// Policies are the ServicePolicies and L7Policies in force on the node (each winning at
+	// least one Service or port), with the generation programmed.
 	// +listType=atomic
 	// +optional
 	Policies []ProgrammedPolicy `json:"policies,omitempty"`
@@ -49,6 +49,9 @@ type AnnouncedAddress struct {
 
 // ProgrammedPolicy names a policy and the generation of it a node programmed.
 type ProgrammedPolicy struct {
+	// Kind is ServicePolicy or L7Policy.
+	// +kubebuilder:validation:Enum=ServicePolicy;L7Policy
+	Kind       string `json:"kind"`
 	Namespace  string `json:"namespace"`
 	Name       string `json:"name"`
 	Generation int64  `json:"generation"`

@@ -63,11 +63,13 @@ type Kind struct {
 	// Programmed: the node agents program the kind and report it in NodeAgents; its
 	// policies get the Programmed condition.
 	Programmed bool
+	// APIKind is the kind as NodeAgents name it.
+	APIKind string
 	list       func(ctx context.Context, c client.Client, namespace string) ([]entry, error)
 }
 
 // ServicePolicies is the ServicePolicy kind.
-var ServicePolicies = Kind{Name: "servicepolicy", Object: &lbv1.ServicePolicy{}, Programmed: true, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
+var ServicePolicies = Kind{Name: "servicepolicy", APIKind: "ServicePolicy", Object: &lbv1.ServicePolicy{}, Programmed: true, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
 	var l lbv1.ServicePolicyList
 	if err := c.List(ctx, &l, client.InNamespace(ns)); err != nil {
 		return nil, fmt.Errorf("list ServicePolicies: %w", err)
@@ -82,7 +84,7 @@ var ServicePolicies = Kind{Name: "servicepolicy", Object: &lbv1.ServicePolicy{},
 }}
 
 // L7Policies is the L7Policy kind.
-var L7Policies = Kind{Name: "l7policy", Object: &lbv1.L7Policy{}, PerPort: true, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
+var L7Policies = Kind{Name: "l7policy", APIKind: "L7Policy", Object: &lbv1.L7Policy{}, PerPort: true, Programmed: true, list: func(ctx context.Context, c client.Client, ns string) ([]entry, error) {
 	var l lbv1.L7PolicyList
 	if err := c.List(ctx, &l, client.InNamespace(ns)); err != nil {
 		return nil, fmt.Errorf("list L7Policies: %w", err)
@@ -193,7 +195,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 		if err := r.Client.List(ctx, &agents); err != nil {
 			return ctrl.Result{}, fmt.Errorf("list NodeAgents: %w", err)
 		}
-		cond, nodes := programmed(self.obj, attached, agents.Items)
+		cond, nodes := programmed(r.Kind.APIKind, self.obj, attached, agents.Items)
 		cond.ObservedGeneration = gen
 		meta.SetStatusCondition(&self.status.Conditions, cond)
 		self.status.ProgrammedNodes = nodes
@@ -249,13 +251,13 @@ func conditions(e *entry, r *policy.Result) (accepted, conflict metav1.Condition
 
 // programmed says how many nodes with a ready agent report the policy's current generation
 // in force, and whether that is all of them.
-func programmed(obj client.Object, attached int32, agents []lbv1.NodeAgent) (metav1.Condition, int32) {
+func programmed(kind string, obj client.Object, attached int32, agents []lbv1.NodeAgent) (metav1.Condition, int32) {
 	c := metav1.Condition{Type: lbv1.ConditionProgrammed, Status: metav1.ConditionFalse}
 	if attached == 0 {
 		c.Reason, c.Message = ReasonNotAttached, "the policy applies to no Service"
 		return c, 0
 	}
-	want := lbv1.ProgrammedPolicy{Namespace: obj.GetNamespace(), Name: obj.GetName(), Generation: obj.GetGeneration()}
+	want := lbv1.ProgrammedPolicy{Kind: kind, Namespace: obj.GetNamespace(), Name: obj.GetName(), Generation: obj.GetGeneration()}
 	var ready int
 	var missing []string
 	for _, a := range agents {
