@@ -65,7 +65,7 @@ type Kind struct {
 	Programmed bool
 	// APIKind is the kind as NodeAgents name it.
 	APIKind string
-	list       func(ctx context.Context, c client.Client, namespace string) ([]entry, error)
+	list    func(ctx context.Context, c client.Client, namespace string) ([]entry, error)
 }
 
 // ServicePolicies is the ServicePolicy kind.
