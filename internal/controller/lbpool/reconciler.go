@@ -54,7 +54,7 @@ func NewAddressesGauge(reg prometheus.Registerer) (*prometheus.GaugeVec, error) 
 }
 
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools,verbs=get;list;watch
-// +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools/status,verbs=patch
 
 // countDelay gathers the Service changes of a burst into one recount per pool: a recount
 // lists every Service, and thousands of Services may change in a second.

@@ -105,7 +105,7 @@ type Reconciler struct {
 }
 
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies;l7policies,verbs=get;list;watch
-// +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies/status;l7policies/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=lb.portico.dev,resources=servicepolicies/status;l7policies/status,verbs=patch
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=nodeagents,verbs=get;list;watch
 
 // SetupWithManager registers the reconciler. A change to any policy of the kind or to any
