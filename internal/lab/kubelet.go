@@ -174,10 +174,12 @@ func (k *Kubelet) start(ctx context.Context, key string, pod *corev1.Pod) error 
 	}
 	p, err := k.node.AddPod(pod.Name)
 	if err != nil {
+		k.events.Eventf(pod, corev1.EventTypeWarning, "FailedStart", "Could not set up the pod's network on %s (retried): %v", k.node.Name, err)
 		return err
 	}
 	e, err := serveEcho(p, ports)
 	if err != nil {
+		k.events.Eventf(pod, corev1.EventTypeWarning, "FailedStart", "Could not start %s on %s (retried): %v", strings.Join(images, ", "), k.node.Name, err)
 		return errors.Join(err, k.node.RemovePod(p))
 	}
 	r := &running{uid: pod.UID, pod: p, echo: e, started: metav1.Now()}

@@ -241,12 +241,20 @@ func (node *Node) plugPod(p *Pod, port string) error {
 	return settle(p.NS)
 }
 
-// RemovePod deletes the pod's namespace (its veth goes with it) and frees its slot.
+// RemovePod deletes the pod's veth and namespace and frees its slot. The veth goes first, by
+// name: a deleted namespace takes its links with it only when the kernel gets to it, and the
+// next pod in the slot would find the old port's name taken.
 func (node *Node) RemovePod(p *Pod) error {
+	node.mu.Lock()
+	k := slices.Index(node.pods, p.NS)
+	node.mu.Unlock()
+	if k >= 0 {
+		_ = ip(node.NS, "link", "del", fmt.Sprintf("v%d", k+1)) // gone already when the pod's setup failed early
+	}
 	err := delNS(p.NS)
 	node.mu.Lock()
 	defer node.mu.Unlock()
-	if k := slices.Index(node.pods, p.NS); k >= 0 && err == nil {
+	if k >= 0 && err == nil {
 		node.pods[k] = ""
 	}
 	return err

@@ -134,7 +134,13 @@ func (c *cluster) pod(t *testing.T, name string, node int, edit func(*corev1.Pod
 	var p *lab.Pod
 	eventually(t, "pod "+name+" running", func() error {
 		if p = c.lab.Kubelets[node].Pod("default", name); p == nil {
-			return errors.New("not running yet")
+			var events corev1.EventList
+			_ = c.c.List(context.Background(), &events, client.InNamespace("default"), client.MatchingFields{"involvedObject.name": name})
+			var said []string
+			for _, e := range events.Items {
+				said = append(said, e.Reason+": "+e.Message)
+			}
+			return fmt.Errorf("not running yet (Events: %v)", said)
 		}
 		return nil
 	})

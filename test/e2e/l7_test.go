@@ -188,6 +188,17 @@ func (c *cluster) grpcSeed(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.c.Delete(context.Background(), pol) })
+	t.Cleanup(func() {
+		if t.Failed() { // what node-1's proxy listens on, and what the agents say they run
+			out, _ := exec.Command("ip", "netns", "exec", c.net.Nodes[0].NS, "ss", "-ltn").CombinedOutput()
+			t.Logf("node-1 listens on:\n%s", out)
+			var agents lbv1.NodeAgentList
+			_ = c.c.List(context.Background(), &agents)
+			for _, a := range agents.Items {
+				t.Logf("%s: %+v", a.Name, a.Status.Policies)
+			}
+		}
+	})
 	got = calls("every greeter answers, max/min at most 1.2", func(got map[string]int) bool {
 		lo, hi, sum := 300, 0, 0
 		for _, n := range names {

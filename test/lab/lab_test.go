@@ -58,6 +58,11 @@ func TestLabUpAndDown(t *testing.T) {
 			t.Errorf("%d web pods answered curl %s…, want 3:\n%s", n, fam, printed)
 		}
 	}
+	// One gRPC connection, and every greeter answers (the sample asks for least request, which
+	// spreads calls but not exactly evenly), no call failing.
+	if greeters := strings.Count(printed, "x Hello from greeter-"); greeters != 3 || !strings.Contains(printed, "gRPC: 300 calls over one connection") || strings.Contains(printed, "x error:") {
+		t.Errorf("the gRPC calls over one connection did not reach the 3 greeters (%d did):\n%s", greeters, printed)
+	}
 	if err := cmd.Process.Signal(os.Interrupt); err != nil {
 		t.Fatal(err)
 	}

@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -33,6 +35,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/greeter"
 	"github.com/portico-dev/portico/test/testenv"
 )
 
@@ -141,6 +144,9 @@ func up(nodes, port int, bin string) error {
 		return err
 	}
 	if err := show(ctx, env.Client, c, svc, announced); err != nil {
+		return err
+	}
+	if err := showGRPC(ctx, env.Client, c); err != nil {
 		return err
 	}
 	fmt.Printf("\nUp with first results in %.1f s. Try:\n", time.Since(began).Seconds())
@@ -371,6 +377,55 @@ func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Ser
 
 // curls is how many times the lab curls each address.
 const curls = 30
+
+// showGRPC waits until the greeter Service's address is announced and its L7Policy is in
+// force on every node, then makes 300 gRPC calls over one connection from the client
+// namespace and prints which greeter answered how many: the L7 proxy balances calls, not
+// connections.
+func showGRPC(ctx context.Context, c client.Client, lc *lab.Cluster) error {
+	var svc corev1.Service
+	var pol lbv1.L7Policy
+	var addr netip.Addr
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		err := errors.Join(c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "greeter"}, &svc),
+			c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "greeter"}, &pol))
+		if ips := lab.LoadBalancerIPs(&svc); err == nil && len(ips) > 0 && meta.IsStatusConditionTrue(pol.Status.Conditions, lbv1.ConditionProgrammed) {
+			addr = ips[0]
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("after 60 s the greeter Service has addresses %v and its L7Policy %+v (%v); see the logs in %s", svc.Status.LoadBalancer.Ingress, pol.Status.Conditions, err, logs)
+		}
+	}
+	to := netip.AddrPortFrom(addr, 50051).String()
+	cc, err := grpc.NewClient("passthrough:///"+to, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, a string) (conn net.Conn, err error) {
+			err = lab.In(lc.Client, func() (err error) { conn, err = (&net.Dialer{}).DialContext(ctx, "tcp", a); return err })
+			return conn, err
+		}))
+	if err != nil {
+		return err
+	}
+	defer cc.Close()
+	counts := map[string]int{}
+	for range 300 {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		out, err := greeter.Call(cctx, cc, "hi")
+		cancel()
+		if err != nil {
+			out = "error: " + err.Error()
+		}
+		counts[out]++
+	}
+	fmt.Printf("\ngRPC: 300 calls over one connection to %s (L7Policy greeter: per call, %s):\n", to, pol.Spec.Algorithm)
+	var lines []string
+	for answer, n := range counts {
+		lines = append(lines, fmt.Sprintf("  %3d x %s", n, answer))
+	}
+	sort.Strings(lines)
+	fmt.Println(strings.Join(lines, "\n"))
+	return nil
+}
 
 func blocks(p lbv1.LBPool) string {
 	var s []string

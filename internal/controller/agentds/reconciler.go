@@ -11,6 +11,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -97,12 +98,17 @@ func (r *Reconciler) Reconcile(ctx context.Context, _ ctrl.Request) (ctrl.Result
 	if err := r.Client.Patch(ctx, u, client.Apply, client.ForceOwnership, client.FieldOwner(fieldOwner)); err != nil {
 		return ctrl.Result{}, fmt.Errorf("apply DaemonSet %s/%s: %w", r.Config.Namespace, r.Config.Name, err)
 	}
+	var after appsv1.DaemonSet
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &after); err != nil {
+		return ctrl.Result{}, fmt.Errorf("read the applied DaemonSet: %w", err)
+	}
+	// The cache may still hold a DaemonSet that was deleted: a new UID is a new DaemonSet.
 	switch was := before.Spec.Template.Annotations[VersionAnnotation]; {
-	case !existed:
+	case !existed || before.UID != after.UID:
 		r.Recorder.Eventf(u, corev1.EventTypeNormal, "Created", "Running the node agents %s (%s) on every Linux node", r.Config.Version, r.Config.Image)
 	case was != r.Config.Version:
 		r.Recorder.Eventf(u, corev1.EventTypeNormal, "Rolling", "Rolling the node agents from %s to %s (%s), one node at a time", was, r.Config.Version, r.Config.Image)
-	case before.ResourceVersion != u.GetResourceVersion():
+	case !equality.Semantic.DeepEqual(before.Spec, after.Spec):
 		r.Recorder.Event(u, corev1.EventTypeWarning, "Repaired", "Put back what the operator manages in the agents' DaemonSet: it had been changed")
 	}
 	return ctrl.Result{}, nil

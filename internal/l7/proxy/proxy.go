@@ -165,8 +165,10 @@ func (p *Proxy) Close() {
 	p.wg.Wait()
 }
 
-// stop closes a listener and lets its requests in flight finish, within its drain timeout.
+// stop closes a listener at once (its port may be taken again right away) and lets its
+// requests in flight finish, within its drain timeout.
 func (p *Proxy) stop(s *service) {
+	_ = s.ln.Close()
 	p.stopping[s] = true
 	p.wg.Add(1)
 	go func() {
@@ -188,6 +190,7 @@ type service struct {
 	addr     netip.AddrPort // as bound
 	protocol Protocol
 	metrics  *metrics
+	ln       net.Listener
 	srv      *http.Server
 	cfg      atomic.Pointer[Config]
 	pool     *pool
@@ -213,7 +216,7 @@ func start(name string, cfg Config, m *metrics) (*service, error) {
 	} else {
 		protos.SetUnencryptedHTTP2(true)
 	}
-	s := &service{name: name, listen: cfg.Listen, addr: addr, protocol: cfg.Protocol, metrics: m, served: make(chan struct{}),
+	s := &service{name: name, listen: cfg.Listen, addr: addr, protocol: cfg.Protocol, metrics: m, ln: ln, served: make(chan struct{}),
 		pool: newPool(cfg.Protocol, func() { m.ejections.WithLabelValues(name).Inc() })}
 	s.srv = &http.Server{Handler: s, Protocols: &protos, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute,
 		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 1000}}

@@ -556,3 +556,31 @@ func TestRetryBudget(t *testing.T) {
 		}
 	}
 }
+
+// A listener's port is free as soon as Set removes it, even while its requests drain: the
+// agent hands freed ports to the next Service at once.
+func TestRemovedListenerFreesItsPortAtOnce(t *testing.T) {
+	bs := greeters(t, 1)
+	p, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
+	cc := dial(t, addr)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := cc.NewStream(ctx, greeter.StreamDesc(greeter.Count), greeter.Count)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SendMsg(wrapperspb.String("20:100ms")); err != nil { // in flight for 2 s
+		t.Fatal(err)
+	}
+	_ = s.CloseSend()
+	if err := s.RecvMsg(new(wrapperspb.StringValue)); err != nil {
+		t.Fatal(err)
+	}
+	cfg := proxy.Config{Listen: addr, Protocol: proxy.GRPC, Algorithm: proxy.RoundRobin, Backends: addrs(bs), DrainTimeout: 10 * time.Second}
+	if err := p.Set(map[string]proxy.Config{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Set(map[string]proxy.Config{"other": cfg}); err != nil {
+		t.Fatalf("the port of a removed listener is still taken: %v", err)
+	}
+}
