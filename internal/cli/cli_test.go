@@ -18,8 +18,6 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/cli"
-	"github.com/portico-dev/portico/internal/controller/servicelb"
-	"github.com/portico-dev/portico/internal/operator"
 	"github.com/portico-dev/portico/test/testenv"
 )
 
@@ -27,23 +25,8 @@ import (
 // addresses, node-1 announces the IPv4 one, the IPv6 one is announced by nobody, a second
 // Service waits for an address, and a ServicePolicy applies to the first.
 func TestCommands(t *testing.T) {
-	if testenv.Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
-	env, err := testenv.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = env.Stop() })
-	mgr, err := operator.NewManager(env.Config, operator.Options{MetricsAddr: "0", ProbeAddr: "0",
-		Class: servicelb.Class{Name: lbv1.LoadBalancerClass, ClaimClassless: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	env := testenv.WithOperator(t)
+	ctx := context.Background()
 	c := env.Client
 
 	web := func(name string) *corev1.Service {

@@ -14,9 +14,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/controller/servicelb"
 	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/internal/operator"
 	"github.com/portico-dev/portico/test/testenv"
 )
 
@@ -76,23 +74,8 @@ func TestSyncWaves(t *testing.T) {
 // samples are applied (server-side) and the operator has reconciled them, a server-side diff
 // of the samples shows nothing: the operator writes status, never what users declare.
 func TestSamplesDoNotDriftOnceReconciled(t *testing.T) {
-	if testenv.Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
-	env, err := testenv.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = env.Stop() })
-	mgr, err := operator.NewManager(env.Config, operator.Options{MetricsAddr: "0", ProbeAddr: "0",
-		Class: servicelb.Class{Name: lbv1.LoadBalancerClass, ClaimClassless: true}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	env := testenv.WithOperator(t)
+	ctx := context.Background()
 
 	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
 	if err := lab.WriteKubeconfig(env.Config, env.Config.Host, kubeconfig); err != nil {

@@ -365,14 +365,19 @@ func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Ser
 			counts[answer]++
 		}
 		fmt.Printf("  $ curl %s   (%d times)\n", url(a), curls)
-		var lines []string
-		for answer, n := range counts {
-			lines = append(lines, fmt.Sprintf("    %2d x %s", n, answer))
-		}
-		sort.Strings(lines)
-		fmt.Println(strings.Join(lines, "\n"))
+		printCounts("    ", counts)
 	}
 	return nil
+}
+
+// printCounts prints how many times each answer came, sorted by answer.
+func printCounts(indent string, counts map[string]int) {
+	var lines []string
+	for answer, n := range counts {
+		lines = append(lines, fmt.Sprintf("%s%3d x %s", indent, n, answer))
+	}
+	sort.Strings(lines)
+	fmt.Println(strings.Join(lines, "\n"))
 }
 
 // curls is how many times the lab curls each address.
@@ -418,12 +423,7 @@ func showGRPC(ctx context.Context, c client.Client, lc *lab.Cluster) error {
 		counts[out]++
 	}
 	fmt.Printf("\ngRPC: 300 calls over one connection to %s (L7Policy greeter: per call, %s):\n", to, pol.Spec.Algorithm)
-	var lines []string
-	for answer, n := range counts {
-		lines = append(lines, fmt.Sprintf("  %3d x %s", n, answer))
-	}
-	sort.Strings(lines)
-	fmt.Println(strings.Join(lines, "\n"))
+	printCounts("  ", counts)
 	return nil
 }
 

@@ -3,18 +3,22 @@
 package testenv
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"testing"
 
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
+	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/controller/servicelb"
 	"github.com/portico-dev/portico/internal/lab"
 	"github.com/portico-dev/portico/internal/operator"
 )
@@ -141,3 +145,33 @@ func Samples() ([]client.Object, error) {
 
 // Stop stops the API server and etcd.
 func (e *Env) Stop() error { return e.env.Stop() }
+
+// WithOperator starts an API server for the test and runs Portico's operator on it until the
+// test ends (class-less Services claimed, no metrics or probe endpoints). Without the API
+// server's binaries the test is skipped.
+func WithOperator(t testing.TB) *Env {
+	t.Helper()
+	if Assets() == "" {
+		t.Skip("needs kube-apiserver and etcd: run `make test`")
+	}
+	env, err := Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Stop() })
+	mgr, err := operator.NewManager(env.Config, operator.Options{MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
+		Class: servicelb.Class{Name: lbv1.LoadBalancerClass, ClaimClassless: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("operator: %v", err)
+		}
+	})
+	return env
+}

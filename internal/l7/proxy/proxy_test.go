@@ -52,6 +52,17 @@ func greeters(t testing.TB, n int) []*backend {
 	return out
 }
 
+// refusing is a loopback address where nothing listens: connections are refused.
+func refusing(t testing.TB) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
 func addrs(bs []*backend) []netip.AddrPort {
 	out := make([]netip.AddrPort, len(bs))
 	for i, b := range bs {
@@ -312,13 +323,7 @@ func TestStreamsStatusesTrailersAndDeadlines(t *testing.T) {
 // when they are off: the test can tell).
 func TestRetriesHideARefusingBackend(t *testing.T) {
 	bs := greeters(t, 2)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	refusing := netip.MustParseAddrPort(ln.Addr().String())
-	_ = ln.Close()
-	backends := append(addrs(bs), refusing)
+	backends := append(addrs(bs), refusing(t))
 	// A budget that lets every request in flight retry: the floor of 3 retries in flight
 	// would otherwise fail a fourth concurrent one now and then, as it should.
 	retries := &proxy.Retries{Attempts: 2, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 100}
@@ -535,12 +540,7 @@ func TestRetryBudget(t *testing.T) {
 	good.Delay = 300 * time.Millisecond
 	backends := []netip.AddrPort{good.addr}
 	for range 3 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		backends = append(backends, netip.MustParseAddrPort(ln.Addr().String()))
-		_ = ln.Close()
+		backends = append(backends, refusing(t))
 	}
 	for _, budget := range []int{20, 100} {
 		retries := &proxy.Retries{Attempts: 3, RetryOn: []proxy.Failure{proxy.ConnectFailure}, BudgetPercent: budget}
