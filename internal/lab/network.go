@@ -46,8 +46,9 @@ type Node struct {
 	Cgroup string
 	net    *Network
 	mu     sync.Mutex
-	// pods holds each pod slot's namespace ("" when free): slot k has addresses .10+k.
-	pods []string
+	// pods holds each pod slot's pod (nil when free): slot k has addresses .10+k and
+	// namespace and port names ending in k+1, which a later pod in the slot reuses.
+	pods []*Pod
 }
 
 // Pod is a namespace on a node's pod bridge.
@@ -187,17 +188,17 @@ func (n *Network) plug(ns, port string, addrs []netip.Addr) error {
 // each pod CIDR and default routes through the node. On error nothing of it is left.
 func (node *Node) AddPod(name string) (*Pod, error) {
 	node.mu.Lock()
-	k := slices.Index(node.pods, "")
+	k := slices.Index(node.pods, nil)
 	if k < 0 {
 		k = len(node.pods)
-		node.pods = append(node.pods, "")
+		node.pods = append(node.pods, nil)
 	}
 	if k > 200 {
 		node.mu.Unlock()
 		return nil, fmt.Errorf("node %s has no free pod address", node.Name)
 	}
 	p := &Pod{Name: name, Node: node.Name, NS: fmt.Sprintf("%s-%s-p%d", node.net.name, node.Name, k+1)}
-	node.pods[k] = p.NS
+	node.pods[k] = p
 	node.mu.Unlock()
 	for _, cidr := range node.Pods {
 		a := first(cidr)
@@ -238,26 +239,33 @@ func (node *Node) plugPod(p *Pod, port string) error {
 			return err
 		}
 	}
+	// The node may still have a neighbour entry for an earlier pod of this slot (same
+	// addresses, another MAC): it would send the new pod's traffic there until it expired.
+	for _, a := range p.IPs {
+		if err := ip(node.NS, "neigh", "flush", "to", a.String()); err != nil {
+			return err
+		}
+	}
 	return settle(p.NS)
 }
 
-// RemovePod deletes the pod's veth and namespace and frees its slot. The veth goes first, by
-// name: a deleted namespace takes its links with it only when the kernel gets to it, and the
-// next pod in the slot would find the old port's name taken.
+// RemovePod deletes the pod's veth and namespace and frees its slot; a pod removed already
+// is left alone (its slot may hold a new pod with the same names by now). The veth goes
+// first, by name: a deleted namespace takes its links with it only when the kernel gets to
+// it, and the next pod in the slot would find the old port's name taken.
 func (node *Node) RemovePod(p *Pod) error {
 	node.mu.Lock()
-	k := slices.Index(node.pods, p.NS)
-	node.mu.Unlock()
-	if k >= 0 {
-		_ = ip(node.NS, "link", "del", fmt.Sprintf("v%d", k+1)) // gone already when the pod's setup failed early
-	}
-	err := delNS(p.NS)
-	node.mu.Lock()
 	defer node.mu.Unlock()
-	if k >= 0 && err == nil {
-		node.pods[k] = ""
+	k := slices.Index(node.pods, p)
+	if k < 0 {
+		return nil
 	}
-	return err
+	_ = ip(node.NS, "link", "del", fmt.Sprintf("v%d", k+1)) // gone already when the pod's setup failed early
+	if err := delNS(p.NS); err != nil {
+		return err
+	}
+	node.pods[k] = nil
+	return nil
 }
 
 // RouteVia sends the client's traffic for addr through node, as a router with a static
@@ -295,12 +303,15 @@ func (n *Network) Close() error {
 	var errs []error
 	for _, node := range n.Nodes {
 		node.mu.Lock()
-		namespaces := append(slices.Clone(node.pods), node.NS)
+		namespaces := []string{node.NS}
+		for _, p := range node.pods {
+			if p != nil {
+				namespaces = append(namespaces, p.NS)
+			}
+		}
 		node.mu.Unlock()
 		for _, ns := range namespaces {
-			if ns != "" {
-				errs = append(errs, delNS(ns))
-			}
+			errs = append(errs, delNS(ns))
 		}
 	}
 	errs = append(errs, delNS(n.Client), delNS(n.lan))
