@@ -57,7 +57,6 @@ type speaker struct {
 	// Event of each Service.
 	announced map[netip.Addr]types.NamespacedName
 	told      map[types.NamespacedName]string
-	held      []netip.Addr // what the last sync announced, in the order Addresses gives
 }
 
 func newSpeaker(mgr ctrl.Manager, o Options, report *reporter, ready <-chan struct{}, reg prometheus.Registerer) (*speaker, error) {
@@ -166,10 +165,8 @@ func (s *speaker) sync(ctx context.Context) error {
 		}
 		report = append(report, lbv1.AnnouncedAddress{Address: h.IP.String(), Service: h.Service.String(), Interfaces: h.ifaces})
 	}
-	if !slices.Equal(mine, s.held) {
-		peers := slices.Sorted(maps.Keys(live))
-		ctrl.LoggerFrom(ctx).Info("Announcing", "addresses", mine, "livePeers", peers, "warmedUp", ready)
-		s.held = mine
+	if len(held) != len(s.announced) || slices.ContainsFunc(held, func(h holding) bool { _, ok := s.announced[h.IP]; return !ok }) {
+		ctrl.LoggerFrom(ctx).Info("Announcing", "addresses", mine, "livePeers", slices.Sorted(maps.Keys(live)), "warmedUp", ready)
 	}
 	err = s.announcer.Set(byIface)
 	s.members.SetSelf(ready, members.Peer{Claims: mine, NoInterface: noInterface})

@@ -29,18 +29,10 @@ func TestLostAgentsAreMarked(t *testing.T) {
 	// announcing one address.
 	report := func(node string) {
 		t.Helper()
-		na := &lbv1.NodeAgent{TypeMeta: metav1.TypeMeta{APIVersion: lbv1.GroupVersion.String(), Kind: "NodeAgent"}, ObjectMeta: metav1.ObjectMeta{Name: node}}
-		if err := env.Client.Patch(ctx, na.DeepCopy(), client.Apply, client.FieldOwner("agent"), client.ForceOwnership); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = env.Client.Delete(context.Background(), na) })
-		na.Status = lbv1.NodeAgentStatus{
+		writeNodeAgent(t, node, lbv1.NodeAgentStatus{
 			Conditions:    []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Synced", LastTransitionTime: metav1.Now()}},
 			Announcements: []lbv1.AnnouncedAddress{{Address: "192.0.2.1", Service: "default/web", Interfaces: []string{"eth0"}}},
-		}
-		if err := env.Client.Status().Patch(ctx, na, client.Apply, client.FieldOwner("agent"), client.ForceOwnership); err != nil {
-			t.Fatal(err)
-		}
+		})
 	}
 	// renew applies node's Lease as renewed now, lasting d.
 	renew := func(node string, d time.Duration) {

@@ -90,24 +90,15 @@ func TestPolicyProgrammedFollowsNodeAgents(t *testing.T) {
 	// report makes a node's agent ready with the given generations of the policy in force.
 	report := func(node string, ready bool, generations ...int64) {
 		t.Helper()
-		na := &lbv1.NodeAgent{ObjectMeta: metav1.ObjectMeta{Name: node}}
-		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(na), na); err != nil {
-			if err := env.Client.Create(ctx, na); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = env.Client.Delete(context.Background(), na) })
-		}
 		status := metav1.ConditionFalse
 		if ready {
 			status = metav1.ConditionTrue
 		}
-		na.Status = lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: status, Reason: "Test", LastTransitionTime: metav1.Now()}}}
+		st := lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: status, Reason: "Test", LastTransitionTime: metav1.Now()}}}
 		for _, g := range generations {
-			na.Status.Policies = append(na.Status.Policies, lbv1.ProgrammedPolicy{Kind: "ServicePolicy", Namespace: f.ns, Name: "web", Generation: g})
+			st.Policies = append(st.Policies, lbv1.ProgrammedPolicy{Kind: "ServicePolicy", Namespace: f.ns, Name: "web", Generation: g})
 		}
-		if err := env.Client.Status().Update(ctx, na); err != nil {
-			t.Fatal(err)
-		}
+		writeNodeAgent(t, node, st)
 	}
 	wait := func(want metav1.ConditionStatus, reason, text string, nodes int32) {
 		t.Helper()
@@ -157,18 +148,8 @@ func TestL7PolicyProgrammedFollowsNodeAgents(t *testing.T) {
 	node := f.ns + "-n1" // NodeAgents are cluster-wide
 	report := func(kind string) {
 		t.Helper()
-		na := &lbv1.NodeAgent{ObjectMeta: metav1.ObjectMeta{Name: node}}
-		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(na), na); err != nil {
-			if err := env.Client.Create(ctx, na); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = env.Client.Delete(context.Background(), na) })
-		}
-		na.Status = lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Test", LastTransitionTime: metav1.Now()}},
-			Policies: []lbv1.ProgrammedPolicy{{Kind: kind, Namespace: f.ns, Name: "spread", Generation: 1}}}
-		if err := env.Client.Status().Update(ctx, na); err != nil {
-			t.Fatal(err)
-		}
+		writeNodeAgent(t, node, lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Test", LastTransitionTime: metav1.Now()}},
+			Policies: []lbv1.ProgrammedPolicy{{Kind: kind, Namespace: f.ns, Name: "spread", Generation: 1}}})
 	}
 	wait := func(want metav1.ConditionStatus, text string) {
 		t.Helper()

@@ -262,3 +262,19 @@ func isInvalid(err error) bool {
 	var status apierrors.APIStatus
 	return errors.As(err, &status) && apierrors.IsInvalid(err)
 }
+
+// writeNodeAgent writes a node's NodeAgent as its agent does (server-side apply, forced): the
+// whole status each time. It goes when the test ends.
+func writeNodeAgent(t *testing.T, node string, status lbv1.NodeAgentStatus) {
+	t.Helper()
+	ctx := context.Background()
+	na := &lbv1.NodeAgent{TypeMeta: metav1.TypeMeta{APIVersion: lbv1.GroupVersion.String(), Kind: "NodeAgent"}, ObjectMeta: metav1.ObjectMeta{Name: node}}
+	if err := env.Client.Patch(ctx, na.DeepCopy(), client.Apply, client.FieldOwner("agent"), client.ForceOwnership); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Client.Delete(context.Background(), na) })
+	na.Status = status
+	if err := env.Client.Status().Patch(ctx, na, client.Apply, client.FieldOwner("agent"), client.ForceOwnership); err != nil {
+		t.Fatal(err)
+	}
+}
