@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"io"
@@ -27,7 +26,8 @@ const (
 
 var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// ServeHTTP forwards one request: to a backend the algorithm picks, again to another when it
+// ServeHTTP serves HTTP/1.1 clients (HTTP/2 requests are exchanges, exchange.go). It forwards
+// one request: to a backend the algorithm picks, again to another when it
 // failed in a way that is safe to retry and the budget allows, and answers the client with
 // the backend's response as it arrives (headers, body, trailers), or with the proxy's own
 // error when no attempt got a response.
@@ -43,9 +43,7 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel = context.WithTimeout(ctx, cfg.RequestTimeout)
 		defer cancel()
 	}
-	if cfg.Protocol == HTTP1 {
-		_ = http.NewResponseController(w).EnableFullDuplex()
-	}
+	_ = http.NewResponseController(w).EnableFullDuplex()
 	var body *replay
 	if r.Body != nil && r.Body != http.NoBody {
 		body = &replay{src: r.Body}
@@ -59,7 +57,7 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for try := 0; ; try++ {
 		b := s.pool.pick(cfg.Algorithm, tried)
 		if b == nil {
-			code = s.fail(w, cfg, ctx, errors.New("no backend is available"))
+			code = s.fail(w, ctx, errors.New("no backend is available"))
 			return
 		}
 		tried = append(tried, b)
@@ -74,7 +72,7 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if try+1 >= attempts || !s.mayRetry(cfg, failure) || !body.replayable() || ctx.Err() != nil {
-			code = s.fail(w, cfg, ctx, err)
+			code = s.fail(w, ctx, err)
 			return
 		}
 		s.metrics.retries.WithLabelValues(s.name, string(failure)).Inc()
@@ -134,9 +132,8 @@ func (s *service) attempt(ctx context.Context, w http.ResponseWriter, r *http.Re
 		return false, "", classify(err), err
 	}
 	defer resp.Body.Close()
-	// From here on the backend's answer is the client's, whatever it says: its status codes,
-	// messages and trailers pass through unchanged, and nothing is retried.
-	status := resp.Header.Get("Grpc-Status")
+	// From here on the backend's answer is the client's, whatever it says, and nothing is
+	// retried.
 	h := w.Header()
 	for k, v := range resp.Header {
 		if !hopByHop(k) {
@@ -154,14 +151,9 @@ func (s *service) attempt(ctx context.Context, w http.ResponseWriter, r *http.Re
 	for k, v := range resp.Trailer {
 		h[http.TrailerPrefix+k] = v
 	}
-	if status == "" {
-		status = resp.Trailer.Get("Grpc-Status")
-	}
-	s.pool.report(b, !failed(cfg.Protocol, resp.StatusCode, status), cfg.Outlier)
-	if cfg.Protocol == GRPC {
-		return true, cmp.Or(status, "unknown"), "", nil
-	}
-	return true, strconv.Itoa(resp.StatusCode), "", nil
+	code = strconv.Itoa(resp.StatusCode)
+	s.pool.report(b, !failed(HTTP1, code, ""), cfg.Outlier)
+	return true, code, "", nil
 }
 
 // stream copies a response body to the client, flushing after each read so that streams
@@ -189,51 +181,24 @@ func stream(w http.ResponseWriter, body io.Reader) (backendFailed bool, err erro
 	}
 }
 
-// failed says whether a response counts as a failure of its backend for outlier detection.
-func failed(p Protocol, code int, grpcStatus string) bool {
+// failed says whether a response (its HTTP status, and gRPC status for gRPC) counts as a
+// failure of its backend for outlier detection.
+func failed(p Protocol, status, grpcStatus string) bool {
 	if p == GRPC {
 		return grpcStatus == strconv.Itoa(grpcUnavailable)
 	}
-	return code == http.StatusBadGateway || code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout
+	return status == "502" || status == "503" || status == "504"
 }
 
-// fail answers with the proxy's own error: for gRPC a trailers-only response with
-// UNAVAILABLE (or DEADLINE_EXCEEDED), as grpc-go clients expect; otherwise 503 (or 504). It
-// returns the code the client got.
-func (s *service) fail(w http.ResponseWriter, cfg *Config, ctx context.Context, cause error) string {
-	timeout := errors.Is(ctx.Err(), context.DeadlineExceeded)
-	msg := "portico proxy: " + cause.Error()
-	if cfg.Protocol == GRPC {
-		code := grpcUnavailable
-		if timeout {
-			code = grpcDeadlineExceeded
-		}
-		h := w.Header()
-		h.Set("Content-Type", "application/grpc")
-		h.Set("Grpc-Status", strconv.Itoa(code))
-		h.Set("Grpc-Message", grpcMessage(msg))
-		w.WriteHeader(http.StatusOK)
-		return strconv.Itoa(code)
-	}
+// fail answers with the proxy's own error: 503, or 504 when the request timed out. It returns
+// the code the client got.
+func (s *service) fail(w http.ResponseWriter, ctx context.Context, cause error) string {
 	code := http.StatusServiceUnavailable
-	if timeout {
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		code = http.StatusGatewayTimeout
 	}
-	http.Error(w, msg, code)
+	http.Error(w, "portico proxy: "+cause.Error(), code)
 	return strconv.Itoa(code)
-}
-
-// grpcMessage percent-encodes what gRPC's message header may not carry as is.
-func grpcMessage(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c > 0x7e || c == '%' {
-			b.WriteString("%" + strings.ToUpper(strconv.FormatInt(int64(c)|0x100, 16)[1:]))
-		} else {
-			b.WriteByte(c)
-		}
-	}
-	return b.String()
 }
 
 // classify names an error of the transport, when it is one the proxy may retry.
@@ -242,14 +207,7 @@ func classify(err error) Failure {
 	switch {
 	case errors.As(err, &op) && op.Op == "dial", errors.Is(err, syscall.ECONNREFUSED):
 		return ConnectFailure
-	// net/http's HTTP/2 errors are unexported types: their text is what is left.
-	case strings.Contains(err.Error(), "REFUSED_STREAM"):
-		return RefusedStream
-	case strings.Contains(err.Error(), "GOAWAY"):
-		// The backend is going away and did not take the stream (a stopping grpc-go server).
-		return Unavailable
-	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNABORTED), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
-		strings.Contains(err.Error(), "client connection lost"), strings.Contains(err.Error(), "client connection force closed"):
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE), errors.Is(err, syscall.ECONNABORTED), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 		return Reset
 	}
 	return ""

@@ -16,8 +16,9 @@ import (
 // one (more when the backend limits streams per connection), HTTP/1.1 keeps a pool.
 type backend struct {
 	addr      netip.AddrPort
-	host      string // addr as a URL host
-	transport *http.Transport
+	host      string          // addr as a URL host
+	transport *http.Transport // HTTP/1.1
+	h2        *upstreams      // HTTP/2
 	inflight  atomic.Int64
 
 	failures     atomic.Int64 // in a row
@@ -52,19 +53,29 @@ func newPool(p Protocol, ejected func()) *pool {
 }
 
 func (p *pool) newBackend(a netip.AddrPort) *backend {
-	t := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConnsPerHost: 1024,
-		IdleConnTimeout:     2 * time.Minute,
-		DisableCompression:  true,
-	}
-	if p.protocol != HTTP1 {
-		var protos http.Protocols
-		protos.SetUnencryptedHTTP2(true)
-		t.Protocols = &protos
-	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &backend{addr: a, host: a.String(), transport: t, drained: ctx, reset: cancel}
+	b := &backend{addr: a, host: a.String(), drained: ctx, reset: cancel}
+	if p.protocol == HTTP1 {
+		b.transport = &http.Transport{
+			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConnsPerHost: 1024,
+			IdleConnTimeout:     2 * time.Minute,
+			DisableCompression:  true,
+		}
+	} else {
+		b.h2 = &upstreams{addr: b.host}
+		context.AfterFunc(ctx, b.h2.closeAll) // drained: what is left is reset
+	}
+	return b
+}
+
+// shut closes a backend's idle connections (HTTP/1.1) or every connection (HTTP/2, whose
+// streams were reset already when it drained).
+func (b *backend) shut() {
+	b.reset()
+	if b.transport != nil {
+		b.transport.CloseIdleConnections()
+	}
 }
 
 // set makes addrs the backends. A new address gets a backend; a backend whose address is
@@ -102,8 +113,7 @@ func (p *pool) set(addrs []netip.AddrPort, drain time.Duration) {
 // retire closes a drained backend's connections. Callers hold p.mu.
 func (p *pool) retire(b *backend) {
 	b.timer.Stop()
-	b.reset()
-	b.transport.CloseIdleConnections()
+	b.shut()
 	delete(p.draining, b)
 }
 
@@ -194,17 +204,23 @@ func (p *pool) report(b *backend, ok bool, o *Outlier) {
 // close resets every backend's requests and closes its connections.
 func (p *pool) close() {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.closed {
+		p.mu.Unlock()
 		return
 	}
 	p.closed = true
-	for _, b := range p.all {
-		b.reset()
-		b.transport.CloseIdleConnections()
-	}
+	all := p.all
 	for b := range p.draining {
+		all = append(all, b)
 		p.retire(b)
 	}
 	p.all = nil
+	p.mu.Unlock()
+	for _, b := range all {
+		b.shut()
+		if b.h2 != nil {
+			b.h2.closeAll()
+			b.h2.wg.Wait()
+		}
+	}
 }

@@ -183,6 +183,13 @@ func (p *Proxy) stop(s *service) {
 	}()
 }
 
+// server serves a listener's clients: net/http's for HTTP/1.1, h2server for HTTP/2.
+type server interface {
+	Serve(net.Listener) error
+	Shutdown(context.Context) error
+	Close() error
+}
+
 // service is one listener: its server, its backends and its settings.
 type service struct {
 	name     string
@@ -191,7 +198,7 @@ type service struct {
 	protocol Protocol
 	metrics  *metrics
 	ln       net.Listener
-	srv      *http.Server
+	srv      server
 	cfg      atomic.Pointer[Config]
 	pool     *pool
 	served   chan struct{}
@@ -210,16 +217,15 @@ func start(name string, cfg Config, m *metrics) (*service, error) {
 		_ = ln.Close()
 		return nil, fmt.Errorf("listener %s: %w", name, err)
 	}
-	var protos http.Protocols
-	if cfg.Protocol == HTTP1 {
-		protos.SetHTTP1(true)
-	} else {
-		protos.SetUnencryptedHTTP2(true)
-	}
 	s := &service{name: name, listen: cfg.Listen, addr: addr, protocol: cfg.Protocol, metrics: m, ln: ln, served: make(chan struct{}),
 		pool: newPool(cfg.Protocol, func() { m.ejections.WithLabelValues(name).Inc() })}
-	s.srv = &http.Server{Handler: s, Protocols: &protos, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute,
-		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 1000}}
+	if cfg.Protocol == HTTP1 {
+		var protos http.Protocols
+		protos.SetHTTP1(true)
+		s.srv = &http.Server{Handler: s, Protocols: &protos, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute}
+	} else {
+		s.srv = newH2Server(s)
+	}
 	s.set(cfg)
 	go func() {
 		defer close(s.served)
@@ -236,6 +242,7 @@ func (s *service) set(cfg Config) {
 
 // close stops at once: connections close, requests in flight are reset.
 func (s *service) close() {
+	_ = s.ln.Close()
 	_ = s.srv.Close()
 	<-s.served
 	s.pool.close()

@@ -511,6 +511,83 @@ func TestHTTP1(t *testing.T) {
 	}
 }
 
+// HTTP/2 without gRPC (h2c, prior knowledge): one connection is spread per request, bodies
+// go both ways, the backend's status codes come back unchanged, the client's address is
+// appended to x-forwarded-for; with no backend the proxy answers 503, and 504 when the
+// request timeout is over.
+func TestHTTP2(t *testing.T) {
+	var backends []netip.AddrPort
+	var h2 http.Protocols
+	h2.SetUnencryptedHTTP2(true)
+	for i := range 3 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Protocols: &h2, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			body, _ := io.ReadAll(r.Body)
+			if r.URL.Path == "/slow" {
+				time.Sleep(2 * time.Second)
+			}
+			w.Header().Set("X-Backend", fmt.Sprint(i+1))
+			w.WriteHeader(http.StatusCreated)
+			fmt.Fprintf(w, "%s %s %s", r.Proto, r.Header.Get("X-Forwarded-For"), body)
+		})}
+		go func() { _ = srv.Serve(ln) }()
+		t.Cleanup(func() { _ = srv.Close() })
+		backends = append(backends, netip.MustParseAddrPort(ln.Addr().String()))
+	}
+	client := &http.Client{Transport: &http.Transport{Protocols: &h2}}
+	do := func(addr netip.AddrPort, path string) (*http.Response, string) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPost, "http://"+addr.String()+path, strings.NewReader("ping"))
+		req.Header.Set("X-Forwarded-For", "198.51.100.7")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		_ = resp.Body.Close()
+		return resp, string(body)
+	}
+
+	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: backends, RequestTimeout: 500 * time.Millisecond})
+	got := map[string]int{}
+	for range 30 {
+		resp, body := do(addr, "/")
+		if resp.StatusCode != http.StatusCreated || resp.ProtoMajor != 2 || body != "HTTP/2.0 198.51.100.7, 127.0.0.1 ping" {
+			t.Fatalf("got %s %s %q", resp.Proto, resp.Status, body)
+		}
+		got[resp.Header.Get("X-Backend")]++
+	}
+	if got["1"] != 10 || got["2"] != 10 || got["3"] != 10 {
+		t.Fatalf("one HTTP/2 connection, 30 requests: %v", got)
+	}
+	if resp, body := do(addr, "/slow"); resp.StatusCode != http.StatusGatewayTimeout || !strings.Contains(body, "request timeout") {
+		t.Fatalf("past the request timeout: %s %q; want 504", resp.Status, body)
+	}
+
+	_, addr, _ = serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin})
+	if resp, body := do(addr, "/"); resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "no backend") {
+		t.Fatalf("no backend: %s %q; want 503", resp.Status, body)
+	}
+}
+
+// The request timeout bounds a gRPC call that has no deadline of its own: the client gets
+// DEADLINE_EXCEEDED from the proxy, and the backend's call is cancelled.
+func TestRequestTimeout(t *testing.T) {
+	bs := greeters(t, 1)
+	_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), RequestTimeout: 200 * time.Millisecond})
+	t0 := time.Now()
+	_, err := greeter.Call(context.Background(), dial(t, addr), "sleep:5s")
+	if st := status.Convert(err); st.Code() != codes.DeadlineExceeded || !strings.Contains(st.Message(), "request timeout") || time.Since(t0) > 3*time.Second {
+		t.Fatalf("got %v after %v; want DEADLINE_EXCEEDED from the proxy after 200ms", err, time.Since(t0))
+	}
+	if n := count(t, reg, "portico_l7_requests_total", map[string]string{"code": "4"}); n != 1 {
+		t.Fatalf("%v requests counted with code 4; want 1", n)
+	}
+}
+
 // BenchmarkUnary is unary gRPC through the proxy, in one process (client, proxy and
 // greeters): for profiles (-cpuprofile); test/bench's BenchmarkL7 compares it with nginx.
 func BenchmarkUnary(b *testing.B) {
@@ -582,5 +659,16 @@ func TestRemovedListenerFreesItsPortAtOnce(t *testing.T) {
 	}
 	if err := p.Set(map[string]proxy.Config{"other": cfg}); err != nil {
 		t.Fatalf("the port of a removed listener is still taken: %v", err)
+	}
+	n := 1
+	for ; ; n++ {
+		if err := s.RecvMsg(new(wrapperspb.StringValue)); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			t.Fatalf("the stream in flight on the removed listener failed after %d of 20 messages: %v", n, err)
+		}
+	}
+	if n != 20 {
+		t.Fatalf("the stream in flight got %d of 20 messages", n)
 	}
 }

@@ -1,0 +1,634 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// What the proxy tells both its clients and its backends: how much each stream and each
+// connection may send ahead of what the proxy passed on. The proxy gives credit back only
+// when it wrote what it received to the other side, so a slow reader on one side slows the
+// sender on the other, and the proxy holds at most these windows per stream and connection.
+const (
+	streamWindow = 1 << 20
+	connWindow   = 8 << 20
+	maxFrame     = 16 << 10 // the protocol's default, so frames pass on without splitting
+	maxStreams   = 1000     // per client connection
+)
+
+// side tells which of its two streams an event of an exchange is about.
+type side uint8
+
+const (
+	down side = iota // the client's stream, on a connection the proxy serves
+	up               // the stream to the backend
+)
+
+// item is what a stream still has to write, in order: a header block, data, or the end.
+type item struct {
+	header []hpack.HeaderField // a header block (non-nil), else data
+	data   []byte
+	end    bool
+	// credit: the data came from this stream of another connection, which gets it back as
+	// window once the data is written here.
+	from   *h2conn
+	fromID uint32
+}
+
+// h2stream is one stream of a connection, as the connection sees it.
+type h2stream struct {
+	id      uint32
+	x       *exchange
+	window  int32  // how much data the peer lets us send
+	queue   []item // waiting for window (data) or behind data
+	sentEnd bool   // END_STREAM written
+	gotEnd  bool   // the peer's END_STREAM read
+	unacked int32  // read and passed on, not yet given back as window
+}
+
+// credit is window to give back to a stream of a connection, once its data was written on.
+type credit struct {
+	c  *h2conn
+	id uint32
+	n  int32
+}
+
+// h2conn is one HTTP/2 connection: to a client (the proxy serves it) or to a backend (the
+// proxy is its client). One goroutine reads its frames and hands each to the stream's
+// exchange; another writes whatever the exchanges queued since its last write in one system
+// call, so that the frames of many streams share a write. Nothing is held under mu while
+// calling out: an exchange may lock a connection, never the other way round.
+type h2conn struct {
+	nc     net.Conn
+	client bool // the proxy is the client: a connection to a backend
+	rd     *http2.Framer
+	srv    *h2server  // for a client's connection: where new streams go
+	ub     *upstreams // for a backend's connection: the backend's connections
+	done   chan struct{}
+	wake   chan struct{}
+
+	mu          sync.Mutex
+	out, spare  []byte
+	fr          *http2.Framer // writes into out
+	enc         *hpack.Encoder
+	hbuf        bytes.Buffer
+	streams     map[uint32]*h2stream
+	lastID      uint32 // the highest stream ID opened (by either side)
+	sendWindow  int32
+	initWindow  int32  // the peer's initial stream window
+	peerFrame   uint32 // the peer's largest frame
+	peerStreams uint32 // the peer's limit of concurrent streams
+	recvWindow  int32  // what the peer may still send on the connection
+	unacked     int32
+	goingAway   bool // no new streams: GOAWAY sent or received
+	finishing   bool // going away and no stream left: close once the output is written
+	closed      bool
+	err         error // why it closed
+}
+
+func newConn(nc net.Conn, client bool) *h2conn {
+	c := &h2conn{nc: nc, client: client, done: make(chan struct{}), wake: make(chan struct{}, 1),
+		streams: map[uint32]*h2stream{}, sendWindow: 65535, initWindow: 65535, peerFrame: maxFrame, peerStreams: 1 << 31, recvWindow: 65535}
+	c.rd = http2.NewFramer(nil, bufio.NewReaderSize(nc, 32<<10))
+	c.rd.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.rd.MaxHeaderListSize = 1 << 20
+	c.rd.SetMaxReadFrameSize(maxFrame)
+	c.rd.SetReuseFrames()
+	c.fr = http2.NewFramer(connWriter{c}, nil)
+	c.enc = hpack.NewEncoder(&c.hbuf)
+	return c
+}
+
+// connWriter lets the write framer append to the connection's output; its callers hold mu.
+type connWriter struct{ c *h2conn }
+
+func (w connWriter) Write(p []byte) (int, error) {
+	w.c.out = append(w.c.out, p...)
+	return len(p), nil
+}
+
+// start writes the connection's preface (the client's magic string for a backend
+// connection, then the settings and the connection window) and runs its reader and writer.
+func (c *h2conn) start(wg *sync.WaitGroup) {
+	c.mu.Lock()
+	if c.client {
+		c.out = append(c.out, http2.ClientPreface...)
+	}
+	settings := []http2.Setting{{ID: http2.SettingInitialWindowSize, Val: streamWindow}, {ID: http2.SettingMaxFrameSize, Val: maxFrame}}
+	if c.client {
+		settings = append(settings, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
+	} else {
+		settings = append(settings, http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: maxStreams})
+	}
+	_ = c.fr.WriteSettings(settings...)
+	_ = c.fr.WriteWindowUpdate(0, connWindow-65535)
+	c.recvWindow = connWindow
+	c.mu.Unlock()
+	wg.Add(2)
+	go func() { defer wg.Done(); c.write() }()
+	go func() { defer wg.Done(); c.read() }()
+	c.kick()
+}
+
+func (c *h2conn) kick() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// write writes what was queued, until the connection closes.
+func (c *h2conn) write() {
+	for {
+		select {
+		case <-c.wake:
+		case <-c.done:
+			return
+		}
+		c.mu.Lock()
+		out := c.out
+		c.out, c.spare = c.spare[:0], nil
+		finished := len(out) == 0 && c.finishing
+		c.mu.Unlock()
+		if finished {
+			c.close(errors.New("gone away"))
+			return
+		}
+		if len(out) == 0 {
+			continue
+		}
+		_ = c.nc.SetWriteDeadline(time.Now().Add(30 * time.Second)) // a peer that reads nothing
+		if _, err := c.nc.Write(out); err != nil {
+			c.close(fmt.Errorf("write: %w", err))
+			return
+		}
+		c.mu.Lock()
+		c.spare = out
+		finishing := c.finishing
+		c.mu.Unlock()
+		if finishing {
+			c.kick()
+		}
+	}
+}
+
+// close ends the connection at once: every stream on it is lost.
+func (c *h2conn) close(err error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed, c.err = true, err
+	streams := c.streams
+	c.streams = map[uint32]*h2stream{}
+	c.mu.Unlock()
+	close(c.done)
+	_ = c.nc.Close()
+	var credits []credit
+	for _, st := range streams {
+		credits = st.drop(credits)
+	}
+	give(credits)
+	for _, st := range streams {
+		st.x.lost(c, st.id, Reset, err)
+	}
+	if c.ub != nil {
+		c.ub.remove(c)
+	}
+	if c.srv != nil {
+		c.srv.forget(c)
+	}
+}
+
+// read reads frames until the connection fails or closes.
+func (c *h2conn) read() {
+	if !c.client {
+		buf := make([]byte, len(http2.ClientPreface))
+		_ = c.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+		if _, err := io.ReadFull(c.nc, buf); err != nil || string(buf) != http2.ClientPreface {
+			c.close(errors.New("not an HTTP/2 client (prior knowledge)"))
+			return
+		}
+		_ = c.nc.SetReadDeadline(time.Time{})
+	}
+	for {
+		f, err := c.rd.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.resetStream(se.StreamID, se.Code)
+				continue
+			}
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				c.goAway(http2.ErrCode(ce))
+			}
+			c.close(fmt.Errorf("read: %w", err))
+			return
+		}
+		if err := c.handle(f); err != nil {
+			c.goAway(http2.ErrCodeProtocol)
+			c.close(err)
+			return
+		}
+	}
+}
+
+// handle is one frame read.
+func (c *h2conn) handle(f http2.Frame) error {
+	id := f.Header().StreamID
+	switch f := f.(type) {
+	case *http2.DataFrame:
+		n := int32(f.Header().Length)
+		c.mu.Lock()
+		c.recvWindow -= n
+		if c.recvWindow < 0 {
+			c.mu.Unlock()
+			return errors.New("the peer sent more than its window")
+		}
+		st := c.streams[id]
+		if st != nil && f.StreamEnded() {
+			st.gotEnd = true
+		}
+		c.mu.Unlock()
+		pad := n - int32(len(f.Data()))
+		if st == nil {
+			c.credit(0, n) // a stream closed already: its data only counts for the connection
+			return nil
+		}
+		if pad > 0 {
+			c.credit(0, pad)
+		}
+		st.x.data(c, id, f.Data(), f.StreamEnded())
+		if f.StreamEnded() {
+			c.settleID(id)
+		}
+	case *http2.MetaHeadersFrame:
+		c.mu.Lock()
+		st := c.streams[id]
+		if st == nil {
+			if c.client || id <= c.lastID || id%2 == 0 {
+				c.mu.Unlock()
+				return nil // a stream that ended: nothing to do
+			}
+			c.lastID = id
+			if c.goingAway || len(c.streams) >= maxStreams {
+				_ = c.fr.WriteRSTStream(id, http2.ErrCodeRefusedStream)
+				c.mu.Unlock()
+				c.kick()
+				return nil
+			}
+			x := c.srv.newExchange(c, id)
+			st = &h2stream{id: id, x: x, window: c.initWindow, gotEnd: f.StreamEnded()}
+			c.streams[id] = st
+			c.mu.Unlock()
+			x.start(f.Fields, f.StreamEnded())
+			return nil
+		}
+		if f.StreamEnded() {
+			st.gotEnd = true
+		}
+		c.mu.Unlock()
+		st.x.headers(c, id, f.Fields, f.StreamEnded())
+		if f.StreamEnded() {
+			c.settleID(id)
+		}
+	case *http2.RSTStreamFrame:
+		c.mu.Lock()
+		st := c.streams[id]
+		var credits []credit
+		if st != nil {
+			delete(c.streams, id)
+			credits = st.drop(nil)
+		}
+		c.mu.Unlock()
+		give(credits)
+		if st != nil {
+			st.x.reset(c, id, f.ErrCode)
+			c.idle()
+		}
+	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		var credits []credit
+		c.mu.Lock()
+		err := f.ForeachSetting(func(s http2.Setting) error {
+			switch s.ID {
+			case http2.SettingInitialWindowSize:
+				if s.Val > 1<<31-1 {
+					return errors.New("initial window too large")
+				}
+				delta := int32(s.Val) - c.initWindow
+				c.initWindow = int32(s.Val)
+				for _, st := range c.streams {
+					st.window += delta
+				}
+			case http2.SettingMaxFrameSize:
+				c.peerFrame = s.Val
+			case http2.SettingMaxConcurrentStreams:
+				c.peerStreams = s.Val
+			case http2.SettingHeaderTableSize:
+				c.enc.SetMaxDynamicTableSizeLimit(s.Val)
+			}
+			return nil
+		})
+		_ = c.fr.WriteSettingsAck()
+		credits = c.flushAll(credits)
+		c.mu.Unlock()
+		c.kick()
+		give(credits)
+		return err
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			c.mu.Lock()
+			_ = c.fr.WritePing(true, f.Data)
+			c.mu.Unlock()
+			c.kick()
+		}
+	case *http2.WindowUpdateFrame:
+		var credits []credit
+		c.mu.Lock()
+		if id == 0 {
+			c.sendWindow += int32(f.Increment)
+			credits = c.flushAll(credits)
+		} else if st := c.streams[id]; st != nil {
+			st.window += int32(f.Increment)
+			credits = c.flush(st, credits)
+		}
+		c.mu.Unlock()
+		c.kick()
+		give(credits)
+		c.idle()
+	case *http2.GoAwayFrame:
+		c.mu.Lock()
+		c.goingAway = true
+		var lost []*h2stream
+		var credits []credit
+		if c.client {
+			for sid, st := range c.streams {
+				if sid > f.LastStreamID { // the backend never saw it: safe to send elsewhere
+					delete(c.streams, sid)
+					credits = st.drop(credits)
+					lost = append(lost, st)
+				}
+			}
+		}
+		c.mu.Unlock()
+		give(credits)
+		for _, st := range lost {
+			st.x.lost(c, st.id, Unavailable, errors.New("the backend is going away"))
+		}
+		c.idle()
+	case *http2.PushPromiseFrame:
+		return errors.New("push promise, though push is off")
+	}
+	return nil
+}
+
+// settleID settles stream id after an END_STREAM was read on it.
+func (c *h2conn) settleID(id uint32) {
+	c.mu.Lock()
+	var credits []credit
+	if st := c.streams[id]; st != nil {
+		credits = c.settle(st, nil)
+	}
+	c.mu.Unlock()
+	c.kick()
+	give(credits)
+	c.idle()
+}
+
+// settle forgets a stream once both sides ended it. A backend that answered in full before
+// the request ended gets the rest of the request cancelled; a client answered in full before
+// its request ended is told to stop sending (RST_STREAM NO_ERROR, RFC 9113 8.1). Callers
+// hold mu.
+func (c *h2conn) settle(st *h2stream, credits []credit) []credit {
+	switch {
+	case st.gotEnd && st.sentEnd:
+	case c.client && st.gotEnd:
+		_ = c.fr.WriteRSTStream(st.id, http2.ErrCodeCancel)
+	case !c.client && st.sentEnd:
+		_ = c.fr.WriteRSTStream(st.id, http2.ErrCodeNo)
+	default:
+		return credits
+	}
+	if c.streams[st.id] == st {
+		delete(c.streams, st.id)
+	}
+	return st.drop(credits)
+}
+
+// idle closes a connection that is going away once its last stream ended and what was
+// written to it is out.
+func (c *h2conn) idle() {
+	c.mu.Lock()
+	done := c.goingAway && len(c.streams) == 0 && !c.closed && !c.finishing
+	c.finishing = c.finishing || done
+	c.mu.Unlock()
+	if done {
+		c.kick()
+	}
+}
+
+// drop empties a removed stream's queue, giving back the window of data never written.
+// Callers hold the stream's connection's mu.
+func (st *h2stream) drop(credits []credit) []credit {
+	for _, it := range st.queue {
+		if it.from != nil && len(it.data) > 0 {
+			credits = append(credits, credit{it.from, it.fromID, int32(len(it.data))})
+		}
+	}
+	st.queue = nil
+	return credits
+}
+
+// give hands credits back to their connections.
+func give(credits []credit) {
+	for _, cr := range credits {
+		cr.c.credit(cr.id, cr.n)
+	}
+}
+
+// credit gives back n bytes of window: to the connection, and to stream id while it may
+// still send. A window update goes out once a quarter of the window is owed.
+func (c *h2conn) credit(id uint32, n int32) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.unacked += n
+	wrote := false
+	if c.unacked >= connWindow/4 {
+		_ = c.fr.WriteWindowUpdate(0, uint32(c.unacked))
+		c.recvWindow += c.unacked
+		c.unacked, wrote = 0, true
+	}
+	if st := c.streams[id]; id != 0 && st != nil && !st.gotEnd {
+		st.unacked += n
+		if st.unacked >= streamWindow/4 {
+			_ = c.fr.WriteWindowUpdate(id, uint32(st.unacked))
+			st.unacked, wrote = 0, true
+		}
+	}
+	if wrote {
+		c.kick()
+	}
+}
+
+// open starts a stream to the backend with its request header, for x. It fails when the
+// connection is closed or going away.
+func (c *h2conn) open(x *exchange, header []hpack.HeaderField, end bool) (uint32, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || c.goingAway {
+		return 0, errors.New("the backend connection is going away")
+	}
+	id := c.lastID + 2
+	if c.lastID == 0 {
+		id = 1
+	}
+	c.lastID = id
+	st := &h2stream{id: id, x: x, window: c.initWindow}
+	c.streams[id] = st
+	c.writeHeader(st, header, end)
+	c.kick()
+	return id, nil
+}
+
+// send queues an item on stream id and writes what its windows allow. An item for a stream
+// that is gone is dropped (its window given back).
+func (c *h2conn) send(id uint32, it item) {
+	c.mu.Lock()
+	st := c.streams[id]
+	if st == nil || st.sentEnd {
+		c.mu.Unlock()
+		if it.from != nil && len(it.data) > 0 {
+			it.from.credit(it.fromID, int32(len(it.data)))
+		}
+		return
+	}
+	st.queue = append(st.queue, it)
+	credits := c.flush(st, nil)
+	c.mu.Unlock()
+	c.kick()
+	give(credits)
+	c.idle()
+}
+
+// resetStream resets stream id (when it is open) and forgets it.
+func (c *h2conn) resetStream(id uint32, code http2.ErrCode) {
+	c.mu.Lock()
+	st := c.streams[id]
+	var credits []credit
+	if st != nil {
+		delete(c.streams, id)
+		credits = st.drop(nil)
+	}
+	if !c.closed && id != 0 {
+		_ = c.fr.WriteRSTStream(id, code)
+	}
+	c.mu.Unlock()
+	c.kick()
+	give(credits)
+	c.idle()
+}
+
+// goAway tells the peer that no new stream will be taken; the connection closes once its
+// streams end.
+func (c *h2conn) goAway(code http2.ErrCode) {
+	c.mu.Lock()
+	if !c.closed && !c.goingAway {
+		c.goingAway = true
+		last := c.lastID
+		if c.client {
+			last = 0
+		}
+		_ = c.fr.WriteGoAway(last, code, nil)
+	}
+	c.mu.Unlock()
+	c.kick()
+	c.idle()
+}
+
+// flushAll writes what every stream's window allows. Callers hold mu.
+func (c *h2conn) flushAll(credits []credit) []credit {
+	for _, st := range c.streams {
+		if len(st.queue) > 0 {
+			credits = c.flush(st, credits)
+		}
+	}
+	return credits
+}
+
+// flush writes from the front of a stream's queue while windows allow, and returns the
+// credits of the data written. Callers hold mu.
+func (c *h2conn) flush(st *h2stream, credits []credit) []credit {
+	for len(st.queue) > 0 {
+		it := &st.queue[0]
+		if it.header != nil {
+			c.writeHeader(st, it.header, it.end)
+		} else {
+			n := min(int32(len(it.data)), st.window, c.sendWindow)
+			if n == 0 && len(it.data) > 0 {
+				return credits
+			}
+			last := n == int32(len(it.data))
+			_ = c.fr.WriteData(st.id, it.end && last, it.data[:n])
+			st.window -= n
+			c.sendWindow -= n
+			if it.from != nil && n > 0 {
+				credits = append(credits, credit{it.from, it.fromID, n})
+			}
+			if !last {
+				it.data = it.data[n:]
+				continue
+			}
+			st.sentEnd = st.sentEnd || it.end
+		}
+		st.queue[0] = item{}
+		st.queue = st.queue[1:]
+	}
+	if st.sentEnd {
+		credits = c.settle(st, credits)
+	}
+	return credits
+}
+
+// writeHeader encodes and writes a header block, split to the peer's frame size. Callers
+// hold mu.
+func (c *h2conn) writeHeader(st *h2stream, header []hpack.HeaderField, end bool) {
+	c.hbuf.Reset()
+	for _, f := range header {
+		_ = c.enc.WriteField(f)
+	}
+	block := c.hbuf.Bytes()
+	size := int(c.peerFrame)
+	first := block[:min(len(block), size)]
+	block = block[len(first):]
+	_ = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: st.id, BlockFragment: first, EndStream: end, EndHeaders: len(block) == 0})
+	for len(block) > 0 {
+		frag := block[:min(len(block), size)]
+		block = block[len(frag):]
+		_ = c.fr.WriteContinuation(st.id, len(block) == 0, frag)
+	}
+	st.sentEnd = st.sentEnd || end
+}
+
+// capacity says whether the connection takes a new stream.
+func (c *h2conn) capacity() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.closed && !c.goingAway && uint32(len(c.streams)) < c.peerStreams && c.lastID < 1<<31-2
+}

@@ -1,0 +1,90 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"sync"
+	"time"
+)
+
+var errBackendGone = errors.New("the backend was removed")
+
+// upstreams are one backend's HTTP/2 connections: usually one that carries every request,
+// more when the backend limits the streams of a connection.
+type upstreams struct {
+	addr string
+	wg   sync.WaitGroup // the connections' goroutines
+
+	mu      sync.Mutex
+	conns   []*h2conn
+	dialing bool
+	waiters []func(*h2conn, error)
+	closed  bool
+}
+
+// get returns a connection that takes a new stream. When there is none it returns nil and
+// then calls then, from another goroutine, once a new connection is up or failed.
+func (u *upstreams) get(then func(*h2conn, error)) (*h2conn, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		return nil, errBackendGone
+	}
+	for _, c := range u.conns {
+		if c.capacity() {
+			return c, nil
+		}
+	}
+	u.waiters = append(u.waiters, then)
+	if !u.dialing {
+		u.dialing = true
+		go u.dial()
+	}
+	return nil, nil
+}
+
+func (u *upstreams) dial() {
+	nc, err := net.DialTimeout("tcp", u.addr, 2*time.Second)
+	if err != nil {
+		err = fmt.Errorf("connect to %s: %w", u.addr, err)
+	}
+	var c *h2conn
+	u.mu.Lock()
+	waiters := u.waiters
+	u.waiters, u.dialing = nil, false
+	switch {
+	case err == nil && u.closed:
+		_ = nc.Close()
+		err = errBackendGone
+	case err == nil:
+		c = newConn(nc, true)
+		c.ub = u
+		u.conns = append(u.conns, c)
+		c.start(&u.wg)
+	}
+	u.mu.Unlock()
+	for _, then := range waiters {
+		then(c, err)
+	}
+}
+
+// remove forgets a closed connection.
+func (u *upstreams) remove(c *h2conn) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.conns = slices.DeleteFunc(u.conns, func(o *h2conn) bool { return o == c })
+}
+
+// closeAll closes every connection at once (the streams on them are reset) and takes no
+// new requests.
+func (u *upstreams) closeAll() {
+	u.mu.Lock()
+	u.closed = true
+	conns := slices.Clone(u.conns)
+	u.mu.Unlock()
+	for _, c := range conns {
+		c.close(errBackendGone)
+	}
+}
