@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -34,7 +35,8 @@ const (
 
 // runRole runs this process as one of BenchmarkL7's processes, until its stdin closes:
 // "greeters" (three greeters on loopback), "proxy" (Portico's proxy in front of the
-// addresses in argEnv) or "client" (calls, then a JSON line of results).
+// addresses in argEnv), "relay" (a TCP relay to the first of them) or "client" (calls, then
+// a JSON line of results).
 func runRole(role string) {
 	arg := os.Getenv(argEnv)
 	switch role {
@@ -70,6 +72,11 @@ func runRole(role string) {
 		}
 		addr, _ := p.Addr("bench")
 		fmt.Println(addr)
+	case "relay":
+		if err := relay(strings.Split(arg, ",")[0]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	case "client":
 		var c clientRun
 		if err := json.Unmarshal([]byte(arg), &c); err != nil {
@@ -81,6 +88,36 @@ func runRole(role string) {
 		return
 	}
 	_, _ = bufio.NewReader(os.Stdin).ReadString('\n') // until the benchmark closes it
+}
+
+// relay listens on loopback, prints its address and copies each connection's bytes to and
+// from a new connection to backend: the least any user-space hop costs, a floor for the
+// proxies' added latency. It serves until the process ends.
+func relay(backend string) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				u, err := net.Dial("tcp", backend)
+				if err != nil {
+					return
+				}
+				defer u.Close()
+				go func() { _, _ = io.Copy(u, c) }()
+				_, _ = io.Copy(c, u)
+			}()
+		}
+	}()
+	fmt.Println(ln.Addr())
+	return nil
 }
 
 // clientRun is one row's client: unary calls over one connection, from Streams goroutines,
@@ -283,45 +320,54 @@ func rss(b *testing.B, pid int) string {
 }
 
 // BenchmarkL7 measures unary gRPC through Portico's proxy against the same calls direct to
-// one backend and through nginx grpc_pass (keepalive) to the same three backends: requests
-// per second, p50 and p99, with 1 and 64 concurrent streams over one client connection. The
-// proxy and nginx run on CPU 1 (one Go thread, one worker); client and backends on CPU 0.
+// one backend, through nginx grpc_pass (keepalive) to the same three backends, and through a
+// TCP relay to one backend (the floor of any user-space hop): requests per second, p50 and
+// p99, with 1 and 64 concurrent streams over one client connection. Two placements: the
+// proxies on CPU 1 with client and backends on CPU 0 (each hop crosses CPUs), and everything
+// on CPU 0 (no hop does). The proxies run one thread (GOMAXPROCS=1, one nginx worker).
 // BENCH_L7_SECONDS sets each row's length (default 5).
 func BenchmarkL7(b *testing.B) {
 	seconds := float64(envInt("BENCH_L7_SECONDS", 5))
 	_, line := role(b, "greeters", "", 0)
 	backends := strings.Split(line, ",")
-	portico, paddr := role(b, "proxy", line, 1, "GOMAXPROCS=1")
-	naddr, nworker := nginx(b, backends, 1)
 	type path struct {
 		name, addr string
 		pid        int // 0: nothing between client and backend
 	}
-	paths := []path{{"direct (one backend)", backends[0], 0}, {"portico proxy", paddr, portico.Process.Pid}, {"nginx grpc_pass", naddr, nworker}}
-	fmt.Printf("\nunary gRPC, one client connection, %v per row; proxy and nginx pinned to CPU 1 (GOMAXPROCS=1 / one worker), client and 3 backends on CPU 0\n", time.Duration(seconds*float64(time.Second)))
-	fmt.Printf("%-8s %-22s %9s %9s %9s %12s %10s  %s\n", "streams", "path", "req/s", "p50", "p99", "CPU/10k req", "errors", "calls per backend")
-	for _, streams := range []int{1, 64} {
-		for _, p := range paths {
-			arg, _ := json.Marshal(clientRun{Target: p.addr, Streams: streams, Seconds: seconds})
-			var before time.Duration
-			if p.pid != 0 {
-				before = cpuTime(b, p.pid)
+	var proxies [2][]path
+	for cpu := range proxies {
+		portico, paddr := role(b, "proxy", line, cpu, "GOMAXPROCS=1")
+		naddr, nworker := nginx(b, backends, cpu)
+		relay, raddr := role(b, "relay", line, cpu, "GOMAXPROCS=1")
+		proxies[cpu] = []path{{"portico proxy", paddr, portico.Process.Pid}, {"nginx grpc_pass", naddr, nworker}, {"tcp relay", raddr, relay.Process.Pid}}
+	}
+	fmt.Printf("\nunary gRPC, one client connection, %v per row; client and 3 backends on CPU 0\n", time.Duration(seconds*float64(time.Second)))
+	fmt.Printf("%-9s %-8s %-16s %9s %9s %9s %12s %7s  %s\n", "proxy on", "streams", "path", "req/s", "p50", "p99", "CPU/10k req", "errors", "calls per backend")
+	for _, cpu := range []int{1, 0} {
+		paths := append([]path{{"direct", backends[0], 0}}, proxies[cpu]...)
+		for _, streams := range []int{1, 64} {
+			for _, p := range paths {
+				arg, _ := json.Marshal(clientRun{Target: p.addr, Streams: streams, Seconds: seconds})
+				var before time.Duration
+				if p.pid != 0 {
+					before = cpuTime(b, p.pid)
+				}
+				_, out := role(b, "client", string(arg), 0)
+				var r clientResult
+				if err := json.Unmarshal([]byte(out), &r); err != nil {
+					b.Fatalf("client: %q: %v", out, err)
+				}
+				cpuPer := "-"
+				if p.pid != 0 && r.Calls > 0 {
+					cpuPer = (time.Duration(float64(cpuTime(b, p.pid)-before) * 10000 / float64(r.Calls+200))).Round(time.Millisecond).String()
+				}
+				rps := float64(r.Calls) / seconds
+				fmt.Printf("CPU %-5d %-8d %-16s %9.0f %9s %9s %12s %7d  %v\n", cpu, streams, p.name, rps, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), cpuPer, r.Errors, r.Backends)
+				key := fmt.Sprintf("cpu%d-%s-%d", cpu, strings.Fields(p.name)[0], streams)
+				b.ReportMetric(rps, key+"-req/s")
+				b.ReportMetric(float64(r.P50.Microseconds()), key+"-p50-µs")
 			}
-			_, out := role(b, "client", string(arg), 0)
-			var r clientResult
-			if err := json.Unmarshal([]byte(out), &r); err != nil {
-				b.Fatalf("client: %q: %v", out, err)
-			}
-			cpu := "-"
-			if p.pid != 0 && r.Calls > 0 {
-				cpu = (time.Duration(float64(cpuTime(b, p.pid)-before) * 10000 / float64(r.Calls+200))).Round(time.Millisecond).String()
-			}
-			rps := float64(r.Calls) / seconds
-			fmt.Printf("%-8d %-22s %9.0f %9s %9s %12s %10d  %v\n", streams, p.name, rps, r.P50.Round(time.Microsecond), r.P99.Round(time.Microsecond), cpu, r.Errors, r.Backends)
-			key := strings.Fields(p.name)[0]
-			b.ReportMetric(rps, fmt.Sprintf("%s-%d-req/s", key, streams))
-			b.ReportMetric(float64(r.P50.Microseconds()), fmt.Sprintf("%s-%d-p50-µs", key, streams))
 		}
 	}
-	fmt.Printf("peak RSS: portico proxy %s, nginx worker %s\n", rss(b, portico.Process.Pid), rss(b, nworker))
+	fmt.Printf("peak RSS: portico proxy %s, nginx worker %s\n", rss(b, proxies[1][0].pid), rss(b, proxies[1][1].pid))
 }

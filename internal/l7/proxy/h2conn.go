@@ -23,6 +23,10 @@ const (
 	connWindow   = 8 << 20
 	maxFrame     = 16 << 10 // the protocol's default, so frames pass on without splitting
 	maxStreams   = 1000     // per client connection
+	// pingDelay is how long a PING's answer may wait for other frames to share its write.
+	// gRPC peers ping for every burst of data they receive (to estimate the bandwidth delay
+	// product), and an answer of its own costs a system call on both sides.
+	pingDelay = time.Millisecond
 )
 
 // side tells which of its two streams an event of an exchange is about.
@@ -75,6 +79,7 @@ type h2conn struct {
 	ub     *upstreams // for a backend's connection: the backend's connections
 	done   chan struct{}
 	wake   chan struct{}
+	pinged *time.Timer // writes a PING's answer that nothing else took along
 
 	mu          sync.Mutex
 	out, spare  []byte
@@ -89,6 +94,7 @@ type h2conn struct {
 	peerStreams uint32 // the peer's limit of concurrent streams
 	recvWindow  int32  // what the peer may still send on the connection
 	unacked     int32
+	pingWaits   bool // a PING's answer waits in out
 	goingAway   bool // no new streams: GOAWAY sent or received
 	finishing   bool // going away and no stream left: close once the output is written
 	closed      bool
@@ -105,6 +111,8 @@ func newConn(nc net.Conn, client bool) *h2conn {
 	c.rd.SetReuseFrames()
 	c.fr = http2.NewFramer(connWriter{c}, nil)
 	c.enc = hpack.NewEncoder(&c.hbuf)
+	c.pinged = time.AfterFunc(time.Hour, c.kick)
+	c.pinged.Stop()
 	return c
 }
 
@@ -158,6 +166,10 @@ func (c *h2conn) write() {
 		out := c.out
 		c.out, c.spare = c.spare[:0], nil
 		finished := len(out) == 0 && c.finishing
+		if c.pingWaits {
+			c.pingWaits = false
+			c.pinged.Stop()
+		}
 		c.mu.Unlock()
 		if finished {
 			c.close(errors.New("gone away"))
@@ -193,6 +205,7 @@ func (c *h2conn) close(err error) {
 	c.streams = map[uint32]*h2stream{}
 	c.mu.Unlock()
 	close(c.done)
+	c.pinged.Stop()
 	_ = c.nc.Close()
 	var credits []credit
 	for _, st := range streams {
@@ -353,8 +366,11 @@ func (c *h2conn) handle(f http2.Frame) error {
 		if !f.IsAck() {
 			c.mu.Lock()
 			_ = c.fr.WritePing(true, f.Data)
+			if !c.pingWaits {
+				c.pingWaits = true
+				c.pinged.Reset(pingDelay)
+			}
 			c.mu.Unlock()
-			c.kick()
 		}
 	case *http2.WindowUpdateFrame:
 		var credits []credit
