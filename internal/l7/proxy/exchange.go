@@ -188,8 +188,9 @@ func (x *exchange) headers(c *h2conn, id uint32, fields []hpack.HeaderField, end
 	out := responseHeader(fields)
 	if !x.answered {
 		st := field(fields, ":status")
-		if strings.HasPrefix(st, "1") {
-			return // informational: the final header follows
+		if strings.HasPrefix(st, "1") { // informational (100 Continue): the final header follows
+			x.down.send(x.id, item{header: out})
+			return
 		}
 		x.answered, x.status, x.body, x.keep = true, st, nil, false
 		x.stopTry()
