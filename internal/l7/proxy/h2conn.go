@@ -318,12 +318,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		}
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
-		st := c.streams[id]
-		var credits []credit
-		if st != nil {
-			delete(c.streams, id)
-			credits = st.drop(nil)
-		}
+		st, credits := c.forget(id)
 		c.mu.Unlock()
 		give(credits)
 		if st != nil {
@@ -543,15 +538,21 @@ func (c *h2conn) send(id uint32, it item) {
 	c.idle()
 }
 
+// forget removes stream id, when it is there, and returns it with the window of what it
+// never wrote. Callers hold mu.
+func (c *h2conn) forget(id uint32) (*h2stream, []credit) {
+	st := c.streams[id]
+	if st == nil {
+		return nil, nil
+	}
+	delete(c.streams, id)
+	return st, st.drop(nil)
+}
+
 // resetStream resets stream id (when it is open) and forgets it.
 func (c *h2conn) resetStream(id uint32, code http2.ErrCode) {
 	c.mu.Lock()
-	st := c.streams[id]
-	var credits []credit
-	if st != nil {
-		delete(c.streams, id)
-		credits = st.drop(nil)
-	}
+	_, credits := c.forget(id)
 	if !c.closed && id != 0 {
 		_ = c.fr.WriteRSTStream(id, code)
 	}

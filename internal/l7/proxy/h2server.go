@@ -3,7 +3,9 @@ package proxy
 import (
 	"context"
 	"errors"
+	"maps"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -56,14 +58,7 @@ func (h *h2server) Serve(ln net.Listener) error {
 // Shutdown asks every client to go away (GOAWAY: no new streams) and waits until the
 // streams in flight ended or ctx is done; then it closes what is left.
 func (h *h2server) Shutdown(ctx context.Context) error {
-	h.mu.Lock()
-	h.closing = true
-	conns := make([]*h2conn, 0, len(h.conns))
-	for c := range h.conns {
-		conns = append(conns, c)
-	}
-	h.mu.Unlock()
-	for _, c := range conns {
+	for _, c := range h.stopTaking() {
 		c.goAway(http2.ErrCodeNo)
 	}
 	tick := time.NewTicker(20 * time.Millisecond)
@@ -87,18 +82,19 @@ func (h *h2server) Shutdown(ctx context.Context) error {
 
 // Close closes every connection at once.
 func (h *h2server) Close() error {
-	h.mu.Lock()
-	h.closing = true
-	conns := make([]*h2conn, 0, len(h.conns))
-	for c := range h.conns {
-		conns = append(conns, c)
-	}
-	h.mu.Unlock()
-	for _, c := range conns {
+	for _, c := range h.stopTaking() {
 		c.close(errClosing)
 	}
 	h.wg.Wait()
 	return nil
+}
+
+// stopTaking closes new connections as they come and returns the open ones.
+func (h *h2server) stopTaking() []*h2conn {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closing = true
+	return slices.Collect(maps.Keys(h.conns))
 }
 
 // forget drops a closed connection.

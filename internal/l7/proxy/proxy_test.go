@@ -341,28 +341,33 @@ func TestRetriesHideARefusingBackend(t *testing.T) {
 }
 
 // A backend killed while calls are in flight costs no call: what was in flight on it is
-// retried elsewhere, and it is then passed over. (The budget lets every request in flight
-// retry here: with 20% and 8 clients, the floor of 3 retries in flight is what bounds them,
-// and a fourth call failing at once is the budget doing its job.)
+// retried elsewhere, and it is then passed over. The same for a backend that stops
+// gracefully (GOAWAY: the streams it did not take go elsewhere). (The budget lets every
+// request in flight retry here: with 20% and 8 clients, the floor of 3 retries in flight is
+// what bounds them, and a fourth call failing at once is the budget doing its job.)
 func TestBackendKilledMidRun(t *testing.T) {
-	bs := greeters(t, 3)
-	for _, b := range bs {
-		b.Delay = 2 * time.Millisecond // calls are in flight when the kill comes
-	}
-	retries := &proxy.Retries{Attempts: 2, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 100}
-	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), Retries: retries,
-		Outlier: &proxy.Outlier{ConsecutiveFailures: 3, BaseEjection: 30 * time.Second, MaxEjectionPercent: 50}})
-	cc := dial(t, addr)
-	done := make(chan map[string]int)
-	go func() { done <- hellos(t, cc, 2000, 8) }()
-	for bs[1].Calls.Load() < 100 {
-		time.Sleep(time.Millisecond)
-	}
-	bs[1].srv.Stop()
-	got := <-done
-	t.Logf("%v", got)
-	if n := failed(got); n != 0 {
-		t.Fatalf("%d calls failed after a backend was killed: %v", n, got)
+	for name, stop := range map[string]func(*grpc.Server){"killed": (*grpc.Server).Stop, "graceful stop": (*grpc.Server).GracefulStop} {
+		t.Run(name, func(t *testing.T) {
+			bs := greeters(t, 3)
+			for _, b := range bs {
+				b.Delay = 2 * time.Millisecond // calls are in flight when the stop comes
+			}
+			retries := &proxy.Retries{Attempts: 2, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset, proxy.RefusedStream, proxy.Unavailable}, BudgetPercent: 100}
+			_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), Retries: retries,
+				Outlier: &proxy.Outlier{ConsecutiveFailures: 3, BaseEjection: 30 * time.Second, MaxEjectionPercent: 50}})
+			cc := dial(t, addr)
+			done := make(chan map[string]int)
+			go func() { done <- hellos(t, cc, 2000, 8) }()
+			for bs[1].Calls.Load() < 100 {
+				time.Sleep(time.Millisecond)
+			}
+			stop(bs[1].srv)
+			got := <-done
+			t.Logf("%v", got)
+			if n := failed(got); n != 0 {
+				t.Fatalf("%d calls failed after a backend stopped: %v", n, got)
+			}
+		})
 	}
 }
 
@@ -471,6 +476,29 @@ func TestNoBackendIsUnavailable(t *testing.T) {
 	}
 }
 
+// request sends a request (a POST when body is not empty) with "X-Forwarded-For:
+// 198.51.100.7" and "X-Test: kept", and returns the response and its body.
+func request(t testing.TB, client *http.Client, url, body string) (*http.Response, string) {
+	t.Helper()
+	method, r := http.MethodGet, io.Reader(nil)
+	if body != "" {
+		method, r = http.MethodPost, strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, url, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("X-Test", "kept")
+	req.Header.Set("X-Forwarded-For", "198.51.100.7")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	return resp, string(out)
+}
+
 // HTTP/1.1: keep-alive clients are spread per request too, headers go both ways, and the
 // client's address is appended to X-Forwarded-For.
 func TestHTTP1(t *testing.T) {
@@ -492,16 +520,8 @@ func TestHTTP1(t *testing.T) {
 	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}}
 	got := map[string]int{}
 	for range 30 {
-		req, _ := http.NewRequest(http.MethodGet, "http://"+addr.String()+"/", nil)
-		req.Header.Set("X-Test", "kept")
-		req.Header.Set("X-Forwarded-For", "198.51.100.7")
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		_ = resp.Body.Close()
-		if string(body) != "198.51.100.7, 127.0.0.1 kept" {
+		resp, body := request(t, client, "http://"+addr.String()+"/", "")
+		if body != "198.51.100.7, 127.0.0.1 kept" {
 			t.Fatalf("the backend saw %q", body)
 		}
 		got[resp.Header.Get("X-Backend")]++
@@ -540,15 +560,7 @@ func TestHTTP2(t *testing.T) {
 	client := &http.Client{Transport: &http.Transport{Protocols: &h2}}
 	do := func(addr netip.AddrPort, path string) (*http.Response, string) {
 		t.Helper()
-		req, _ := http.NewRequest(http.MethodPost, "http://"+addr.String()+path, strings.NewReader("ping"))
-		req.Header.Set("X-Forwarded-For", "198.51.100.7")
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		_ = resp.Body.Close()
-		return resp, string(body)
+		return request(t, client, "http://"+addr.String()+path, "ping")
 	}
 
 	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: backends, RequestTimeout: 500 * time.Millisecond})
