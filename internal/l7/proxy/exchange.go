@@ -301,7 +301,8 @@ func (x *exchange) finish(code string) {
 }
 
 // timeout is the request timeout: an attempt in flight is cancelled and the client gets
-// DEADLINE_EXCEEDED (504), or its stream is reset when the response had started.
+// DEADLINE_EXCEEDED (504), or its stream is reset when the response had started. A backend
+// that had not answered by then counts a failure for outlier detection.
 func (x *exchange) timeout() {
 	x.mu.Lock()
 	defer x.mu.Unlock()
@@ -313,7 +314,7 @@ func (x *exchange) timeout() {
 }
 
 // tryTimeout is the per-try timeout of attempt gen: the backend may have acted on the
-// request, so it is not sent again.
+// request, so it is not sent again; its silence counts a failure for outlier detection.
 func (x *exchange) tryTimeout(gen int) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
@@ -324,11 +325,14 @@ func (x *exchange) tryTimeout(gen int) {
 	x.fail(errors.New("attempt timeout"), true)
 }
 
+// cancelAttempt resets the attempt in flight; a backend that had not answered yet counts a
+// failure.
 func (x *exchange) cancelAttempt() {
 	if x.up != nil {
 		x.up.resetStream(x.upID, http2.ErrCodeCancel)
 	}
-	x.endAttempt(nil)
+	ok := x.answered
+	x.endAttempt(&ok)
 }
 
 // fail answers with the proxy's own error: for gRPC a trailers-only response with

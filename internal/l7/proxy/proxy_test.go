@@ -467,6 +467,23 @@ func TestOutlierIsEjected(t *testing.T) {
 	}
 }
 
+// A backend that does not answer within the per-try timeout fails its calls with
+// DEADLINE_EXCEEDED and is ejected like one that answers UNAVAILABLE.
+func TestSilentBackendIsEjected(t *testing.T) {
+	bs := greeters(t, 3)
+	bs[0].Delay = 2 * time.Second
+	_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), Retries: &proxy.Retries{PerTryTimeout: 100 * time.Millisecond},
+		Outlier: &proxy.Outlier{ConsecutiveFailures: 2, BaseEjection: time.Minute, MaxEjectionPercent: 50}})
+	got := hellos(t, dial(t, addr), 30, 1)
+	t.Logf("%v", got)
+	if n := got["error: DeadlineExceeded portico proxy: attempt timeout"]; n != 2 || got["backend-2"]+got["backend-3"] != 28 {
+		t.Fatalf("the silent backend failed %d calls; want 2 (then ejected), the others the other 28: %v", n, got)
+	}
+	if n := count(t, reg, "portico_l7_ejections_total", nil); n != 1 {
+		t.Fatalf("%v ejections; want 1", n)
+	}
+}
+
 // With no usable backend the client gets the proxy's own UNAVAILABLE at once.
 func TestNoBackendIsUnavailable(t *testing.T) {
 	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin})

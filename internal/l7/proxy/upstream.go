@@ -46,7 +46,10 @@ func (u *upstreams) get(then func(*h2conn, error)) (*h2conn, error) {
 }
 
 func (u *upstreams) dial() {
-	nc, err := net.DialTimeout("tcp", u.addr, 2*time.Second)
+	// Keep-alive probes find a backend that vanished without a word (its node died) in
+	// about 25 s; the streams on it are then reset, and retried when they may be.
+	d := net.Dialer{Timeout: 2 * time.Second, KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 10 * time.Second, Interval: 5 * time.Second, Count: 3}}
+	nc, err := d.Dial("tcp", u.addr)
 	if err != nil {
 		err = fmt.Errorf("connect to %s: %w", u.addr, err)
 	}
