@@ -597,7 +597,8 @@ func (c *h2conn) flush(st *h2stream, credits []credit) []credit {
 		if it.header != nil {
 			c.writeHeader(st, it.header, it.end)
 		} else {
-			n := min(int32(len(it.data)), st.window, c.sendWindow)
+			// No window left (a peer's smaller SETTINGS can even make it negative): wait.
+			n := max(0, min(int32(len(it.data)), st.window, c.sendWindow))
 			if n == 0 && len(it.data) > 0 {
 				return credits
 			}

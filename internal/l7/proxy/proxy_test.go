@@ -1,6 +1,8 @@
 package proxy_test
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,6 +18,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -600,6 +604,80 @@ func TestHTTP2(t *testing.T) {
 	if resp, body := do(addr, "/"); resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "no backend") {
 		t.Fatalf("no backend: %s %q; want 503", resp.Status, body)
 	}
+}
+
+// Flow control is end to end: a client that reads nothing holds the backend back after
+// about a window (the client's 64 KiB, the proxy's 1 MiB per stream), rather than the proxy
+// taking the whole answer in; once the client reads, all of it arrives.
+func TestSlowClientHoldsTheBackendBack(t *testing.T) {
+	const total = 64 << 20
+	var written atomic.Int64
+	var h2 http.Protocols
+	h2.SetUnencryptedHTTP2(true)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Protocols: &h2, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chunk := make([]byte, 16<<10)
+		for written.Load() < total {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+			written.Add(int64(len(chunk)))
+		}
+	})}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{netip.MustParseAddrPort(ln.Addr().String())}})
+
+	// A client at the frame level: it gives window back only when the test says so.
+	nc, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	_ = nc.SetDeadline(time.Now().Add(30 * time.Second))
+	fr := http2.NewFramer(nc, nc)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "big"}, {":path", "/"}} {
+		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	if _, err := io.WriteString(nc, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(fr.WriteSettings(), fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true})); err != nil {
+		t.Fatal(err)
+	}
+	last := int64(-1)
+	for n := written.Load(); n != last; n = written.Load() { // until the backend's writes stop
+		last = n
+		time.Sleep(500 * time.Millisecond)
+	}
+	if last > 4<<20 {
+		t.Fatalf("the backend wrote %d MiB for a client that reads nothing; want it held back after about 1", last>>20)
+	}
+	// Now read it all, giving window back per 32 KiB (half the client's window).
+	rd := http2.NewFramer(nc, bufio.NewReader(nc))
+	got, owed := 0, 0
+	for got < total {
+		f, err := rd.ReadFrame()
+		if err != nil {
+			t.Fatalf("after %d of %d bytes: %v", got, total, err)
+		}
+		if d, ok := f.(*http2.DataFrame); ok {
+			got += len(d.Data())
+			if owed += len(d.Data()); owed >= 32<<10 {
+				if err := errors.Join(fr.WriteWindowUpdate(0, uint32(owed)), fr.WriteWindowUpdate(1, uint32(owed))); err != nil {
+					t.Fatal(err)
+				}
+				owed = 0
+			}
+		}
+	}
+	t.Logf("the backend wrote %d KiB before the client read; then %d MiB passed", last>>10, got>>20)
 }
 
 // The request timeout bounds a gRPC call that has no deadline of its own: the client gets
