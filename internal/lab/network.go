@@ -5,8 +5,10 @@
 package lab
 
 import (
+	"crypto/rand"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -142,7 +144,15 @@ func (n *Network) addNode(node *Node) error {
 		return err
 	}
 	// Multicast snooping off, as on br0: a new pod answers neighbour solicitations at once.
-	cmds := [][]string{{"link", "add", "cni0", "type", "bridge", "mcast_snooping", "0"}}
+	// An address of its own: a bridge without one takes its ports' lowest, so the pods'
+	// gateway would change address as pods come and go, and the pods' neighbour entries
+	// would send their traffic to the old one for seconds (as CNI's bridge plugin knows).
+	mac := make(net.HardwareAddr, 6)
+	if _, err := rand.Read(mac); err != nil {
+		return err
+	}
+	mac[0] = mac[0]&0xfe | 0x02 // unicast, locally administered
+	cmds := [][]string{{"link", "add", "cni0", "address", mac.String(), "type", "bridge", "mcast_snooping", "0"}}
 	for _, p := range node.Pods {
 		cmds = append(cmds, []string{"addr", "add", prefixOf(first(p), p), "dev", "cni0"})
 	}

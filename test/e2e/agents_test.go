@@ -40,6 +40,7 @@ func TestAgentsOnThreeNodes(t *testing.T) {
 	t.Run("pool withdrawn and back", c.poolLifecycle)
 	t.Run("L2: one node answers ARP/NDP, another takes over when its agent dies", c.l2)
 	t.Run("L7Policy: the node's proxy spreads the requests of one connection", c.l7)
+	t.Run("L7Policy on gRPC: 300 calls over one connection, every greeter answers", c.grpcSeed)
 	t.Run("a pod with an image the lab lacks stays Pending", c.unknownImage)
 }
 
