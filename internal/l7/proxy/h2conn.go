@@ -98,7 +98,6 @@ type h2conn struct {
 	goingAway   bool // no new streams: GOAWAY sent or received
 	finishing   bool // going away and no stream left: close once the output is written
 	closed      bool
-	err         error // why it closed
 }
 
 func newConn(nc net.Conn, client bool) *h2conn {
@@ -200,7 +199,7 @@ func (c *h2conn) close(err error) {
 		c.mu.Unlock()
 		return
 	}
-	c.closed, c.err = true, err
+	c.closed = true
 	streams := c.streams
 	c.streams = map[uint32]*h2stream{}
 	c.mu.Unlock()

@@ -33,13 +33,12 @@ func newH2Server(s *service) *h2server {
 func (h *h2server) Serve(ln net.Listener) error {
 	for {
 		nc, err := ln.Accept()
-		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond)
-				continue
-			}
+		if errors.Is(err, net.ErrClosed) {
 			return err
+		}
+		if err != nil { // out of file descriptors, say: wait rather than spin
+			time.Sleep(10 * time.Millisecond)
+			continue
 		}
 		c := newConn(nc, false)
 		c.srv = h
