@@ -140,20 +140,20 @@ func (x *exchange) data(c *h2conn, id uint32, data []byte, end bool) {
 	defer x.mu.Unlock()
 	if c == x.down {
 		x.reqEnd = x.reqEnd || end
-		switch {
-		case x.done:
+		if x.done {
 			c.credit(id, int32(len(buf)))
-		case x.up != nil:
-			x.size += len(buf)
-			if x.keep {
-				x.body = append(x.body, buf)
-				x.passed = len(x.body)
-			}
+			return
+		}
+		// Kept for a retry; with no stream open (connecting, or between attempts) it is
+		// always kept, and goes out when the stream opens.
+		x.size += len(buf)
+		if x.keep {
+			x.body = append(x.body, buf)
+		}
+		if x.up != nil {
+			x.passed = len(x.body)
 			x.up.send(x.upID, item{data: buf, end: end, from: c, fromID: id})
 			x.forget()
-		default: // connecting: sent when the stream opens
-			x.size += len(buf)
-			x.body = append(x.body, buf)
 		}
 		return
 	}
@@ -220,10 +220,7 @@ func (x *exchange) lost(c *h2conn, id uint32, f Failure, err error) {
 	switch {
 	case x.done:
 	case c == x.down: // the client gave up
-		if x.up != nil {
-			x.up.resetStream(x.upID, http2.ErrCodeCancel)
-		}
-		x.endAttempt(nil)
+		x.cancelAttempt(false)
 		x.finish("reset")
 	case c != x.up || id != x.upID:
 	case !x.answered:
@@ -241,11 +238,7 @@ func (x *exchange) lost(c *h2conn, id uint32, f Failure, err error) {
 func (x *exchange) failed(f Failure, err error) {
 	bad := false
 	x.endAttempt(&bad)
-	attempts := 1
-	if x.cfg.Retries != nil {
-		attempts += x.cfg.Retries.Attempts
-	}
-	if len(x.tried) >= attempts || !x.keep || !x.s.mayRetry(x.cfg, f) {
+	if len(x.tried) >= x.cfg.attempts() || !x.keep || !x.s.mayRetry(x.cfg, f) {
 		x.fail(err, false)
 		return
 	}
@@ -309,7 +302,7 @@ func (x *exchange) timeout() {
 	if x.done {
 		return
 	}
-	x.cancelAttempt()
+	x.cancelAttempt(true)
 	x.fail(errors.New("request timeout"), true)
 }
 
@@ -321,15 +314,19 @@ func (x *exchange) tryTimeout(gen int) {
 	if x.done || gen != x.gen || x.answered {
 		return
 	}
-	x.cancelAttempt()
+	x.cancelAttempt(true)
 	x.fail(errors.New("attempt timeout"), true)
 }
 
-// cancelAttempt resets the attempt in flight; a backend that had not answered yet counts a
-// failure.
-func (x *exchange) cancelAttempt() {
+// cancelAttempt resets the attempt in flight. When it is the backend's fault (a timeout),
+// a backend that had not answered yet counts a failure.
+func (x *exchange) cancelAttempt(backendsFault bool) {
 	if x.up != nil {
 		x.up.resetStream(x.upID, http2.ErrCodeCancel)
+	}
+	if !backendsFault {
+		x.endAttempt(nil)
+		return
 	}
 	ok := x.answered
 	x.endAttempt(&ok)

@@ -48,10 +48,6 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Body != nil && r.Body != http.NoBody {
 		body = &replay{src: r.Body}
 	}
-	attempts := 1
-	if cfg.Retries != nil {
-		attempts += cfg.Retries.Attempts
-	}
 	var tried []*backend
 	var err error
 	for try := 0; ; try++ {
@@ -71,7 +67,7 @@ func (s *service) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if answered {
 			return
 		}
-		if try+1 >= attempts || !s.mayRetry(cfg, failure) || !body.replayable() || ctx.Err() != nil {
+		if try+1 >= cfg.attempts() || !s.mayRetry(cfg, failure) || !body.replayable() || ctx.Err() != nil {
 			code = s.fail(w, ctx, err)
 			return
 		}

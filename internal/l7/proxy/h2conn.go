@@ -317,12 +317,12 @@ func (c *h2conn) handle(f http2.Frame) error {
 		}
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
-		st, credits := c.forget(id)
+		st, credits := c.forget(id, nil)
 		c.mu.Unlock()
+		c.kick()
 		give(credits)
 		if st != nil {
 			st.x.reset(c, id, f.ErrCode)
-			c.idle()
 		}
 	case *http2.SettingsFrame:
 		if f.IsAck() {
@@ -379,27 +379,27 @@ func (c *h2conn) handle(f http2.Frame) error {
 		c.mu.Unlock()
 		c.kick()
 		give(credits)
-		c.idle()
 	case *http2.GoAwayFrame:
 		c.mu.Lock()
 		c.goingAway = true
 		var lost []*h2stream
 		var credits []credit
 		if c.client {
-			for sid, st := range c.streams {
+			for sid := range c.streams {
 				if sid > f.LastStreamID { // the backend never saw it: safe to send elsewhere
-					delete(c.streams, sid)
-					credits = st.drop(credits)
+					var st *h2stream
+					st, credits = c.forget(sid, credits)
 					lost = append(lost, st)
 				}
 			}
 		}
+		c.noteIdle()
 		c.mu.Unlock()
+		c.kick()
 		give(credits)
 		for _, st := range lost {
 			st.x.lost(c, st.id, Unavailable, errors.New("the backend is going away"))
 		}
-		c.idle()
 	case *http2.PushPromiseFrame:
 		return errors.New("push promise, though push is off")
 	}
@@ -416,7 +416,6 @@ func (c *h2conn) settleID(id uint32) {
 	c.mu.Unlock()
 	c.kick()
 	give(credits)
-	c.idle()
 }
 
 // settle forgets a stream once both sides ended it. A backend that answered in full before
@@ -433,21 +432,15 @@ func (c *h2conn) settle(st *h2stream, credits []credit) []credit {
 	default:
 		return credits
 	}
-	if c.streams[st.id] == st {
-		delete(c.streams, st.id)
-	}
-	return st.drop(credits)
+	_, credits = c.forget(st.id, credits)
+	return credits
 }
 
-// idle closes a connection that is going away once its last stream ended and what was
-// written to it is out.
-func (c *h2conn) idle() {
-	c.mu.Lock()
-	done := c.goingAway && len(c.streams) == 0 && !c.closed && !c.finishing
-	c.finishing = c.finishing || done
-	c.mu.Unlock()
-	if done {
-		c.kick()
+// noteIdle marks a connection that is going away and has no stream left: its writer closes
+// it once what was written to it is out. Callers hold mu, and kick the writer after.
+func (c *h2conn) noteIdle() {
+	if c.goingAway && len(c.streams) == 0 && !c.closed {
+		c.finishing = true
 	}
 }
 
@@ -534,31 +527,30 @@ func (c *h2conn) send(id uint32, it item) {
 	c.mu.Unlock()
 	c.kick()
 	give(credits)
-	c.idle()
 }
 
-// forget removes stream id, when it is there, and returns it with the window of what it
-// never wrote. Callers hold mu.
-func (c *h2conn) forget(id uint32) (*h2stream, []credit) {
+// forget removes stream id, when it is there, and returns it, with the window of what it
+// never wrote added to credits. Callers hold mu.
+func (c *h2conn) forget(id uint32, credits []credit) (*h2stream, []credit) {
 	st := c.streams[id]
 	if st == nil {
-		return nil, nil
+		return nil, credits
 	}
 	delete(c.streams, id)
-	return st, st.drop(nil)
+	c.noteIdle()
+	return st, st.drop(credits)
 }
 
 // resetStream resets stream id (when it is open) and forgets it.
 func (c *h2conn) resetStream(id uint32, code http2.ErrCode) {
 	c.mu.Lock()
-	_, credits := c.forget(id)
+	_, credits := c.forget(id, nil)
 	if !c.closed && id != 0 {
 		_ = c.fr.WriteRSTStream(id, code)
 	}
 	c.mu.Unlock()
 	c.kick()
 	give(credits)
-	c.idle()
 }
 
 // goAway tells the peer that no new stream will be taken; the connection closes once its
@@ -572,10 +564,10 @@ func (c *h2conn) goAway(code http2.ErrCode) {
 			last = 0
 		}
 		_ = c.fr.WriteGoAway(last, code, nil)
+		c.noteIdle()
 	}
 	c.mu.Unlock()
 	c.kick()
-	c.idle()
 }
 
 // flushAll writes what every stream's window allows. Callers hold mu.

@@ -82,6 +82,14 @@ type Config struct {
 	DrainTimeout time.Duration
 }
 
+// attempts is how many times a request may be sent: once, and its retries.
+func (c *Config) attempts() int {
+	if c.Retries == nil {
+		return 1
+	}
+	return 1 + c.Retries.Attempts
+}
+
 // Proxy serves a set of listeners. The zero value is not usable: call New.
 type Proxy struct {
 	metrics  *metrics

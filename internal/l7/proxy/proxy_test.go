@@ -375,6 +375,19 @@ func TestBackendKilledMidRun(t *testing.T) {
 	}
 }
 
+// drain reads a stream whose first message was read to its end, and counts its messages.
+func drain(s grpc.ClientStream) (int, error) {
+	n := 1
+	for {
+		if err := s.RecvMsg(new(wrapperspb.StringValue)); errors.Is(err, io.EOF) {
+			return n, nil
+		} else if err != nil {
+			return n, err
+		}
+		n++
+	}
+}
+
 // A backend removed from the listener gets no new calls; a stream in flight on it runs to its
 // end. One that outlives the drain timeout is reset.
 func TestDrainingBackendFinishesWhatIsInFlight(t *testing.T) {
@@ -396,17 +409,6 @@ func TestDrainingBackendFinishesWhatIsInFlight(t *testing.T) {
 			t.Fatal(err)
 		}
 		return s
-	}
-	drain := func(s grpc.ClientStream) (int, error) {
-		n := 1
-		for {
-			if err := s.RecvMsg(new(wrapperspb.StringValue)); errors.Is(err, io.EOF) {
-				return n, nil
-			} else if err != nil {
-				return n, err
-			}
-			n++
-		}
 	}
 	long := open(10)
 	set := func(cfg proxy.Config) {
@@ -767,15 +769,7 @@ func TestRemovedListenerFreesItsPortAtOnce(t *testing.T) {
 	if err := p.Set(map[string]proxy.Config{"other": cfg}); err != nil {
 		t.Fatalf("the port of a removed listener is still taken: %v", err)
 	}
-	n := 1
-	for ; ; n++ {
-		if err := s.RecvMsg(new(wrapperspb.StringValue)); errors.Is(err, io.EOF) {
-			break
-		} else if err != nil {
-			t.Fatalf("the stream in flight on the removed listener failed after %d of 20 messages: %v", n, err)
-		}
-	}
-	if n != 20 {
-		t.Fatalf("the stream in flight got %d of 20 messages", n)
+	if n, err := drain(s); n != 20 || err != nil {
+		t.Fatalf("the stream in flight on the removed listener got %d of 20 messages: %v", n, err)
 	}
 }
