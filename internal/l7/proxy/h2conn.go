@@ -73,6 +73,7 @@ type credit struct {
 // calling out: an exchange may lock a connection, never the other way round.
 type h2conn struct {
 	nc     net.Conn
+	io     *sockIO
 	client bool // the proxy is the client: a connection to a backend
 	rd     *http2.Framer
 	srv    *h2server  // for a client's connection: where new streams go
@@ -103,7 +104,8 @@ type h2conn struct {
 func newConn(nc net.Conn, client bool) *h2conn {
 	c := &h2conn{nc: nc, client: client, done: make(chan struct{}), wake: make(chan struct{}, 1),
 		streams: map[uint32]*h2stream{}, sendWindow: 65535, initWindow: 65535, peerFrame: maxFrame, peerStreams: 1 << 31, recvWindow: 65535}
-	c.rd = http2.NewFramer(nil, bufio.NewReaderSize(nc, 32<<10))
+	c.io = newSockIO(nc)
+	c.rd = http2.NewFramer(nil, bufio.NewReaderSize(c.io, 32<<10))
 	c.rd.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.rd.MaxHeaderListSize = 1 << 20
 	c.rd.SetMaxReadFrameSize(maxFrame)
@@ -177,8 +179,7 @@ func (c *h2conn) write() {
 		if len(out) == 0 {
 			continue
 		}
-		_ = c.nc.SetWriteDeadline(time.Now().Add(30 * time.Second)) // a peer that reads nothing
-		if _, err := c.nc.Write(out); err != nil {
+		if _, err := c.io.Write(out); err != nil {
 			c.close(fmt.Errorf("write: %w", err))
 			return
 		}
