@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -53,7 +52,7 @@ func (x *exchange) start(fields []hpack.HeaderField, end bool) {
 	x.s.active.Add(1)
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.header = requestHeader(fields, x.down.nc.RemoteAddr())
+	x.header = requestHeader(fields, x.down.peer)
 	x.reqEnd, x.keep = end, true
 	if field(fields, ":method") == "" || field(fields, ":path") == "" {
 		x.down.resetStream(x.id, http2.ErrCodeProtocol)
@@ -376,7 +375,7 @@ func connectionHeader(name string) bool {
 // requestHeader is a request's header as it goes to a backend: without connection-specific
 // fields ("te" only as "trailers", which gRPC needs), with the client's address appended to
 // x-forwarded-for.
-func requestHeader(fields []hpack.HeaderField, client net.Addr) []hpack.HeaderField {
+func requestHeader(fields []hpack.HeaderField, client string) []hpack.HeaderField {
 	out := make([]hpack.HeaderField, 0, len(fields)+1)
 	var xff []string
 	for _, f := range fields {
@@ -388,8 +387,8 @@ func requestHeader(fields []hpack.HeaderField, client net.Addr) []hpack.HeaderFi
 			out = append(out, hpack.HeaderField{Name: f.Name, Value: f.Value, Sensitive: f.Sensitive})
 		}
 	}
-	if host, _, err := net.SplitHostPort(client.String()); err == nil {
-		out = append(out, hpack.HeaderField{Name: "x-forwarded-for", Value: strings.Join(append(xff, host), ", ")})
+	if client != "" {
+		out = append(out, hpack.HeaderField{Name: "x-forwarded-for", Value: strings.Join(append(xff, client), ", ")})
 	}
 	return out
 }
