@@ -96,9 +96,10 @@ type h2conn struct {
 	peerStreams uint32 // the peer's limit of concurrent streams
 	recvWindow  int32  // what the peer may still send on the connection
 	unacked     int32
-	pingWaits   bool // a PING's answer waits in out
-	goingAway   bool // no new streams: GOAWAY sent or received
-	finishing   bool // going away and no stream left: close once the output is written
+	pingWaits   bool      // a PING's answer waits in out
+	idle        time.Time // a client's connection: since when no stream is open (zero: one is)
+	goingAway   bool      // no new streams: GOAWAY sent or received
+	finishing   bool      // going away and no stream left: close once the output is written
 	closed      bool
 }
 
@@ -114,6 +115,9 @@ func newConn(nc net.Conn, client bool) *h2conn {
 	c.rd.MaxHeaderListSize = 1 << 20
 	c.rd.SetMaxReadFrameSize(maxFrame)
 	c.rd.SetReuseFrames()
+	if !client {
+		c.idle = time.Now()
+	}
 	c.fr = http2.NewFramer(connWriter{c}, nil)
 	c.enc = hpack.NewEncoder(&c.hbuf)
 	c.pinged = time.AfterFunc(time.Hour, c.kick)
@@ -308,6 +312,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 			x := c.srv.newExchange(c, id)
 			st = &h2stream{id: id, x: x, window: c.initWindow, gotEnd: f.StreamEnded()}
 			c.streams[id] = st
+			c.idle = time.Time{}
 			c.mu.Unlock()
 			x.start(f.Fields, f.StreamEnded())
 			return nil
@@ -542,6 +547,9 @@ func (c *h2conn) forget(id uint32, credits []credit) (*h2stream, []credit) {
 		return nil, credits
 	}
 	delete(c.streams, id)
+	if !c.client && len(c.streams) == 0 {
+		c.idle = time.Now()
+	}
 	c.noteIdle()
 	return st, st.drop(credits)
 }
@@ -638,6 +646,13 @@ func (c *h2conn) writeHeader(st *h2stream, header []hpack.HeaderField, end bool)
 		_ = c.fr.WriteContinuation(st.id, len(block) == 0, frag)
 	}
 	st.sentEnd = st.sentEnd || end
+}
+
+// idleSince is since when a client's connection has had no stream open; zero while one is.
+func (c *h2conn) idleSince() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.idle
 }
 
 // capacity says whether the connection takes a new stream.

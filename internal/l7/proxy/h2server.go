@@ -31,6 +31,9 @@ func newH2Server(s *service) *h2server {
 
 // Serve accepts connections until the listener closes.
 func (h *h2server) Serve(ln net.Listener) error {
+	stop := make(chan struct{})
+	defer close(stop)
+	go h.sweep(stop)
 	for {
 		nc, err := ln.Accept()
 		if errors.Is(err, net.ErrClosed) {
@@ -51,6 +54,30 @@ func (h *h2server) Serve(ln net.Listener) error {
 		h.conns[c] = true
 		c.start(&h.wg)
 		h.mu.Unlock()
+	}
+}
+
+// sweep asks the clients whose connections were idle for longer than the listener's idle
+// timeout to go away (GOAWAY: the connection closes once written), until stop closes.
+func (h *h2server) sweep(stop <-chan struct{}) {
+	for {
+		timeout := h.s.cfg.Load().idleTimeout()
+		t := time.NewTimer(timeout / 4)
+		select {
+		case <-stop:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		h.mu.Lock()
+		conns := slices.Collect(maps.Keys(h.conns))
+		h.mu.Unlock()
+		now := time.Now()
+		for _, c := range conns {
+			if since := c.idleSince(); !since.IsZero() && now.Sub(since) >= timeout {
+				c.goAway(http2.ErrCodeNo)
+			}
+		}
 	}
 }
 

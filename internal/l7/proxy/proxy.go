@@ -5,6 +5,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -80,6 +81,17 @@ type Config struct {
 	Outlier        *Outlier
 	// DrainTimeout is how long requests in flight on a removed backend may run on.
 	DrainTimeout time.Duration
+	// IdleTimeout is how long a client's connection with no request in flight stays
+	// open; 0: defaultIdleTimeout.
+	IdleTimeout time.Duration
+}
+
+// defaultIdleTimeout is how long an idle client connection stays open when the
+// configuration does not say.
+const defaultIdleTimeout = 5 * time.Minute
+
+func (c *Config) idleTimeout() time.Duration {
+	return cmp.Or(c.IdleTimeout, defaultIdleTimeout)
 }
 
 // attempts is how many times a request may be sent: once, and its retries.
@@ -230,7 +242,7 @@ func start(name string, cfg Config, m *metrics) (*service, error) {
 	if cfg.Protocol == HTTP1 {
 		var protos http.Protocols
 		protos.SetHTTP1(true)
-		s.srv = &http.Server{Handler: s, Protocols: &protos, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: 5 * time.Minute}
+		s.srv = &http.Server{Handler: s, Protocols: &protos, ReadHeaderTimeout: 30 * time.Second, IdleTimeout: cfg.idleTimeout()}
 	} else {
 		s.srv = newH2Server(s)
 	}

@@ -773,3 +773,46 @@ func TestRemovedListenerFreesItsPortAtOnce(t *testing.T) {
 		t.Fatalf("the stream in flight on the removed listener got %d of 20 messages: %v", n, err)
 	}
 }
+
+// A client connection with no request in flight for longer than the idle timeout is told to
+// go away (GOAWAY, NO_ERROR) and closed; one whose call outlasts the timeout is not cut.
+func TestIdleClientConnectionIsClosed(t *testing.T) {
+	bs := greeters(t, 1)
+	bs[0].Delay = 600 * time.Millisecond
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs), IdleTimeout: 200 * time.Millisecond})
+	if _, err := greeter.Call(context.Background(), dial(t, addr), "hi"); err != nil {
+		t.Fatalf("a call that outlasts the idle timeout: %v", err)
+	}
+
+	nc, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	fr := http2.NewFramer(nc, nc)
+	if _, err := nc.Write([]byte(http2.ClientPreface)); err != nil {
+		t.Fatal(err)
+	}
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	t0 := time.Now()
+	var away *http2.GoAwayFrame
+	for {
+		f, err := fr.ReadFrame()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("an idle connection is still open after %v: %v", time.Since(t0).Round(time.Millisecond), err)
+		}
+		if g, ok := f.(*http2.GoAwayFrame); ok {
+			away = g
+		}
+	}
+	if away == nil || away.ErrCode != http2.ErrCodeNo {
+		t.Fatalf("closed without a GOAWAY NO_ERROR first: %v", away)
+	}
+	t.Logf("an idle connection closed after %v", time.Since(t0).Round(time.Millisecond))
+}
