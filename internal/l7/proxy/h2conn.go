@@ -75,7 +75,7 @@ type h2conn struct {
 	nc     net.Conn
 	io     *sockIO
 	client bool   // the proxy is the client: a connection to a backend
-	peer   string // the peer's address without its port, for x-forwarded-for
+	peer   string // a client's address without its port, for x-forwarded-for
 	rd     *http2.Framer
 	srv    *h2server  // for a client's connection: where new streams go
 	ub     *upstreams // for a backend's connection: the backend's connections
@@ -107,17 +107,17 @@ func newConn(nc net.Conn, client bool) *h2conn {
 	c := &h2conn{nc: nc, client: client, done: make(chan struct{}), wake: make(chan struct{}, 1),
 		streams: map[uint32]*h2stream{}, sendWindow: 65535, initWindow: 65535, peerFrame: maxFrame, peerStreams: 1 << 31, recvWindow: 65535}
 	c.io = newSockIO(nc)
-	if host, _, err := net.SplitHostPort(nc.RemoteAddr().String()); err == nil {
-		c.peer = host
+	if !client {
+		c.idle = time.Now()
+		if host, _, err := net.SplitHostPort(nc.RemoteAddr().String()); err == nil {
+			c.peer = host
+		}
 	}
 	c.rd = http2.NewFramer(nil, bufio.NewReaderSize(c.io, 32<<10))
 	c.rd.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.rd.MaxHeaderListSize = 1 << 20
 	c.rd.SetMaxReadFrameSize(maxFrame)
 	c.rd.SetReuseFrames()
-	if !client {
-		c.idle = time.Now()
-	}
 	c.fr = http2.NewFramer(connWriter{c}, nil)
 	c.enc = hpack.NewEncoder(&c.hbuf)
 	c.pinged = time.AfterFunc(time.Hour, c.kick)

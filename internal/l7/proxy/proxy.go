@@ -82,7 +82,7 @@ type Config struct {
 	// DrainTimeout is how long requests in flight on a removed backend may run on.
 	DrainTimeout time.Duration
 	// IdleTimeout is how long a client's connection with no request in flight stays
-	// open; 0: defaultIdleTimeout.
+	// open; 0: defaultIdleTimeout. HTTP/1.1 listeners keep the one they opened with.
 	IdleTimeout time.Duration
 }
 
