@@ -97,6 +97,7 @@ type h2conn struct {
 	recvWindow  int32  // what the peer may still send on the connection
 	unacked     int32
 	pingWaits   bool      // a PING's answer waits in out
+	lazy        int       // out holds only PING answers while len(out) == lazy: they may wait
 	idle        time.Time // a client's connection: since when no stream is open (zero: one is)
 	goingAway   bool      // no new streams: GOAWAY sent or received
 	finishing   bool      // going away and no stream left: close once the output is written
@@ -163,6 +164,18 @@ func (c *h2conn) kick() {
 	}
 }
 
+// unlockKick releases mu and wakes the writer when the output holds something to write now:
+// anything but PING answers, which wait for company (pingDelay), or the connection's end.
+// A frame the peer expects no answer to (its WINDOW_UPDATE, the end of its stream) thus
+// costs no write of its own on either side.
+func (c *h2conn) unlockKick() {
+	now := len(c.out) > c.lazy || c.finishing
+	c.mu.Unlock()
+	if now {
+		c.kick()
+	}
+}
+
 // write writes what was queued, until the connection closes.
 func (c *h2conn) write() {
 	for {
@@ -173,7 +186,7 @@ func (c *h2conn) write() {
 		}
 		c.mu.Lock()
 		out := c.out
-		c.out, c.spare = c.spare[:0], nil
+		c.out, c.spare, c.lazy = c.spare[:0], nil, 0
 		finished := len(out) == 0 && c.finishing
 		if c.pingWaits {
 			c.pingWaits = false
@@ -305,8 +318,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 			c.lastID = id
 			if c.goingAway || len(c.streams) >= maxStreams {
 				_ = c.fr.WriteRSTStream(id, http2.ErrCodeRefusedStream)
-				c.mu.Unlock()
-				c.kick()
+				c.unlockKick()
 				return nil
 			}
 			x := c.srv.newExchange(c, id)
@@ -328,8 +340,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
 		st, credits := c.forget(id, nil)
-		c.mu.Unlock()
-		c.kick()
+		c.unlockKick()
 		give(credits)
 		if st != nil {
 			st.x.reset(c, id, f.ErrCode)
@@ -362,14 +373,17 @@ func (c *h2conn) handle(f http2.Frame) error {
 		})
 		_ = c.fr.WriteSettingsAck()
 		credits = c.flushAll(credits)
-		c.mu.Unlock()
-		c.kick()
+		c.unlockKick()
 		give(credits)
 		return err
 	case *http2.PingFrame:
 		if !f.IsAck() {
 			c.mu.Lock()
+			only := len(c.out) == c.lazy
 			_ = c.fr.WritePing(true, f.Data)
+			if only {
+				c.lazy = len(c.out)
+			}
 			if !c.pingWaits {
 				c.pingWaits = true
 				c.pinged.Reset(pingDelay)
@@ -386,8 +400,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 			st.window += int32(f.Increment)
 			credits = c.flush(st, credits)
 		}
-		c.mu.Unlock()
-		c.kick()
+		c.unlockKick()
 		give(credits)
 	case *http2.GoAwayFrame:
 		c.mu.Lock()
@@ -404,8 +417,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 			}
 		}
 		c.noteIdle()
-		c.mu.Unlock()
-		c.kick()
+		c.unlockKick()
 		give(credits)
 		for _, st := range lost {
 			st.x.lost(c, st.id, Unavailable, errors.New("the backend is going away"))
@@ -423,8 +435,7 @@ func (c *h2conn) settleID(id uint32) {
 	if st := c.streams[id]; st != nil {
 		credits = c.settle(st, nil)
 	}
-	c.mu.Unlock()
-	c.kick()
+	c.unlockKick()
 	give(credits)
 }
 
@@ -534,8 +545,7 @@ func (c *h2conn) send(id uint32, it item) {
 	}
 	st.queue = append(st.queue, it)
 	credits := c.flush(st, nil)
-	c.mu.Unlock()
-	c.kick()
+	c.unlockKick()
 	give(credits)
 }
 
@@ -561,8 +571,7 @@ func (c *h2conn) resetStream(id uint32, code http2.ErrCode) {
 	if !c.closed && id != 0 {
 		_ = c.fr.WriteRSTStream(id, code)
 	}
-	c.mu.Unlock()
-	c.kick()
+	c.unlockKick()
 	give(credits)
 }
 
@@ -579,8 +588,7 @@ func (c *h2conn) goAway(code http2.ErrCode) {
 		_ = c.fr.WriteGoAway(last, code, nil)
 		c.noteIdle()
 	}
-	c.mu.Unlock()
-	c.kick()
+	c.unlockKick()
 }
 
 // flushAll writes what every stream's window allows. Callers hold mu.

@@ -784,19 +784,7 @@ func TestIdleClientConnectionIsClosed(t *testing.T) {
 		t.Fatalf("a call that outlasts the idle timeout: %v", err)
 	}
 
-	nc, err := net.Dial("tcp", addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	fr := http2.NewFramer(nc, nc)
-	if _, err := nc.Write([]byte(http2.ClientPreface)); err != nil {
-		t.Fatal(err)
-	}
-	if err := fr.WriteSettings(); err != nil {
-		t.Fatal(err)
-	}
-	_ = nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	fr := rawClient(t, addr)
 	t0 := time.Now()
 	var away *http2.GoAwayFrame
 	for {
@@ -815,4 +803,58 @@ func TestIdleClientConnectionIsClosed(t *testing.T) {
 		t.Fatalf("closed without a GOAWAY NO_ERROR first: %v", away)
 	}
 	t.Logf("an idle connection closed after %v", time.Since(t0).Round(time.Millisecond))
+}
+
+// rawClient is an HTTP/2 connection to addr, its preface and settings sent, that gives up
+// reading after 5 seconds.
+func rawClient(t *testing.T, addr netip.AddrPort) *http2.Framer {
+	nc, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	fr := http2.NewFramer(nc, nc)
+	if _, err := nc.Write([]byte(http2.ClientPreface)); err != nil {
+		t.Fatal(err)
+	}
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	return fr
+}
+
+// A PING's answer waits for other frames to share its write, but not for ever: a PING
+// followed only by frames that need no answer (a WINDOW_UPDATE) still gets one.
+func TestLonePingIsAnswered(t *testing.T) {
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
+	fr := rawClient(t, addr)
+	for { // the proxy's answer to our settings, so that the PING comes alone
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s, ok := f.(*http2.SettingsFrame); ok && s.IsAck() {
+			break
+		}
+	}
+	data := [8]byte{'p', 'o', 'r', 't', 'i', 'c', 'o', '!'}
+	if err := fr.WritePing(false, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := fr.WriteWindowUpdate(0, 1000); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no answer to a PING: %v", err)
+		}
+		if p, ok := f.(*http2.PingFrame); ok {
+			if !p.IsAck() || p.Data != data {
+				t.Fatalf("got PING ack=%v %q; want the ack of %q", p.IsAck(), p.Data, data)
+			}
+			return
+		}
+	}
 }
