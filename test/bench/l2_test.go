@@ -53,13 +53,9 @@ func BenchmarkL2Failover(b *testing.B) {
 	env := startAPI(b)
 	ctx := context.Background()
 	dir := b.TempDir()
-	var bins []string
-	for _, name := range []string{"operator", "agent"} {
-		bin, err := testenv.Build(dir, name)
-		if err != nil {
-			b.Fatal(err)
-		}
-		bins = append(bins, bin)
+	bins, err := testenv.Build(dir, "operator", "agent")
+	if err != nil {
+		b.Fatal(err)
 	}
 	lc, err := lab.Up(lab.Config{Name: fmt.Sprintf("pbf%d", os.Getpid()%100000), Nodes: 3, Dir: dir, API: env.Config,
 		Assets: testenv.Assets(), Operator: bins[0], Agent: bins[1], BPFFS: nstest.BPFFS(b)})

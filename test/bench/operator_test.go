@@ -188,10 +188,11 @@ func startAPI(b *testing.B) *testenv.Env {
 func build(b *testing.B, env *testenv.Env, name string) (bin, kubeconfig string) {
 	b.Helper()
 	dir := b.TempDir()
-	bin, err := testenv.Build(dir, name)
+	bins, err := testenv.Build(dir, name)
 	if err != nil {
 		b.Fatal(err)
 	}
+	bin = bins[0]
 	kubeconfig = filepath.Join(dir, "kubeconfig")
 	if err := env.WriteKubeconfig(kubeconfig); err != nil {
 		b.Fatal(err)

@@ -62,13 +62,9 @@ func start(t *testing.T) *cluster {
 		t.Skip("needs kube-apiserver and etcd: run `make test`")
 	}
 	dir := t.TempDir()
-	var bins []string
-	for _, name := range []string{"operator", "agent"} {
-		bin, err := testenv.Build(dir, name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		bins = append(bins, bin)
+	bins, err := testenv.Build(dir, "operator", "agent")
+	if err != nil {
+		t.Fatal(err)
 	}
 	bpffs := nstest.BPFFS(t)
 	env, err := testenv.Start()

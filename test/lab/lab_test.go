@@ -30,10 +30,8 @@ func TestLabUpAndDown(t *testing.T) {
 		t.Skipf("a lab is running or was left behind here (%s); this test needs the lab's names", strings.Join(left, ", "))
 	}
 	dir := t.TempDir()
-	for _, name := range []string{"operator", "agent"} {
-		if _, err := testenv.Build(dir, name); err != nil {
-			t.Fatal(err)
-		}
+	if _, err := testenv.Build(dir, "operator", "agent"); err != nil {
+		t.Fatal(err)
 	}
 	lab := filepath.Join(dir, "lab")
 	if out, err := exec.Command("go", "build", "-o", lab, ".").CombinedOutput(); err != nil {

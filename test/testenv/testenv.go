@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/runtime/serializer"
@@ -36,15 +37,21 @@ func Root() string {
 	return filepath.Join(filepath.Dir(file), "..", "..")
 }
 
-// Build compiles cmd/<name> into dir and returns the binary's path.
-func Build(dir, name string) (string, error) {
-	bin := filepath.Join(dir, name)
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/"+name)
+// Build compiles cmd/<name> for each name into dir, in one go build, and returns the
+// binaries' paths in the order of names.
+func Build(dir string, names ...string) ([]string, error) {
+	args := []string{"build", "-o", dir + string(filepath.Separator)}
+	var bins []string
+	for _, name := range names {
+		args = append(args, "./cmd/"+name)
+		bins = append(bins, filepath.Join(dir, name))
+	}
+	cmd := exec.Command("go", args...)
 	cmd.Dir = Root()
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build %s: %w\n%s", name, err, out)
+		return nil, fmt.Errorf("build %s: %w\n%s", strings.Join(names, ", "), err, out)
 	}
-	return bin, nil
+	return bins, nil
 }
 
 // Assets returns the directory holding kube-apiserver and etcd, or "" when there is none:
