@@ -16,8 +16,9 @@ import (
 
 // What the proxy tells both its clients and its backends: how much each stream and each
 // connection may send ahead of what the proxy passed on. The proxy gives credit back only
-// when it wrote what it received to the other side, so a slow reader on one side slows the
-// sender on the other, and the proxy holds at most these windows per stream and connection.
+// once the other side's socket took what it received, so a slow reader on one side slows
+// the sender on the other (whatever window the reader itself offers), and the proxy holds
+// at most these windows per stream and connection.
 const (
 	streamWindow = 1 << 20
 	connWindow   = 8 << 20
@@ -85,6 +86,8 @@ type h2conn struct {
 
 	mu          sync.Mutex
 	out, spare  []byte
+	sent        []credit // the credits of the data in out, given once it is written
+	sentSpare   []credit
 	fr          *http2.Framer // writes into out
 	enc         *hpack.Encoder
 	hbuf        bytes.Buffer
@@ -185,8 +188,9 @@ func (c *h2conn) write() {
 			return
 		}
 		c.mu.Lock()
-		out := c.out
+		out, sent := c.out, c.sent
 		c.out, c.spare, c.lazy = c.spare[:0], nil, 0
+		c.sent, c.sentSpare = c.sentSpare[:0], nil
 		finished := len(out) == 0 && c.finishing
 		if c.pingWaits {
 			c.pingWaits = false
@@ -202,10 +206,13 @@ func (c *h2conn) write() {
 		}
 		if _, err := c.io.Write(out); err != nil {
 			c.close(fmt.Errorf("write: %w", err))
+			give(sent)
 			return
 		}
+		give(sent)
+		clear(sent) // the connections they name may go
 		c.mu.Lock()
-		c.spare = out
+		c.spare, c.sentSpare = out, sent
 		finishing := c.finishing
 		c.mu.Unlock()
 		if finishing {
@@ -224,11 +231,12 @@ func (c *h2conn) close(err error) {
 	c.closed = true
 	streams := c.streams
 	c.streams = map[uint32]*h2stream{}
+	credits := c.sent // written or not, the data in out is done with
+	c.sent = nil
 	c.mu.Unlock()
 	close(c.done)
 	c.pinged.Stop()
 	_ = c.nc.Close()
-	var credits []credit
 	for _, st := range streams {
 		credits = st.drop(credits)
 	}
@@ -601,8 +609,9 @@ func (c *h2conn) flushAll(credits []credit) []credit {
 	return credits
 }
 
-// flush writes from the front of a stream's queue while windows allow, and returns the
-// credits of the data written. Callers hold mu.
+// flush writes from the front of a stream's queue while windows allow. The credits of the
+// data it writes wait in sent for the socket to take it; it returns those of the data of a
+// stream it forgets. Callers hold mu.
 func (c *h2conn) flush(st *h2stream, credits []credit) []credit {
 	for len(st.queue) > 0 {
 		it := &st.queue[0]
@@ -619,7 +628,7 @@ func (c *h2conn) flush(st *h2stream, credits []credit) []credit {
 			st.window -= n
 			c.sendWindow -= n
 			if it.from != nil && n > 0 {
-				credits = append(credits, credit{it.from, it.fromID, n})
+				c.sent = append(c.sent, credit{it.from, it.fromID, n})
 			}
 			if !last {
 				it.data = it.data[n:]

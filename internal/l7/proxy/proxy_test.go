@@ -609,9 +609,17 @@ func TestHTTP2(t *testing.T) {
 }
 
 // Flow control is end to end: a client that reads nothing holds the backend back after
-// about a window (the client's 64 KiB, the proxy's 1 MiB per stream), rather than the proxy
-// taking the whole answer in; once the client reads, all of it arrives.
+// about a window (the client's, or the proxy's 1 MiB per stream when the client's is
+// larger), rather than the proxy taking the whole answer in; once the client reads, all of
+// it arrives. A client that opens its window wide and then reads nothing is held by its
+// socket: the proxy gives window back to the backend only for what the socket took.
 func TestSlowClientHoldsTheBackendBack(t *testing.T) {
+	for _, window := range []uint32{65535, 1<<31 - 1} {
+		t.Run(fmt.Sprintf("client window %d", window), func(t *testing.T) { slowClient(t, window) })
+	}
+}
+
+func slowClient(t *testing.T, window uint32) {
 	const total = 64 << 20
 	var written atomic.Int64
 	var h2 http.Protocols
@@ -650,7 +658,12 @@ func TestSlowClientHoldsTheBackendBack(t *testing.T) {
 	if _, err := io.WriteString(nc, http2.ClientPreface); err != nil {
 		t.Fatal(err)
 	}
-	if err := errors.Join(fr.WriteSettings(), fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true})); err != nil {
+	var wide error
+	if window > 65535 {
+		wide = fr.WriteWindowUpdate(0, window-65535)
+	}
+	if err := errors.Join(fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: window}), wide,
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndStream: true, EndHeaders: true})); err != nil {
 		t.Fatal(err)
 	}
 	last := int64(-1)
@@ -658,10 +671,10 @@ func TestSlowClientHoldsTheBackendBack(t *testing.T) {
 		last = n
 		time.Sleep(500 * time.Millisecond)
 	}
-	if last > 4<<20 {
-		t.Fatalf("the backend wrote %d MiB for a client that reads nothing; want it held back after about 1", last>>20)
+	if last > 16<<20 { // a window and what the two sockets buffer
+		t.Fatalf("the backend wrote %d MiB of %d for a client that reads nothing; want it held back after a few", last>>20, total>>20)
 	}
-	// Now read it all, giving window back per 32 KiB (half the client's window).
+	// Now read it all, giving window back per 32 KiB.
 	rd := http2.NewFramer(nc, bufio.NewReader(nc))
 	got, owed := 0, 0
 	for got < total {
