@@ -28,6 +28,15 @@ const (
 	// gRPC peers ping for every burst of data they receive (to estimate the bandwidth delay
 	// product), and an answer of its own costs a system call on both sides.
 	pingDelay = time.Millisecond
+	// maxAnswers bounds the frames a peer may make the proxy queue in answer to its own
+	// (PING and SETTINGS acknowledgements, resets of streams it may not open) while one
+	// write waits for it to read: a peer that floods them and reads nothing is cut off
+	// rather than having them pile up (CVE-2019-9512, -9514, -9515).
+	maxAnswers = 10000
+	// A client that has reset more than prematureResets streams the proxy was still
+	// answering, and more than half the streams it opened, is cut off: each of its requests
+	// costs a backend a request, each reset costs the client nothing (CVE-2023-44487).
+	prematureResets = 500
 )
 
 // side tells which of its two streams an event of an exchange is about.
@@ -101,7 +110,11 @@ type h2conn struct {
 	unacked     int32
 	pingWaits   bool      // a PING's answer waits in out
 	lazy        int       // out holds only PING answers while len(out) == lazy: they may wait
+	answers     int       // frames queued in answer to the peer's since the writer took out
+	opened      int       // a client's connection: streams the client opened
+	cancelled   int       // and reset before the proxy had answered them in full
 	idle        time.Time // a client's connection: since when no stream is open (zero: one is)
+	writing     bool      // the writer writes what it took from out
 	goingAway   bool      // no new streams: GOAWAY sent or received
 	finishing   bool      // going away and no stream left: close once the output is written
 	closed      bool
@@ -188,8 +201,13 @@ func (c *h2conn) write() {
 			return
 		}
 		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return
+		}
 		out, sent := c.out, c.sent
-		c.out, c.spare, c.lazy = c.spare[:0], nil, 0
+		c.writing = len(out) > 0
+		c.out, c.spare, c.lazy, c.answers = c.spare[:0], nil, 0, 0
 		c.sent, c.sentSpare = c.sentSpare[:0], nil
 		finished := len(out) == 0 && c.finishing
 		if c.pingWaits {
@@ -212,7 +230,7 @@ func (c *h2conn) write() {
 		give(sent)
 		clear(sent) // the connections they name may go
 		c.mu.Lock()
-		c.spare, c.sentSpare = out, sent
+		c.spare, c.sentSpare, c.writing = out, sent, false
 		finishing := c.finishing
 		c.mu.Unlock()
 		if finishing {
@@ -221,7 +239,9 @@ func (c *h2conn) write() {
 	}
 }
 
-// close ends the connection at once: every stream on it is lost.
+// close ends the connection at once: every stream on it is lost. What was queued last (a
+// GOAWAY saying why, often) goes out if the socket takes it at once and the writer is not
+// in the middle of a write.
 func (c *h2conn) close(err error) {
 	c.mu.Lock()
 	if c.closed {
@@ -233,9 +253,16 @@ func (c *h2conn) close(err error) {
 	c.streams = map[uint32]*h2stream{}
 	credits := c.sent // written or not, the data in out is done with
 	c.sent = nil
+	var last []byte
+	if !c.writing {
+		last = c.out
+	}
 	c.mu.Unlock()
 	close(c.done)
 	c.pinged.Stop()
+	if len(last) > 0 {
+		c.io.tryWrite(last)
+	}
 	_ = c.nc.Close()
 	for _, st := range streams {
 		credits = st.drop(credits)
@@ -269,17 +296,27 @@ func (c *h2conn) read() {
 			var se http2.StreamError
 			if errors.As(err, &se) {
 				c.resetStream(se.StreamID, se.Code)
-				continue
+				c.mu.Lock()
+				err = c.answer()
+				c.mu.Unlock()
+				if err == nil {
+					continue
+				}
 			}
 			var ce http2.ConnectionError
 			if errors.As(err, &ce) {
-				c.goAway(http2.ErrCode(ce))
+				c.goAway(http2.ErrCode(ce), err.Error())
 			}
 			c.close(fmt.Errorf("read: %w", err))
 			return
 		}
 		if err := c.handle(f); err != nil {
-			c.goAway(http2.ErrCodeProtocol)
+			code := http2.ErrCodeProtocol
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				code = http2.ErrCode(ce)
+			}
+			c.goAway(code, err.Error())
 			c.close(err)
 			return
 		}
@@ -326,9 +363,11 @@ func (c *h2conn) handle(f http2.Frame) error {
 			c.lastID = id
 			if c.goingAway || len(c.streams) >= maxStreams {
 				_ = c.fr.WriteRSTStream(id, http2.ErrCodeRefusedStream)
+				err := c.answer()
 				c.unlockKick()
-				return nil
+				return err
 			}
+			c.opened++
 			x := c.srv.newExchange(c, id)
 			st = &h2stream{id: id, x: x, window: c.initWindow, gotEnd: f.StreamEnded()}
 			c.streams[id] = st
@@ -348,11 +387,20 @@ func (c *h2conn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
 		st, credits := c.forget(id, nil)
+		var err error
+		if st != nil && !c.client {
+			c.cancelled++
+			if c.cancelled > prematureResets && 2*c.cancelled > c.opened {
+				err = fmt.Errorf("the client reset %d of the %d streams it opened before they were answered: %w",
+					c.cancelled, c.opened, http2.ConnectionError(http2.ErrCodeEnhanceYourCalm))
+			}
+		}
 		c.unlockKick()
 		give(credits)
 		if st != nil {
 			st.x.reset(c, id, f.ErrCode)
 		}
+		return err
 	case *http2.SettingsFrame:
 		if f.IsAck() {
 			return nil
@@ -380,6 +428,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 			return nil
 		})
 		_ = c.fr.WriteSettingsAck()
+		err = errors.Join(err, c.answer())
 		credits = c.flushAll(credits)
 		c.unlockKick()
 		give(credits)
@@ -392,11 +441,13 @@ func (c *h2conn) handle(f http2.Frame) error {
 			if only {
 				c.lazy = len(c.out)
 			}
+			err := c.answer()
 			if !c.pingWaits {
 				c.pingWaits = true
 				c.pinged.Reset(pingDelay)
 			}
 			c.mu.Unlock()
+			return err
 		}
 	case *http2.WindowUpdateFrame:
 		var credits []credit
@@ -432,6 +483,17 @@ func (c *h2conn) handle(f http2.Frame) error {
 		}
 	case *http2.PushPromiseFrame:
 		return errors.New("push promise, though push is off")
+	}
+	return nil
+}
+
+// answer counts a frame queued in answer to one of the peer's, and fails once the peer
+// made the proxy queue more than maxAnswers of them since the writer last took the
+// output. Callers hold mu.
+func (c *h2conn) answer() error {
+	c.answers++
+	if c.answers > maxAnswers {
+		return fmt.Errorf("the peer made the proxy queue %d answers without reading them: %w", c.answers, http2.ConnectionError(http2.ErrCodeEnhanceYourCalm))
 	}
 	return nil
 }
@@ -583,9 +645,9 @@ func (c *h2conn) resetStream(id uint32, code http2.ErrCode) {
 	give(credits)
 }
 
-// goAway tells the peer that no new stream will be taken; the connection closes once its
-// streams end.
-func (c *h2conn) goAway(code http2.ErrCode) {
+// goAway tells the peer that no new stream will be taken, and why (debug, may be empty);
+// the connection closes once its streams end.
+func (c *h2conn) goAway(code http2.ErrCode, debug string) {
 	c.mu.Lock()
 	if !c.closed && !c.goingAway {
 		c.goingAway = true
@@ -593,7 +655,7 @@ func (c *h2conn) goAway(code http2.ErrCode) {
 		if c.client {
 			last = 0
 		}
-		_ = c.fr.WriteGoAway(last, code, nil)
+		_ = c.fr.WriteGoAway(last, code, []byte(debug))
 		c.noteIdle()
 	}
 	c.unlockKick()

@@ -75,7 +75,7 @@ func (h *h2server) sweep(stop <-chan struct{}) {
 		now := time.Now()
 		for _, c := range conns {
 			if since := c.idleSince(); !since.IsZero() && now.Sub(since) >= timeout {
-				c.goAway(http2.ErrCodeNo)
+				c.goAway(http2.ErrCodeNo, "")
 			}
 		}
 	}
@@ -85,7 +85,7 @@ func (h *h2server) sweep(stop <-chan struct{}) {
 // streams in flight ended or ctx is done; then it closes what is left.
 func (h *h2server) Shutdown(ctx context.Context) error {
 	for _, c := range h.stopTaking() {
-		c.goAway(http2.ErrCodeNo)
+		c.goAway(http2.ErrCodeNo, "")
 	}
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()

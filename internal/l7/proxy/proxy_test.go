@@ -797,7 +797,7 @@ func TestIdleClientConnectionIsClosed(t *testing.T) {
 		t.Fatalf("a call that outlasts the idle timeout: %v", err)
 	}
 
-	fr := rawClient(t, addr)
+	_, fr := rawClient(t, addr)
 	t0 := time.Now()
 	var away *http2.GoAwayFrame
 	for {
@@ -820,7 +820,7 @@ func TestIdleClientConnectionIsClosed(t *testing.T) {
 
 // rawClient is an HTTP/2 connection to addr, its preface and settings sent, that gives up
 // reading after 5 seconds.
-func rawClient(t *testing.T, addr netip.AddrPort) *http2.Framer {
+func rawClient(t *testing.T, addr netip.AddrPort) (net.Conn, *http2.Framer) {
 	nc, err := net.Dial("tcp", addr.String())
 	if err != nil {
 		t.Fatal(err)
@@ -834,14 +834,14 @@ func rawClient(t *testing.T, addr netip.AddrPort) *http2.Framer {
 		t.Fatal(err)
 	}
 	_ = nc.SetReadDeadline(time.Now().Add(5 * time.Second))
-	return fr
+	return nc, fr
 }
 
 // A PING's answer waits for other frames to share its write, but not for ever: a PING
 // followed only by frames that need no answer (a WINDOW_UPDATE) still gets one.
 func TestLonePingIsAnswered(t *testing.T) {
 	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
-	fr := rawClient(t, addr)
+	_, fr := rawClient(t, addr)
 	for { // the proxy's answer to our settings, so that the PING comes alone
 		f, err := fr.ReadFrame()
 		if err != nil {
@@ -867,6 +867,68 @@ func TestLonePingIsAnswered(t *testing.T) {
 			if !p.IsAck() || p.Data != data {
 				t.Fatalf("got PING ack=%v %q; want the ack of %q", p.IsAck(), p.Data, data)
 			}
+			return
+		}
+	}
+}
+
+// A client that sends PINGs and reads none of the answers is cut off once the answers pile
+// up behind a full socket, rather than having the proxy keep them all.
+func TestPingFloodIsCutOff(t *testing.T) {
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
+	nc, _ := rawClient(t, addr)
+	var batch bytes.Buffer
+	fr := http2.NewFramer(&batch, nil)
+	for range 4096 {
+		_ = fr.WritePing(false, [8]byte{})
+	}
+	_ = nc.SetWriteDeadline(time.Now().Add(20 * time.Second))
+	const rounds = 1000 // 4M PINGs, 68 MB: more than any socket buffers
+	for i := range rounds {
+		if _, err := nc.Write(batch.Bytes()); err != nil {
+			t.Logf("cut off after %d PINGs: %v", i*4096, err)
+			return
+		}
+	}
+	t.Fatalf("the proxy took %d PINGs from a client that reads nothing", rounds*4096)
+}
+
+// A client that opens streams and resets them at once (each costs a backend a request, the
+// client nothing) is cut off with GOAWAY ENHANCE_YOUR_CALM.
+func TestRapidResetIsCutOff(t *testing.T) {
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
+	nc, fr := rawClient(t, addr)
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":authority", "greeter"},
+		{":path", "/greeter.Greeter/Hello"}, {"content-type", "application/grpc"}, {"te", "trailers"}} {
+		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	go func() { // writes until the proxy closes the connection
+		w := http2.NewFramer(nc, nil)
+		for id := uint32(1); id < 20000; id += 2 {
+			err := errors.Join(w.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block.Bytes(), EndHeaders: true}),
+				w.WriteRSTStream(id, http2.ErrCodeCancel))
+			if err != nil {
+				return
+			}
+		}
+	}()
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("still open after 10,000 streams opened and reset at once: %v", err)
+			}
+			t.Logf("closed without a GOAWAY (it did not fit the socket): %v", err)
+			return
+		}
+		if g, ok := f.(*http2.GoAwayFrame); ok {
+			if g.ErrCode != http2.ErrCodeEnhanceYourCalm {
+				t.Fatalf("GOAWAY %v %q; want ENHANCE_YOUR_CALM", g.ErrCode, g.DebugData())
+			}
+			t.Logf("GOAWAY %v %q", g.ErrCode, g.DebugData())
 			return
 		}
 	}

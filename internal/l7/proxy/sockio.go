@@ -77,6 +77,14 @@ func (s *sockIO) Write(p []byte) (int, error) {
 	return n + m, err
 }
 
+// tryWrite writes what of p the socket takes at once, if it is a socket; for last words
+// before a close.
+func (s *sockIO) tryWrite(p []byte) {
+	if s.raw != nil {
+		_, _ = s.write(p, false)
+	}
+}
+
 // write writes p until the socket takes no more; wait says whether to wait for it then.
 func (s *sockIO) write(p []byte, wait bool) (int, error) {
 	done := 0
