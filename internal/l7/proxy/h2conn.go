@@ -33,10 +33,12 @@ const (
 	// write waits for it to read: a peer that floods them and reads nothing is cut off
 	// rather than having them pile up (CVE-2019-9512, -9514, -9515).
 	maxAnswers = 10000
-	// A client that has reset more than prematureResets streams the proxy was still
-	// answering, and more than half the streams it opened, is cut off: each of its requests
-	// costs a backend a request, each reset costs the client nothing (CVE-2023-44487).
+	// A client that has reset more than prematureResets streams within prematureAge of
+	// opening them, while the proxy was still answering, and more than half the streams it
+	// opened, is cut off: each of its requests costs a backend a request, each reset costs
+	// the client nothing (CVE-2023-44487). Long streams a client ends do not count.
 	prematureResets = 500
+	prematureAge    = time.Second
 )
 
 // side tells which of its two streams an event of an exchange is about.
@@ -112,7 +114,7 @@ type h2conn struct {
 	lazy        int       // out holds only PING answers while len(out) == lazy: they may wait
 	answers     int       // frames queued in answer to the peer's since the writer took out
 	opened      int       // a client's connection: streams the client opened
-	cancelled   int       // and reset before the proxy had answered them in full
+	cancelled   int       // and reset early (prematureAge), before the proxy answered in full
 	idle        time.Time // a client's connection: since when no stream is open (zero: one is)
 	writing     bool      // the writer writes what it took from out
 	goingAway   bool      // no new streams: GOAWAY sent or received
@@ -388,7 +390,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		c.mu.Lock()
 		st, credits := c.forget(id, nil)
 		var err error
-		if st != nil && !c.client {
+		if st != nil && !c.client && time.Since(st.x.t0) < prematureAge {
 			c.cancelled++
 			if c.cancelled > prematureResets && 2*c.cancelled > c.opened {
 				err = fmt.Errorf("the client reset %d of the %d streams it opened before they were answered: %w",
