@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -29,6 +31,7 @@ import (
 
 	"github.com/portico-dev/portico/internal/l7/proxy"
 	"github.com/portico-dev/portico/test/greeter"
+	"github.com/portico-dev/portico/test/nstest"
 )
 
 // backend is a greeter serving on loopback.
@@ -932,4 +935,76 @@ func TestRapidResetIsCutOff(t *testing.T) {
 			return
 		}
 	}
+}
+
+// A backend whose node dies without a word (nothing answers, nothing resets) is given up
+// after 10 s of silence, even while a request waits on it unacknowledged, where TCP's
+// keep-alive does not probe and TCP would retransmit for a quarter of an hour: the call is
+// retried on the other backend. The silent backend is in a network namespace of its own,
+// behind a veth pair whose far end the test takes down.
+func TestSilentBackendIsGivenUp(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: puts a backend in a network namespace and cuts its link")
+	}
+	id := os.Getpid() % 100000
+	ns, link := fmt.Sprintf("pds%d", id), fmt.Sprintf("pdv%d", id)
+	// A /30 of 198.18.0.0/15 (RFC 2544's) of this process's own.
+	near := netip.AddrFrom4([4]byte{198, 18 + byte(id>>14&1), byte(id >> 6), byte(id<<2) + 1})
+	farAddr := near.Next()
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	t.Cleanup(func() {
+		_ = exec.Command("ip", "link", "del", link).Run()
+		_ = exec.Command("ip", "netns", "del", ns).Run()
+	})
+	ip("netns", "add", ns)
+	ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
+	ip("addr", "add", near.String()+"/30", "dev", link)
+	ip("link", "set", link, "up")
+	ip("-n", ns, "addr", "add", farAddr.String()+"/30", "dev", "eth0")
+	ip("-n", ns, "link", "set", "eth0", "up")
+	var ln net.Listener
+	var err error
+	nstest.Enter(t, ns)(func() { ln, err = net.Listen("tcp", netip.AddrPortFrom(farAddr, 0).String()) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	far := &backend{Server: &greeter.Server{Name: "far"}, addr: netip.MustParseAddrPort(ln.Addr().String()), srv: grpc.NewServer()}
+	far.Register(far.srv)
+	go func() { _ = far.srv.Serve(ln) }()
+	t.Cleanup(far.srv.Stop)
+	retries := &proxy.Retries{Attempts: 1, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset}, BudgetPercent: 100}
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{far.addr, greeters(t, 1)[0].addr}, Retries: retries})
+	cc := dial(t, addr)
+	if got := hellos(t, cc, 4, 1); got["far"] != 2 || got["backend-1"] != 2 {
+		t.Fatalf("before the cut: %v; want 2 answers from each", got)
+	}
+
+	ip("-n", ns, "link", "set", "eth0", "down")
+	// Up again first thing when the test ends, so that the far side's sockets close at once
+	// (their peers are gone: they get resets) rather than keeping the namespace for minutes.
+	t.Cleanup(func() { _ = exec.Command("ip", "-n", ns, "link", "set", "eth0", "up").Run() })
+	t0 := time.Now()
+	errs := make(chan error, 2)
+	for range 2 { // round robin sends one of them to the silent backend
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			out, err := greeter.Call(ctx, cc, "hi")
+			if err == nil && out != "Hello from backend-1" {
+				err = fmt.Errorf("answered %q", out)
+			}
+			errs <- err
+		}()
+	}
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatalf("a call after the backend went silent: %v", err)
+		}
+	}
+	t.Logf("both calls answered %v after the cut", time.Since(t0).Round(time.Millisecond))
 }

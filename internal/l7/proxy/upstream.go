@@ -6,7 +6,10 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 var errBackendGone = errors.New("the backend was removed")
@@ -45,10 +48,16 @@ func (u *upstreams) get(then func(*h2conn, error)) (*h2conn, error) {
 	return nil, nil
 }
 
+// backendSilence is how long a backend may acknowledge nothing before its connection is
+// given up: its node died, or the network to it dropped everything. Keep-alive probes find
+// that out on a connection with nothing in flight; TCP_USER_TIMEOUT when requests wait
+// unacknowledged, where probes do not run and TCP would retransmit for a quarter of an hour.
+// The streams on it are then lost, and retried when they may be.
+const backendSilence = 10 * time.Second
+
 func (u *upstreams) dial() {
-	// Keep-alive probes find a backend that vanished without a word (its node died) in
-	// about 25 s; the streams on it are then reset, and retried when they may be.
-	d := net.Dialer{Timeout: 2 * time.Second, KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 10 * time.Second, Interval: 5 * time.Second, Count: 3}}
+	d := net.Dialer{Timeout: 2 * time.Second, Control: userTimeout,
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: backendSilence / 2, Interval: backendSilence / 5, Count: 3}}
 	nc, err := d.Dial("tcp", u.addr)
 	if err != nil {
 		err = fmt.Errorf("connect to %s: %w", u.addr, err)
@@ -90,4 +99,18 @@ func (u *upstreams) closeAll() {
 	for _, c := range conns {
 		c.close(errBackendGone)
 	}
+}
+
+// userTimeout sets a connection's TCP_USER_TIMEOUT to backendSilence.
+func userTimeout(_, _ string, rc syscall.RawConn) error {
+	var err error
+	if cerr := rc.Control(func(fd uintptr) {
+		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(backendSilence.Milliseconds()))
+	}); cerr != nil {
+		return cerr
+	}
+	if err != nil {
+		return fmt.Errorf("set TCP_USER_TIMEOUT: %w", err)
+	}
+	return nil
 }
