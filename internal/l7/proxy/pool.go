@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -57,7 +56,7 @@ func (p *pool) newBackend(a netip.AddrPort) *backend {
 	b := &backend{addr: a, host: a.String(), drained: ctx, reset: cancel}
 	if p.protocol == HTTP1 {
 		b.transport = &http.Transport{
-			DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			DialContext:         backendDialer().DialContext,
 			MaxIdleConnsPerHost: 1024,
 			IdleConnTimeout:     2 * time.Minute,
 			DisableCompression:  true,

@@ -55,10 +55,14 @@ func (u *upstreams) get(then func(*h2conn, error)) (*h2conn, error) {
 // The streams on it are then lost, and retried when they may be.
 const backendSilence = 10 * time.Second
 
-func (u *upstreams) dial() {
-	d := net.Dialer{Timeout: 2 * time.Second, Control: userTimeout,
+// backendDialer connects to backends (HTTP/2 and HTTP/1.1 alike).
+func backendDialer() *net.Dialer {
+	return &net.Dialer{Timeout: 2 * time.Second, Control: userTimeout,
 		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: backendSilence / 2, Interval: backendSilence / 5, Count: 3}}
-	nc, err := d.Dial("tcp", u.addr)
+}
+
+func (u *upstreams) dial() {
+	nc, err := backendDialer().Dial("tcp", u.addr)
 	if err != nil {
 		err = fmt.Errorf("connect to %s: %w", u.addr, err)
 	}
