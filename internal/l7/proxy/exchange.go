@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,8 +48,9 @@ type exchange struct {
 	tryTimer *time.Timer
 }
 
-// start handles the request's header: it picks a backend and sends the request there.
-func (x *exchange) start(fields []hpack.HeaderField, end bool) {
+// start handles the request's header: it picks a backend and sends the request there. A
+// truncated header (longer than maxHeaderList) is answered 431 (gRPC RESOURCE_EXHAUSTED).
+func (x *exchange) start(fields []hpack.HeaderField, end, truncated bool) {
 	x.s.active.Add(1)
 	x.mu.Lock()
 	defer x.mu.Unlock()
@@ -57,6 +59,10 @@ func (x *exchange) start(fields []hpack.HeaderField, end bool) {
 	if field(fields, ":method") == "" || field(fields, ":path") == "" {
 		x.down.resetStream(x.id, http2.ErrCodeProtocol)
 		x.finish("reset")
+		return
+	}
+	if truncated {
+		x.reply(http.StatusRequestHeaderFieldsTooLarge, grpcResourceExhausted, fmt.Errorf("the request header is longer than %d bytes", maxHeaderList))
 		return
 	}
 	if x.cfg.RequestTimeout > 0 {
@@ -340,27 +346,29 @@ func (x *exchange) fail(cause error, timeout bool) {
 		x.finish("reset")
 		return
 	}
+	if timeout {
+		x.reply(http.StatusGatewayTimeout, grpcDeadlineExceeded, cause)
+	} else {
+		x.reply(http.StatusServiceUnavailable, grpcUnavailable, cause)
+	}
+}
+
+// reply answers the client with the proxy's own error: for gRPC a trailers-only response
+// with grpcCode, as grpc-go clients expect; otherwise status, with the cause as its body.
+func (x *exchange) reply(status, grpcCode int, cause error) {
 	msg := "portico proxy: " + cause.Error()
 	if x.cfg.Protocol == GRPC {
-		code := grpcUnavailable
-		if timeout {
-			code = grpcDeadlineExceeded
-		}
 		x.down.send(x.id, item{end: true, header: []hpack.HeaderField{
 			{Name: ":status", Value: "200"}, {Name: "content-type", Value: "application/grpc"},
-			{Name: "grpc-status", Value: strconv.Itoa(code)}, {Name: "grpc-message", Value: grpcMessage(msg)}}})
-		x.finish(strconv.Itoa(code))
+			{Name: "grpc-status", Value: strconv.Itoa(grpcCode)}, {Name: "grpc-message", Value: grpcMessage(msg)}}})
+		x.finish(strconv.Itoa(grpcCode))
 		return
 	}
-	code := 503
-	if timeout {
-		code = 504
-	}
 	body := []byte(msg + "\n")
-	x.down.send(x.id, item{header: []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(code)},
+	x.down.send(x.id, item{header: []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(status)},
 		{Name: "content-type", Value: "text/plain; charset=utf-8"}, {Name: "content-length", Value: strconv.Itoa(len(body))}}})
 	x.down.send(x.id, item{data: body, end: true})
-	x.finish(strconv.Itoa(code))
+	x.finish(strconv.Itoa(status))
 }
 
 // connectionHeader says whether a field belongs to one connection (RFC 9113 8.2.2).

@@ -20,8 +20,9 @@ const replayLimit = 64 << 10
 
 // gRPC status codes the proxy itself answers with.
 const (
-	grpcDeadlineExceeded = 4
-	grpcUnavailable      = 14
+	grpcDeadlineExceeded  = 4
+	grpcResourceExhausted = 8
+	grpcUnavailable       = 14
 )
 
 var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}

@@ -24,6 +24,9 @@ const (
 	connWindow   = 8 << 20
 	maxFrame     = 16 << 10 // the protocol's default, so frames pass on without splitting
 	maxStreams   = 1000     // per client connection
+	// maxHeaderList bounds a header block's fields (RFC 9113's size: names, values and 32
+	// bytes each), as Go's and nginx's defaults do; a longer one fails its stream.
+	maxHeaderList = 1 << 20
 	// pingDelay is how long a PING's answer may wait for other frames to share its write.
 	// gRPC peers ping for every burst of data they receive (to estimate the bandwidth delay
 	// product), and an answer of its own costs a system call on both sides.
@@ -134,7 +137,7 @@ func newConn(nc net.Conn, client bool) *h2conn {
 	}
 	c.rd = http2.NewFramer(nil, bufio.NewReaderSize(c.io, 32<<10))
 	c.rd.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	c.rd.MaxHeaderListSize = 1 << 20
+	c.rd.MaxHeaderListSize = maxHeaderList
 	c.rd.SetMaxReadFrameSize(maxFrame)
 	c.rd.SetReuseFrames()
 	c.fr = http2.NewFramer(connWriter{c}, nil)
@@ -159,7 +162,8 @@ func (c *h2conn) start(wg *sync.WaitGroup) {
 	if c.client {
 		c.out = append(c.out, http2.ClientPreface...)
 	}
-	settings := []http2.Setting{{ID: http2.SettingInitialWindowSize, Val: streamWindow}, {ID: http2.SettingMaxFrameSize, Val: maxFrame}}
+	settings := []http2.Setting{{ID: http2.SettingInitialWindowSize, Val: streamWindow}, {ID: http2.SettingMaxFrameSize, Val: maxFrame},
+		{ID: http2.SettingMaxHeaderListSize, Val: maxHeaderList}}
 	if c.client {
 		settings = append(settings, http2.Setting{ID: http2.SettingEnablePush, Val: 0})
 	} else {
@@ -375,13 +379,22 @@ func (c *h2conn) handle(f http2.Frame) error {
 			c.streams[id] = st
 			c.idle = time.Time{}
 			c.mu.Unlock()
-			x.start(f.Fields, f.StreamEnded())
+			x.start(f.Fields, f.StreamEnded(), f.Truncated)
 			return nil
 		}
 		if f.StreamEnded() {
 			st.gotEnd = true
 		}
 		c.mu.Unlock()
+		if f.Truncated { // fields are missing: what is there must not pass on
+			code := http2.ErrCodeProtocol
+			if c.client {
+				code = http2.ErrCodeCancel
+			}
+			c.resetStream(id, code)
+			st.x.lost(c, id, "", fmt.Errorf("a header block longer than %d bytes", maxHeaderList))
+			return nil
+		}
 		st.x.headers(c, id, f.Fields, f.StreamEnded())
 		if f.StreamEnded() {
 			c.settleID(id)

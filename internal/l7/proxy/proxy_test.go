@@ -1008,3 +1008,113 @@ func TestSilentBackendIsGivenUp(t *testing.T) {
 	}
 	t.Logf("both calls answered %v after the cut", time.Since(t0).Round(time.Millisecond))
 }
+
+// A request header list longer than the proxy takes (1 MiB) gets 431, and no backend sees a
+// request with the fields past the limit missing.
+func TestOversizedHeaderIsRefused(t *testing.T) {
+	var seen atomic.Int64
+	var h2 http.Protocols
+	h2.SetUnencryptedHTTP2(true)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Protocols: &h2, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { seen.Add(1) })}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{netip.MustParseAddrPort(ln.Addr().String())}})
+
+	_, fr := rawClient(t, addr)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	if err := writeOversized(fr, 1, ":method", "GET", ":scheme", "http", ":authority", "big", ":path", "/"); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no answer: %v", err)
+		}
+		if h, ok := f.(*http2.MetaHeadersFrame); ok {
+			if st := h.PseudoValue("status"); st != "431" || seen.Load() != 0 {
+				t.Fatalf("got %s, %d requests at the backend; want 431 and none", st, seen.Load())
+			}
+			return
+		}
+	}
+}
+
+// writeOversized writes on stream id (and ends it) a header block with the given fields, a
+// filler that brings the list to 10 bytes short of 1 MiB, and x-after, which passes the
+// limit in the block's last fragment (where the limit costs the stream, not the connection).
+func writeOversized(fr *http2.Framer, id uint32, kv ...string) error {
+	var fields []hpack.HeaderField
+	size := 0
+	for i := 0; i < len(kv); i += 2 {
+		fields = append(fields, hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+		size += int(fields[len(fields)-1].Size())
+	}
+	filler := hpack.HeaderField{Name: "x-big"}
+	filler.Value = strings.Repeat("a", 1<<20-10-size-int(filler.Size()))
+	fields = append(fields, filler, hpack.HeaderField{Name: "x-after", Value: "1"})
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range fields {
+		_ = enc.WriteField(f)
+	}
+	b := block.Bytes()
+	first := b[:16<<10]
+	err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: first, EndStream: true})
+	for b = b[len(first):]; err == nil && len(b) > 0; {
+		frag := b[:min(len(b), 16<<10)]
+		b = b[len(frag):]
+		err = fr.WriteContinuation(id, len(b) == 0, frag)
+	}
+	return err
+}
+
+// A backend's response header longer than the proxy takes fails the attempt (503 with the
+// reason), rather than reaching the client with fields missing.
+func TestOversizedResponseHeaderFails(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() { // a backend at the frame level: it answers its first request with the block
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		preface := make([]byte, len(http2.ClientPreface))
+		if _, err := io.ReadFull(nc, preface); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, nc)
+		if fr.WriteSettings() != nil {
+			return
+		}
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			if h, ok := f.(*http2.HeadersFrame); ok {
+				_ = writeOversized(fr, h.StreamID, ":status", "200")
+			}
+		}
+	}()
+	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{netip.MustParseAddrPort(ln.Addr().String())}})
+	var h2 http.Protocols
+	h2.SetUnencryptedHTTP2(true)
+	client := &http.Client{Transport: &http.Transport{Protocols: &h2}, Timeout: 10 * time.Second}
+	resp, err := client.Get("http://" + addr.String() + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "header block longer") || resp.Header.Get("x-after") != "" {
+		t.Fatalf("got %s %q; want 503 saying the header block was too long", resp.Status, body)
+	}
+}
