@@ -563,14 +563,8 @@ func TestHTTP1(t *testing.T) {
 // request timeout is over.
 func TestHTTP2(t *testing.T) {
 	var backends []netip.AddrPort
-	var h2 http.Protocols
-	h2.SetUnencryptedHTTP2(true)
 	for i := range 3 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		srv := &http.Server{Protocols: &h2, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		backends = append(backends, h2cBackend(t, func(w http.ResponseWriter, r *http.Request) {
 			body, _ := io.ReadAll(r.Body)
 			if r.URL.Path == "/slow" {
 				time.Sleep(2 * time.Second)
@@ -578,12 +572,9 @@ func TestHTTP2(t *testing.T) {
 			w.Header().Set("X-Backend", fmt.Sprint(i+1))
 			w.WriteHeader(http.StatusCreated)
 			fmt.Fprintf(w, "%s %s %s", r.Proto, r.Header.Get("X-Forwarded-For"), body)
-		})}
-		go func() { _ = srv.Serve(ln) }()
-		t.Cleanup(func() { _ = srv.Close() })
-		backends = append(backends, netip.MustParseAddrPort(ln.Addr().String()))
+		}))
 	}
-	client := &http.Client{Transport: &http.Transport{Protocols: &h2}}
+	client := h2cClient()
 	do := func(addr netip.AddrPort, path string) (*http.Response, string) {
 		t.Helper()
 		return request(t, client, "http://"+addr.String()+path, "ping")
@@ -625,13 +616,7 @@ func TestSlowClientHoldsTheBackendBack(t *testing.T) {
 func slowClient(t *testing.T, window uint32) {
 	const total = 64 << 20
 	var written atomic.Int64
-	var h2 http.Protocols
-	h2.SetUnencryptedHTTP2(true)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Protocols: &h2, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	backend := h2cBackend(t, func(w http.ResponseWriter, r *http.Request) {
 		chunk := make([]byte, 16<<10)
 		for written.Load() < total {
 			if _, err := w.Write(chunk); err != nil {
@@ -639,10 +624,8 @@ func slowClient(t *testing.T, window uint32) {
 			}
 			written.Add(int64(len(chunk)))
 		}
-	})}
-	go func() { _ = srv.Serve(ln) }()
-	t.Cleanup(func() { _ = srv.Close() })
-	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{netip.MustParseAddrPort(ln.Addr().String())}})
+	})
+	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{backend}})
 
 	// A client at the frame level: it gives window back only when the test says so.
 	nc, err := net.Dial("tcp", addr.String())
@@ -845,14 +828,7 @@ func rawClient(t *testing.T, addr netip.AddrPort) (net.Conn, *http2.Framer) {
 func TestLonePingIsAnswered(t *testing.T) {
 	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
 	_, fr := rawClient(t, addr)
-	for { // the proxy's answer to our settings, so that the PING comes alone
-		f, err := fr.ReadFrame()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if s, ok := f.(*http2.SettingsFrame); ok && s.IsAck() {
-			break
-		}
+	for !next[*http2.SettingsFrame](t, fr).IsAck() { // the proxy's answer to ours, so that the PING comes alone
 	}
 	data := [8]byte{'p', 'o', 'r', 't', 'i', 'c', 'o', '!'}
 	if err := fr.WritePing(false, data); err != nil {
@@ -861,17 +837,8 @@ func TestLonePingIsAnswered(t *testing.T) {
 	if err := fr.WriteWindowUpdate(0, 1000); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		f, err := fr.ReadFrame()
-		if err != nil {
-			t.Fatalf("no answer to a PING: %v", err)
-		}
-		if p, ok := f.(*http2.PingFrame); ok {
-			if !p.IsAck() || p.Data != data {
-				t.Fatalf("got PING ack=%v %q; want the ack of %q", p.IsAck(), p.Data, data)
-			}
-			return
-		}
+	if p := next[*http2.PingFrame](t, fr); !p.IsAck() || p.Data != data {
+		t.Fatalf("got PING ack=%v %q; want the ack of %q", p.IsAck(), p.Data, data)
 	}
 }
 
@@ -1013,32 +980,51 @@ func TestSilentBackendIsGivenUp(t *testing.T) {
 // request with the fields past the limit missing.
 func TestOversizedHeaderIsRefused(t *testing.T) {
 	var seen atomic.Int64
-	var h2 http.Protocols
-	h2.SetUnencryptedHTTP2(true)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Protocols: &h2, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { seen.Add(1) })}
-	go func() { _ = srv.Serve(ln) }()
-	t.Cleanup(func() { _ = srv.Close() })
-	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{netip.MustParseAddrPort(ln.Addr().String())}})
+	backend := h2cBackend(t, func(w http.ResponseWriter, r *http.Request) { seen.Add(1) })
+	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{backend}})
 
 	_, fr := rawClient(t, addr)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	if err := writeOversized(fr, 1, ":method", "GET", ":scheme", "http", ":authority", "big", ":path", "/"); err != nil {
 		t.Fatal(err)
 	}
+	if st := next[*http2.MetaHeadersFrame](t, fr).PseudoValue("status"); st != "431" || seen.Load() != 0 {
+		t.Fatalf("got %s, %d requests at the backend; want 431 and none", st, seen.Load())
+	}
+}
+
+// h2cBackend serves h on loopback over HTTP/2 without TLS, until the test ends.
+func h2cBackend(t *testing.T, h http.HandlerFunc) netip.AddrPort {
+	t.Helper()
+	var h2 http.Protocols
+	h2.SetUnencryptedHTTP2(true)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Protocols: &h2, Handler: h}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return netip.MustParseAddrPort(ln.Addr().String())
+}
+
+// h2cClient is an HTTP client that speaks HTTP/2 without TLS (prior knowledge).
+func h2cClient() *http.Client {
+	var h2 http.Protocols
+	h2.SetUnencryptedHTTP2(true)
+	return &http.Client{Transport: &http.Transport{Protocols: &h2}, Timeout: 30 * time.Second}
+}
+
+// next reads frames until one of type F and returns it; a read error fails the test.
+func next[F http2.Frame](t *testing.T, fr *http2.Framer) F {
+	t.Helper()
 	for {
 		f, err := fr.ReadFrame()
 		if err != nil {
-			t.Fatalf("no answer: %v", err)
+			t.Fatalf("waiting for a %T: %v", *new(F), err)
 		}
-		if h, ok := f.(*http2.MetaHeadersFrame); ok {
-			if st := h.PseudoValue("status"); st != "431" || seen.Load() != 0 {
-				t.Fatalf("got %s, %d requests at the backend; want 431 and none", st, seen.Load())
-			}
-			return
+		if g, ok := f.(F); ok {
+			return g
 		}
 	}
 }
@@ -1105,10 +1091,7 @@ func TestOversizedResponseHeaderFails(t *testing.T) {
 		}
 	}()
 	_, addr, _ := serve(t, proxy.Config{Protocol: proxy.HTTP2, Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{netip.MustParseAddrPort(ln.Addr().String())}})
-	var h2 http.Protocols
-	h2.SetUnencryptedHTTP2(true)
-	client := &http.Client{Transport: &http.Transport{Protocols: &h2}, Timeout: 10 * time.Second}
-	resp, err := client.Get("http://" + addr.String() + "/")
+	resp, err := h2cClient().Get("http://" + addr.String() + "/")
 	if err != nil {
 		t.Fatal(err)
 	}
