@@ -22,8 +22,9 @@ import (
 const (
 	streamWindow = 1 << 20
 	connWindow   = 8 << 20
-	maxFrame     = 16 << 10 // the protocol's default, so frames pass on without splitting
-	maxStreams   = 1000     // per client connection
+	maxFrame     = 16 << 10  // the protocol's default, so frames pass on without splitting
+	maxWindow    = 1<<31 - 1 // no flow-control window may pass it (RFC 9113 6.9.1)
+	maxStreams   = 1000      // per client connection
 	// maxHeaderList bounds a header block's fields (RFC 9113's size: names, values and 32
 	// bytes each), as Go's and nginx's defaults do; a longer one fails its stream.
 	maxHeaderList = 1 << 20
@@ -425,10 +426,15 @@ func (c *h2conn) handle(f http2.Frame) error {
 		err := f.ForeachSetting(func(s http2.Setting) error {
 			switch s.ID {
 			case http2.SettingInitialWindowSize:
-				if s.Val > 1<<31-1 {
-					return errors.New("initial window too large")
+				if s.Val > maxWindow {
+					return fmt.Errorf("an initial window of %d: %w", s.Val, http2.ConnectionError(http2.ErrCodeFlowControl))
 				}
 				delta := int32(s.Val) - c.initWindow
+				for _, st := range c.streams {
+					if int64(st.window)+int64(delta) > maxWindow {
+						return fmt.Errorf("a new initial window takes stream %d's past %d: %w", st.id, maxWindow, http2.ConnectionError(http2.ErrCodeFlowControl))
+					}
+				}
 				c.initWindow = int32(s.Val)
 				for _, st := range c.streams {
 					st.window += delta
@@ -468,9 +474,19 @@ func (c *h2conn) handle(f http2.Frame) error {
 		var credits []credit
 		c.mu.Lock()
 		if id == 0 {
+			if int64(c.sendWindow)+int64(f.Increment) > maxWindow {
+				c.mu.Unlock()
+				return fmt.Errorf("the connection's window past %d: %w", maxWindow, http2.ConnectionError(http2.ErrCodeFlowControl))
+			}
 			c.sendWindow += int32(f.Increment)
 			credits = c.flushAll(credits)
 		} else if st := c.streams[id]; st != nil {
+			if int64(st.window)+int64(f.Increment) > maxWindow {
+				c.mu.Unlock()
+				c.resetStream(id, http2.ErrCodeFlowControl)
+				st.x.lost(c, id, "", fmt.Errorf("stream %d's window past %d", id, maxWindow))
+				return nil
+			}
 			st.window += int32(f.Increment)
 			credits = c.flush(st, credits)
 		}

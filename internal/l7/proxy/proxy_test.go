@@ -1101,3 +1101,16 @@ func TestOversizedResponseHeaderFails(t *testing.T) {
 		t.Fatalf("got %s %q; want 503 saying the header block was too long", resp.Status, body)
 	}
 }
+
+// A window past 2^31-1 is a flow-control error (RFC 9113 6.9.1): the connection's ends the
+// connection with GOAWAY FLOW_CONTROL_ERROR, rather than wrapping around and stalling it.
+func TestWindowOverflowIsAnError(t *testing.T) {
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
+	_, fr := rawClient(t, addr)
+	if err := fr.WriteWindowUpdate(0, 1<<31-1); err != nil { // on top of the initial 65,535
+		t.Fatal(err)
+	}
+	if g := next[*http2.GoAwayFrame](t, fr); g.ErrCode != http2.ErrCodeFlowControl {
+		t.Fatalf("GOAWAY %v %q; want FLOW_CONTROL_ERROR", g.ErrCode, g.DebugData())
+	}
+}
