@@ -13,6 +13,9 @@ K8S_VERSION ?= $(shell $(GO) list -m -f '{{.Version}}' k8s.io/api | sed 's/^v0\.
 ENVTEST_ASSETS ?= $(CACHE)/k8s-$(K8S_VERSION)
 CONTROLLER_TOOLS_VERSION ?= v0.19.0
 CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen-$(CONTROLLER_TOOLS_VERSION)
+# h2spec, the HTTP/2 conformance suite the L7 proxy's test runs (internal/l7/proxy).
+H2SPEC_VERSION ?= v2.2.1+incompatible
+H2SPEC ?= $(LOCALBIN)/h2spec-$(H2SPEC_VERSION)
 
 .PHONY: help
 help: ## Show this help.
@@ -83,8 +86,8 @@ test-peers: ## Install arping and ndisc6 from Debian when missing: the L2 tests'
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq arping ndisc6 >/dev/null; }
 
 .PHONY: test
-test: verify-generated vet envtest test-peers ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root).
-	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./... -count=1
+test: verify-generated vet envtest test-peers $(H2SPEC) ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root), HTTP/2 conformance.
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) H2SPEC=$(H2SPEC) $(GO) test ./... -count=1
 
 .PHONY: fuzz
 fuzz: ## Fuzz the allocator, the annotation parser and the packet programs (as root) for a while (FUZZTIME, default 30s each).
@@ -131,3 +134,8 @@ $(CONTROLLER_GEN):
 	@mkdir -p $(LOCALBIN)
 	GOBIN=$(LOCALBIN) $(GO) install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_TOOLS_VERSION)
 	mv $(LOCALBIN)/controller-gen $(CONTROLLER_GEN)
+
+$(H2SPEC):
+	@mkdir -p $(LOCALBIN)
+	GOBIN=$(LOCALBIN) $(GO) install github.com/summerwind/h2spec/cmd/h2spec@$(H2SPEC_VERSION)
+	mv $(LOCALBIN)/h2spec $(H2SPEC)

@@ -28,9 +28,10 @@ type exchange struct {
 	mu      sync.Mutex
 	header  []hpack.HeaderField // the request header as it goes to backends
 	body    [][]byte            // the body so far, while it may be sent again
-	size    int
-	passed  int  // chunks of body some attempt took (their window went back to the client then)
-	keep    bool // body holds the whole body so far
+	size    int                 // of the body so far
+	length  int                 // the request's content-length; -1: none
+	passed  int                 // chunks of body some attempt took (their window went back to the client then)
+	keep    bool                // body holds the whole body so far
 	reqEnd  bool
 	trailer []hpack.HeaderField
 
@@ -55,10 +56,17 @@ func (x *exchange) start(fields []hpack.HeaderField, end, truncated bool) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.header = requestHeader(fields, x.down.peer)
-	x.reqEnd, x.keep = end, true
-	if field(fields, ":method") == "" || field(fields, ":path") == "" {
-		x.down.resetStream(x.id, http2.ErrCodeProtocol)
-		x.finish("reset")
+	x.reqEnd, x.keep, x.length = end, true, -1
+	if cl := field(fields, "content-length"); cl != "" {
+		n, err := strconv.ParseUint(cl, 10, 31)
+		if err != nil {
+			x.reject()
+			return
+		}
+		x.length = int(n)
+	}
+	if malformed(fields, false) != "" || end && x.length > 0 {
+		x.reject()
 		return
 	}
 	if truncated {
@@ -145,13 +153,18 @@ func (x *exchange) data(c *h2conn, id uint32, data []byte, end bool) {
 	defer x.mu.Unlock()
 	if c == x.down {
 		x.reqEnd = x.reqEnd || end
+		x.size += len(buf)
+		if x.length >= 0 && (x.size > x.length || end && x.size != x.length) {
+			c.credit(id, int32(len(buf)))
+			x.reject()
+			return
+		}
 		if x.done {
 			c.credit(id, int32(len(buf)))
 			return
 		}
 		// Kept for a retry; with no stream open (connecting, or between attempts) it is
 		// always kept, and goes out when the stream opens.
-		x.size += len(buf)
 		if x.keep {
 			x.body = append(x.body, buf)
 		}
@@ -178,8 +191,13 @@ func (x *exchange) headers(c *h2conn, id uint32, fields []hpack.HeaderField, end
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	if c == x.down {
-		if !end || x.done {
-			return // a second header block must end the stream: the client is at fault
+		// A second header block is a trailer, which ends the stream.
+		if !end || malformed(fields, true) != "" || x.length >= 0 && x.size != x.length {
+			x.reject()
+			return
+		}
+		if x.done {
+			return
 		}
 		x.trailer, x.reqEnd = responseHeader(fields), true
 		if x.up != nil {
@@ -380,18 +398,46 @@ func connectionHeader(name string) bool {
 	return false
 }
 
-// requestHeader is a request's header as it goes to a backend: without connection-specific
-// fields ("te" only as "trailers", which gRPC needs), with the client's address appended to
-// x-forwarded-for.
+// reject ends a malformed request: the client's stream is reset (PROTOCOL_ERROR), and the
+// attempt in flight, if any, cancelled (the response may have ended already).
+func (x *exchange) reject() {
+	x.down.resetStream(x.id, http2.ErrCodeProtocol)
+	if !x.done {
+		x.cancelAttempt(false)
+		x.finish("reset")
+	}
+}
+
+// malformed says what makes a request's header, or its trailer, malformed (RFC 9113 8.1.1,
+// 8.2.2, 8.3.1): "" when nothing does. A malformed request reaches no backend (nor does one
+// whose body disagrees with its content-length, beyond what passed before that showed);
+// its stream is reset (PROTOCOL_ERROR), as Go's HTTP/2 server and Envoy do.
+func malformed(fields []hpack.HeaderField, trailer bool) string {
+	for _, f := range fields {
+		switch {
+		case trailer && strings.HasPrefix(f.Name, ":"):
+			return "a pseudo-header field in a trailer"
+		case connectionHeader(f.Name):
+			return "the connection-specific field " + f.Name
+		case f.Name == "te" && f.Value != "trailers":
+			return `"te" other than "trailers"`
+		}
+	}
+	if !trailer && (field(fields, ":method") == "" || field(fields, ":scheme") == "" || field(fields, ":path") == "") {
+		return "no :method, :scheme or :path"
+	}
+	return ""
+}
+
+// requestHeader is a request's header as it goes to a backend, the client's address
+// appended to x-forwarded-for.
 func requestHeader(fields []hpack.HeaderField, client string) []hpack.HeaderField {
 	out := make([]hpack.HeaderField, 0, len(fields)+1)
 	var xff []string
 	for _, f := range fields {
-		switch {
-		case connectionHeader(f.Name), f.Name == "te" && f.Value != "trailers":
-		case f.Name == "x-forwarded-for":
+		if f.Name == "x-forwarded-for" {
 			xff = append(xff, f.Value)
-		default:
+		} else {
 			out = append(out, hpack.HeaderField{Name: f.Name, Value: f.Value, Sensitive: f.Sensitive})
 		}
 	}

@@ -223,7 +223,7 @@ func (c *h2conn) write() {
 		}
 		c.mu.Unlock()
 		if finished {
-			c.close(errors.New("gone away"))
+			c.linger()
 			return
 		}
 		if len(out) == 0 {
@@ -244,6 +244,18 @@ func (c *h2conn) write() {
 			c.kick()
 		}
 	}
+}
+
+// linger ends a connection that went away and has no stream left, once its writer wrote
+// all: it sends FIN, and the reader reads (and drops) what the peer still sends until the
+// peer closes its side too or a second passes. Closed at once with unread input, the socket
+// would send a reset, and the peer could lose what the proxy wrote last (its GOAWAY).
+func (c *h2conn) linger() {
+	if tc, ok := c.nc.(interface{ CloseWrite() error }); ok && tc.CloseWrite() == nil {
+		_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+		return
+	}
+	c.close(errors.New("gone away"))
 }
 
 // close ends the connection at once: every stream on it is lost. What was queued last (a
@@ -342,12 +354,23 @@ func (c *h2conn) handle(f http2.Frame) error {
 			c.mu.Unlock()
 			return errors.New("the peer sent more than its window")
 		}
+		if id > c.lastID {
+			c.mu.Unlock()
+			return fmt.Errorf("DATA on idle stream %d: %w", id, http2.ConnectionError(http2.ErrCodeProtocol))
+		}
 		st := c.streams[id]
+		ended := st != nil && st.gotEnd // the peer ended it already
 		if st != nil && f.StreamEnded() {
 			st.gotEnd = true
 		}
 		c.mu.Unlock()
 		pad := n - int32(len(f.Data()))
+		if ended {
+			c.credit(0, n)
+			c.resetStream(id, http2.ErrCodeStreamClosed)
+			st.x.lost(c, id, "", fmt.Errorf("DATA after the end of stream %d", id))
+			return nil
+		}
 		if st == nil {
 			c.credit(0, n) // a stream closed already: its data only counts for the connection
 			return nil
@@ -363,11 +386,21 @@ func (c *h2conn) handle(f http2.Frame) error {
 		c.mu.Lock()
 		st := c.streams[id]
 		if st == nil {
-			if c.client || id <= c.lastID || id%2 == 0 {
+			if !c.client && id%2 == 0 {
+				c.mu.Unlock()
+				return fmt.Errorf("a client opened stream %d, an even one: %w", id, http2.ConnectionError(http2.ErrCodeProtocol))
+			}
+			if c.client || id <= c.lastID {
 				c.mu.Unlock()
 				return nil // a stream that ended: nothing to do
 			}
 			c.lastID = id
+			if f.HasPriority() && f.Priority.StreamDep == id {
+				_ = c.fr.WriteRSTStream(id, http2.ErrCodeProtocol)
+				err := c.answer()
+				c.unlockKick()
+				return err
+			}
 			if c.goingAway || len(c.streams) >= maxStreams {
 				_ = c.fr.WriteRSTStream(id, http2.ErrCodeRefusedStream)
 				err := c.answer()
@@ -381,6 +414,12 @@ func (c *h2conn) handle(f http2.Frame) error {
 			c.idle = time.Time{}
 			c.mu.Unlock()
 			x.start(f.Fields, f.StreamEnded(), f.Truncated)
+			return nil
+		}
+		if st.gotEnd { // the peer ended the stream already
+			c.mu.Unlock()
+			c.resetStream(id, http2.ErrCodeStreamClosed)
+			st.x.lost(c, id, "", fmt.Errorf("HEADERS after the end of stream %d", id))
 			return nil
 		}
 		if f.StreamEnded() {
@@ -402,6 +441,10 @@ func (c *h2conn) handle(f http2.Frame) error {
 		}
 	case *http2.RSTStreamFrame:
 		c.mu.Lock()
+		if id > c.lastID {
+			c.mu.Unlock()
+			return fmt.Errorf("RST_STREAM on idle stream %d: %w", id, http2.ConnectionError(http2.ErrCodeProtocol))
+		}
 		st, credits := c.forget(id, nil)
 		var err error
 		if st != nil && !c.client && time.Since(st.x.t0) < prematureAge {
@@ -424,6 +467,9 @@ func (c *h2conn) handle(f http2.Frame) error {
 		var credits []credit
 		c.mu.Lock()
 		err := f.ForeachSetting(func(s http2.Setting) error {
+			if err := s.Valid(); err != nil {
+				return err
+			}
 			switch s.ID {
 			case http2.SettingInitialWindowSize:
 				if s.Val > maxWindow {
@@ -480,6 +526,9 @@ func (c *h2conn) handle(f http2.Frame) error {
 			}
 			c.sendWindow += int32(f.Increment)
 			credits = c.flushAll(credits)
+		} else if id > c.lastID {
+			c.mu.Unlock()
+			return fmt.Errorf("WINDOW_UPDATE on idle stream %d: %w", id, http2.ConnectionError(http2.ErrCodeProtocol))
 		} else if st := c.streams[id]; st != nil {
 			if int64(st.window)+int64(f.Increment) > maxWindow {
 				c.mu.Unlock()
@@ -512,6 +561,19 @@ func (c *h2conn) handle(f http2.Frame) error {
 		for _, st := range lost {
 			st.x.lost(c, st.id, Unavailable, errors.New("the backend is going away"))
 		}
+	case *http2.PriorityFrame:
+		if f.StreamDep != id {
+			return nil // priorities are otherwise ignored
+		}
+		c.mu.Lock() // a stream may not depend on itself (RFC 9113 5.3.1)
+		st := c.streams[id]
+		err := c.answer()
+		c.mu.Unlock()
+		c.resetStream(id, http2.ErrCodeProtocol)
+		if st != nil {
+			st.x.lost(c, id, "", errors.New("a stream that depends on itself"))
+		}
+		return err
 	case *http2.PushPromiseFrame:
 		return errors.New("push promise, though push is off")
 	}
