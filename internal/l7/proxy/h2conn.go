@@ -96,6 +96,7 @@ type h2conn struct {
 	srv    *h2server  // for a client's connection: where new streams go
 	ub     *upstreams // for a backend's connection: the backend's connections
 	done   chan struct{}
+	wdone  chan struct{} // the writer returned
 	wake   chan struct{}
 	pinged *time.Timer // writes a PING's answer that nothing else took along
 
@@ -127,7 +128,7 @@ type h2conn struct {
 }
 
 func newConn(nc net.Conn, client bool) *h2conn {
-	c := &h2conn{nc: nc, client: client, done: make(chan struct{}), wake: make(chan struct{}, 1),
+	c := &h2conn{nc: nc, client: client, done: make(chan struct{}), wdone: make(chan struct{}), wake: make(chan struct{}, 1),
 		streams: map[uint32]*h2stream{}, sendWindow: 65535, initWindow: 65535, peerFrame: maxFrame, peerStreams: 1 << 31, recvWindow: 65535}
 	c.io = newSockIO(nc)
 	if !client {
@@ -175,7 +176,7 @@ func (c *h2conn) start(wg *sync.WaitGroup) {
 	c.recvWindow = connWindow
 	c.mu.Unlock()
 	wg.Add(2)
-	go func() { defer wg.Done(); c.write() }()
+	go func() { defer wg.Done(); defer close(c.wdone); c.write() }()
 	go func() { defer wg.Done(); c.read() }()
 	c.kick()
 }
@@ -261,7 +262,15 @@ func (c *h2conn) linger() {
 // close ends the connection at once: every stream on it is lost. What was queued last (a
 // GOAWAY saying why, often) goes out if the socket takes it at once and the writer is not
 // in the middle of a write.
-func (c *h2conn) close(err error) {
+func (c *h2conn) close(err error) { c.end(err, false) }
+
+// fail ends the connection for a fault of the peer's, which its GOAWAY (queued) explains:
+// as close, but the socket sends FIN after it and reads what the peer still sends (for up
+// to a second, 256 KiB at most) before it closes, so that the peer reads the GOAWAY rather
+// than a reset. Only the reader calls it.
+func (c *h2conn) fail(err error) { c.end(err, true) }
+
+func (c *h2conn) end(err error, drain bool) {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -282,7 +291,9 @@ func (c *h2conn) close(err error) {
 	if len(last) > 0 {
 		c.io.tryWrite(last)
 	}
-	_ = c.nc.Close()
+	if !drain {
+		_ = c.nc.Close()
+	}
 	for _, st := range streams {
 		credits = st.drop(credits)
 	}
@@ -296,6 +307,17 @@ func (c *h2conn) close(err error) {
 	if c.srv != nil {
 		c.srv.forget(c)
 	}
+	if drain {
+		select { // a write in progress (the GOAWAY, often) goes out before the FIN
+		case <-c.wdone:
+		case <-time.After(time.Second):
+		}
+		if tc, ok := c.nc.(interface{ CloseWrite() error }); ok && tc.CloseWrite() == nil {
+			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+			_, _ = io.CopyN(io.Discard, c.nc, 256<<10) // a flood is cut short all the same
+		}
+		_ = c.nc.Close()
+	}
 }
 
 // read reads frames until the connection fails or closes.
@@ -304,7 +326,7 @@ func (c *h2conn) read() {
 		buf := make([]byte, len(http2.ClientPreface))
 		_ = c.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
 		if _, err := io.ReadFull(c.nc, buf); err != nil || string(buf) != http2.ClientPreface {
-			c.close(errors.New("not an HTTP/2 client (prior knowledge)"))
+			c.fail(errors.New("not an HTTP/2 client (prior knowledge)"))
 			return
 		}
 		_ = c.nc.SetReadDeadline(time.Time{})
@@ -326,7 +348,7 @@ func (c *h2conn) read() {
 			if errors.As(err, &ce) {
 				c.goAway(http2.ErrCode(ce), err.Error())
 			}
-			c.close(fmt.Errorf("read: %w", err))
+			c.fail(fmt.Errorf("read: %w", err))
 			return
 		}
 		if err := c.handle(f); err != nil {
@@ -336,7 +358,7 @@ func (c *h2conn) read() {
 				code = http2.ErrCode(ce)
 			}
 			c.goAway(code, err.Error())
-			c.close(err)
+			c.fail(err)
 			return
 		}
 	}
