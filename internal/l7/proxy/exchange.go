@@ -65,7 +65,7 @@ func (x *exchange) start(fields []hpack.HeaderField, end, truncated bool) {
 		}
 		x.length = int(n)
 	}
-	if malformed(fields, false) != "" || end && x.length > 0 {
+	if malformed(fields, false) || end && x.length > 0 {
 		x.reject()
 		return
 	}
@@ -192,7 +192,7 @@ func (x *exchange) headers(c *h2conn, id uint32, fields []hpack.HeaderField, end
 	defer x.mu.Unlock()
 	if c == x.down {
 		// A second header block is a trailer, which ends the stream.
-		if !end || malformed(fields, true) != "" || x.length >= 0 && x.size != x.length {
+		if !end || malformed(fields, true) || x.length >= 0 && x.size != x.length {
 			x.reject()
 			return
 		}
@@ -408,25 +408,19 @@ func (x *exchange) reject() {
 	}
 }
 
-// malformed says what makes a request's header, or its trailer, malformed (RFC 9113 8.1.1,
-// 8.2.2, 8.3.1): "" when nothing does. A malformed request reaches no backend (nor does one
-// whose body disagrees with its content-length, beyond what passed before that showed);
-// its stream is reset (PROTOCOL_ERROR), as Go's HTTP/2 server and Envoy do.
-func malformed(fields []hpack.HeaderField, trailer bool) string {
+// malformed says whether a request's header, or its trailer, is malformed (RFC 9113 8.1.1,
+// 8.2.2, 8.3.1): a pseudo-field in a trailer, a connection-specific field, "te" other than
+// "trailers", a header without :method, :scheme or :path. A malformed request reaches no
+// backend (nor does one whose body disagrees with its content-length, beyond what passed
+// before that showed); its stream is reset (PROTOCOL_ERROR), as Go's HTTP/2 server and
+// Envoy do.
+func malformed(fields []hpack.HeaderField, trailer bool) bool {
 	for _, f := range fields {
-		switch {
-		case trailer && strings.HasPrefix(f.Name, ":"):
-			return "a pseudo-header field in a trailer"
-		case connectionHeader(f.Name):
-			return "the connection-specific field " + f.Name
-		case f.Name == "te" && f.Value != "trailers":
-			return `"te" other than "trailers"`
+		if trailer && strings.HasPrefix(f.Name, ":") || connectionHeader(f.Name) || f.Name == "te" && f.Value != "trailers" {
+			return true
 		}
 	}
-	if !trailer && (field(fields, ":method") == "" || field(fields, ":scheme") == "" || field(fields, ":path") == "") {
-		return "no :method, :scheme or :path"
-	}
-	return ""
+	return !trailer && (field(fields, ":method") == "" || field(fields, ":scheme") == "" || field(fields, ":path") == "")
 }
 
 // requestHeader is a request's header as it goes to a backend, the client's address

@@ -345,9 +345,11 @@ func (c *h2conn) read() {
 				}
 			}
 			var ce http2.ConnectionError
-			if errors.As(err, &ce) {
-				c.goAway(http2.ErrCode(ce), err.Error())
+			if !errors.As(err, &ce) { // the connection failed or closed
+				c.close(fmt.Errorf("read: %w", err))
+				return
 			}
+			c.goAway(http2.ErrCode(ce), err.Error())
 			c.fail(fmt.Errorf("read: %w", err))
 			return
 		}
