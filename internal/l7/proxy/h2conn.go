@@ -397,7 +397,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		}
 		if st == nil {
 			c.credit(0, n) // a stream closed already: its data only counts for the connection
-			return nil
+			return c.closedStream(id)
 		}
 		if pad > 0 {
 			c.credit(0, pad)
@@ -416,7 +416,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 			}
 			if c.client || id <= c.lastID {
 				c.mu.Unlock()
-				return nil // a stream that ended: nothing to do
+				return c.closedStream(id)
 			}
 			c.lastID = id
 			if f.HasPriority() && f.Priority.StreamDep == id {
@@ -602,6 +602,24 @@ func (c *h2conn) handle(f http2.Frame) error {
 		return errors.New("push promise, though push is off")
 	}
 	return nil
+}
+
+// closedStream answers a client's DATA or HEADERS on a stream that is closed with
+// RST_STREAM STREAM_CLOSED (RFC 9113 5.1), a stream error: the frame may have crossed the
+// proxy's own reset, and a reset of a closed stream is ignored, where a connection error
+// would cost the client its other streams. A backend's frames on a stream the proxy closed
+// (it cancelled the attempt) are dropped without a word.
+func (c *h2conn) closedStream(id uint32) error {
+	if c.client {
+		return nil
+	}
+	c.mu.Lock()
+	if !c.closed {
+		_ = c.fr.WriteRSTStream(id, http2.ErrCodeStreamClosed)
+	}
+	err := c.answer()
+	c.unlockKick()
+	return err
 }
 
 // answer counts a frame queued in answer to one of the peer's, and fails once the peer
