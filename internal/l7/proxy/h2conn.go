@@ -264,11 +264,18 @@ func (c *h2conn) linger() {
 // in the middle of a write.
 func (c *h2conn) close(err error) { c.end(err, false) }
 
-// fail ends the connection for a fault of the peer's, which its GOAWAY (queued) explains:
-// as close, but the socket sends FIN after it and reads what the peer still sends (for up
-// to a second, 256 KiB at most) before it closes, so that the peer reads the GOAWAY rather
-// than a reset. Only the reader calls it.
-func (c *h2conn) fail(err error) { c.end(err, true) }
+// fail ends the connection for a fault of the peer's: a GOAWAY with code says why (err),
+// and the socket sends FIN after it and reads what the peer still sends (for up to a
+// second, 256 KiB at most) before it closes, so that the peer reads the GOAWAY rather
+// than a reset. A client's connection counts in portico_l7_connections_cut_total. Only the
+// reader calls it.
+func (c *h2conn) fail(code http2.ErrCode, err error) {
+	if c.srv != nil {
+		c.srv.s.metrics.cut.WithLabelValues(c.srv.s.name, code.String()).Inc()
+	}
+	c.goAway(code, err.Error())
+	c.end(err, true)
+}
 
 func (c *h2conn) end(err error, drain bool) {
 	c.mu.Lock()
@@ -326,7 +333,7 @@ func (c *h2conn) read() {
 		buf := make([]byte, len(http2.ClientPreface))
 		_ = c.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
 		if _, err := io.ReadFull(c.nc, buf); err != nil || string(buf) != http2.ClientPreface {
-			c.fail(errors.New("not an HTTP/2 client (prior knowledge)"))
+			c.fail(http2.ErrCodeProtocol, errors.New("not an HTTP/2 client (prior knowledge)"))
 			return
 		}
 		_ = c.nc.SetReadDeadline(time.Time{})
@@ -349,8 +356,7 @@ func (c *h2conn) read() {
 				c.close(fmt.Errorf("read: %w", err))
 				return
 			}
-			c.goAway(http2.ErrCode(ce), err.Error())
-			c.fail(fmt.Errorf("read: %w", err))
+			c.fail(http2.ErrCode(ce), fmt.Errorf("read: %w", err))
 			return
 		}
 		if err := c.handle(f); err != nil {
@@ -359,8 +365,7 @@ func (c *h2conn) read() {
 			if errors.As(err, &ce) {
 				code = http2.ErrCode(ce)
 			}
-			c.goAway(code, err.Error())
-			c.fail(err)
+			c.fail(code, err)
 			return
 		}
 	}

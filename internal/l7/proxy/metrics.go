@@ -14,6 +14,7 @@ type metrics struct {
 	retries   *prometheus.CounterVec
 	denied    *prometheus.CounterVec
 	ejections *prometheus.CounterVec
+	cut       *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -30,8 +31,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Retries not made because the retry budget was spent."}, []string{"listener"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portico_l7_ejections_total",
 			Help: "Backends ejected by outlier detection."}, []string{"listener"}),
+		cut: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portico_l7_connections_cut_total",
+			Help: "HTTP/2 client connections the proxy ended for the client's fault, by the GOAWAY's error code."}, []string{"listener", "code"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.retries, m.denied, m.ejections} {
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.retries, m.denied, m.ejections, m.cut} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register the L7 proxy's metrics: %w", err)
 		}
@@ -52,4 +55,5 @@ func (m *metrics) forget(listener string) {
 	m.retries.DeletePartialMatch(l)
 	m.denied.DeletePartialMatch(l)
 	m.ejections.DeletePartialMatch(l)
+	m.cut.DeletePartialMatch(l)
 }

@@ -845,7 +845,7 @@ func TestLonePingIsAnswered(t *testing.T) {
 // A client that sends PINGs and reads none of the answers is cut off once the answers pile
 // up behind a full socket, rather than having the proxy keep them all.
 func TestPingFloodIsCutOff(t *testing.T) {
-	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
+	_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
 	nc, _ := rawClient(t, addr)
 	var batch bytes.Buffer
 	fr := http2.NewFramer(&batch, nil)
@@ -857,6 +857,9 @@ func TestPingFloodIsCutOff(t *testing.T) {
 	for i := range rounds {
 		if _, err := nc.Write(batch.Bytes()); err != nil {
 			t.Logf("cut off after %d PINGs: %v", i*4096, err)
+			if n := count(t, reg, "portico_l7_connections_cut_total", map[string]string{"code": "ENHANCE_YOUR_CALM"}); n != 1 {
+				t.Fatalf("%v connections counted as cut for ENHANCE_YOUR_CALM; want 1", n)
+			}
 			return
 		}
 	}
@@ -866,7 +869,7 @@ func TestPingFloodIsCutOff(t *testing.T) {
 // A client that opens streams and resets them at once (each costs a backend a request, the
 // client nothing) is cut off with GOAWAY ENHANCE_YOUR_CALM.
 func TestRapidResetIsCutOff(t *testing.T) {
-	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
+	_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(greeters(t, 1))})
 	nc, fr := rawClient(t, addr)
 	var block bytes.Buffer
 	enc := hpack.NewEncoder(&block)
@@ -884,23 +887,13 @@ func TestRapidResetIsCutOff(t *testing.T) {
 			}
 		}
 	}()
-	for {
-		f, err := fr.ReadFrame()
-		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				t.Fatalf("still open after 10,000 streams opened and reset at once: %v", err)
-			}
-			t.Logf("closed without a GOAWAY (it did not fit the socket): %v", err)
-			return
-		}
-		if g, ok := f.(*http2.GoAwayFrame); ok {
-			if g.ErrCode != http2.ErrCodeEnhanceYourCalm {
-				t.Fatalf("GOAWAY %v %q; want ENHANCE_YOUR_CALM", g.ErrCode, g.DebugData())
-			}
-			t.Logf("GOAWAY %v %q", g.ErrCode, g.DebugData())
-			return
-		}
+	g := next[*http2.GoAwayFrame](t, fr) // a read timeout: still open after 10,000 streams opened and reset
+	if g.ErrCode != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %v %q; want ENHANCE_YOUR_CALM", g.ErrCode, g.DebugData())
+	}
+	t.Logf("GOAWAY %v %q", g.ErrCode, g.DebugData())
+	if n := count(t, reg, "portico_l7_connections_cut_total", map[string]string{"code": "ENHANCE_YOUR_CALM"}); n != 1 {
+		t.Fatalf("%v connections counted as cut for ENHANCE_YOUR_CALM; want 1", n)
 	}
 }
 
