@@ -178,12 +178,11 @@ func (c *cluster) grpcSeed(t *testing.T) {
 		}
 		// Which paths from the probe pod (node-1's cgroup) connect: the cluster IP, each
 		// greeter. (This found the lab's pod gateway changing its address, TestPodGatewayKeepsItsAddress.)
-		for _, to := range append([]netip.AddrPort{vip}, func() (out []netip.AddrPort) {
-			for _, p := range pods {
-				out = append(out, netip.AddrPortFrom(p.IPs[0], 50051))
-			}
-			return out
-		}()...) {
+		targets := []netip.AddrPort{vip}
+		for _, p := range pods {
+			targets = append(targets, netip.AddrPortFrom(p.IPs[0], 50051))
+		}
+		for _, to := range targets {
 			script := fmt.Sprintf("exec 3<>/dev/tcp/%s/%d && echo connected", to.Addr(), to.Port())
 			cmd, cg := nstest.CommandIn(t, c.probe.NS, c.net.Nodes[0].Cgroup, "timeout", "3", "bash", "-c", script)
 			out, err := cmd.CombinedOutput()

@@ -252,11 +252,20 @@ func (c *h2conn) write() {
 // peer closes its side too or a second passes. Closed at once with unread input, the socket
 // would send a reset, and the peer could lose what the proxy wrote last (its GOAWAY).
 func (c *h2conn) linger() {
-	if tc, ok := c.nc.(interface{ CloseWrite() error }); ok && tc.CloseWrite() == nil {
-		_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
-		return
+	if !c.halfClose() {
+		c.close(errors.New("gone away"))
 	}
-	c.close(errors.New("gone away"))
+}
+
+// halfClose sends FIN and gives the reader a second to read what the peer still sends; it
+// says false when the connection cannot close one side.
+func (c *h2conn) halfClose() bool {
+	tc, ok := c.nc.(interface{ CloseWrite() error })
+	if !ok || tc.CloseWrite() != nil {
+		return false
+	}
+	_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+	return true
 }
 
 // close ends the connection at once: every stream on it is lost. What was queued last (a
@@ -319,8 +328,7 @@ func (c *h2conn) end(err error, drain bool) {
 		case <-c.wdone:
 		case <-time.After(time.Second):
 		}
-		if tc, ok := c.nc.(interface{ CloseWrite() error }); ok && tc.CloseWrite() == nil {
-			_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+		if c.halfClose() {
 			_, _ = io.CopyN(io.Discard, c.nc, 256<<10) // a flood is cut short all the same
 		}
 		_ = c.nc.Close()
@@ -343,11 +351,7 @@ func (c *h2conn) read() {
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
-				c.resetStream(se.StreamID, se.Code)
-				c.mu.Lock()
-				err = c.answer()
-				c.mu.Unlock()
-				if err == nil {
+				if err = c.refuse(se.StreamID, se.Code, err); err == nil {
 					continue
 				}
 			}
@@ -396,9 +400,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		pad := n - int32(len(f.Data()))
 		if ended {
 			c.credit(0, n)
-			c.resetStream(id, http2.ErrCodeStreamClosed)
-			st.x.lost(c, id, "", fmt.Errorf("DATA after the end of stream %d", id))
-			return nil
+			return c.refuse(id, http2.ErrCodeStreamClosed, fmt.Errorf("DATA after the end of stream %d", id))
 		}
 		if st == nil {
 			c.credit(0, n) // a stream closed already: its data only counts for the connection
@@ -425,16 +427,12 @@ func (c *h2conn) handle(f http2.Frame) error {
 			}
 			c.lastID = id
 			if f.HasPriority() && f.Priority.StreamDep == id {
-				_ = c.fr.WriteRSTStream(id, http2.ErrCodeProtocol)
-				err := c.answer()
-				c.unlockKick()
-				return err
+				c.mu.Unlock()
+				return c.refuse(id, http2.ErrCodeProtocol, nil)
 			}
 			if c.goingAway || len(c.streams) >= maxStreams {
-				_ = c.fr.WriteRSTStream(id, http2.ErrCodeRefusedStream)
-				err := c.answer()
-				c.unlockKick()
-				return err
+				c.mu.Unlock()
+				return c.refuse(id, http2.ErrCodeRefusedStream, nil)
 			}
 			c.opened++
 			x := c.srv.newExchange(c, id)
@@ -447,9 +445,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		}
 		if st.gotEnd { // the peer ended the stream already
 			c.mu.Unlock()
-			c.resetStream(id, http2.ErrCodeStreamClosed)
-			st.x.lost(c, id, "", fmt.Errorf("HEADERS after the end of stream %d", id))
-			return nil
+			return c.refuse(id, http2.ErrCodeStreamClosed, fmt.Errorf("HEADERS after the end of stream %d", id))
 		}
 		if f.StreamEnded() {
 			st.gotEnd = true
@@ -460,9 +456,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 			if c.client {
 				code = http2.ErrCodeCancel
 			}
-			c.resetStream(id, code)
-			st.x.lost(c, id, "", fmt.Errorf("a header block longer than %d bytes", maxHeaderList))
-			return nil
+			return c.refuse(id, code, fmt.Errorf("a header block longer than %d bytes", maxHeaderList))
 		}
 		st.x.headers(c, id, f.Fields, f.StreamEnded())
 		if f.StreamEnded() {
@@ -561,9 +555,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		} else if st := c.streams[id]; st != nil {
 			if int64(st.window)+int64(f.Increment) > maxWindow {
 				c.mu.Unlock()
-				c.resetStream(id, http2.ErrCodeFlowControl)
-				st.x.lost(c, id, "", fmt.Errorf("stream %d's window past %d", id, maxWindow))
-				return nil
+				return c.refuse(id, http2.ErrCodeFlowControl, fmt.Errorf("stream %d's window past %d", id, maxWindow))
 			}
 			st.window += int32(f.Increment)
 			credits = c.flush(st, credits)
@@ -594,15 +586,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		if f.StreamDep != id {
 			return nil // priorities are otherwise ignored
 		}
-		c.mu.Lock() // a stream may not depend on itself (RFC 9113 5.3.1)
-		st := c.streams[id]
-		err := c.answer()
-		c.mu.Unlock()
-		c.resetStream(id, http2.ErrCodeProtocol)
-		if st != nil {
-			st.x.lost(c, id, "", errors.New("a stream that depends on itself"))
-		}
-		return err
+		return c.refuse(id, http2.ErrCodeProtocol, errors.New("a stream that depends on itself")) // RFC 9113 5.3.1
 	case *http2.PushPromiseFrame:
 		return errors.New("push promise, though push is off")
 	}
@@ -618,13 +602,7 @@ func (c *h2conn) closedStream(id uint32) error {
 	if c.client {
 		return nil
 	}
-	c.mu.Lock()
-	if !c.closed {
-		_ = c.fr.WriteRSTStream(id, http2.ErrCodeStreamClosed)
-	}
-	err := c.answer()
-	c.unlockKick()
-	return err
+	return c.refuse(id, http2.ErrCodeStreamClosed, nil)
 }
 
 // answer counts a frame queued in answer to one of the peer's, and fails once the peer
@@ -775,14 +753,34 @@ func (c *h2conn) forget(id uint32, credits []credit) (*h2stream, []credit) {
 }
 
 // resetStream resets stream id (when it is open) and forgets it.
-func (c *h2conn) resetStream(id uint32, code http2.ErrCode) {
+func (c *h2conn) resetStream(id uint32, code http2.ErrCode) { c.reset(id, code, false) }
+
+// refuse resets stream id for a frame the peer may not send on it (a stream error): the
+// reset counts as an answer (maxAnswers), and the stream's exchange, when it was open,
+// loses it (why).
+func (c *h2conn) refuse(id uint32, code http2.ErrCode, why error) error {
+	st, err := c.reset(id, code, true)
+	if st != nil {
+		st.x.lost(c, id, "", why)
+	}
+	return err
+}
+
+// reset writes RST_STREAM for stream id and forgets the stream, returning it when it was
+// open; answer counts the reset against maxAnswers.
+func (c *h2conn) reset(id uint32, code http2.ErrCode, answer bool) (*h2stream, error) {
 	c.mu.Lock()
-	_, credits := c.forget(id, nil)
+	st, credits := c.forget(id, nil)
 	if !c.closed && id != 0 {
 		_ = c.fr.WriteRSTStream(id, code)
 	}
+	var err error
+	if answer {
+		err = c.answer()
+	}
 	c.unlockKick()
 	give(credits)
+	return st, err
 }
 
 // goAway tells the peer that no new stream will be taken, and why (debug, may be empty);
