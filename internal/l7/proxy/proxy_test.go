@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,15 +60,25 @@ func greeters(t testing.TB, n int) []*backend {
 	return out
 }
 
-// refusing is a loopback address where nothing listens: connections are refused.
+// refusing is a loopback address where nothing listens: connections are refused. The port
+// stays bound (a socket that never listens, without SO_REUSEADDR) until the test ends: a
+// port merely closed again may be handed to the next listener asking for any port — the
+// proxy's own, in one CI run, which then answered for the "refusing" backend.
 func refusing(t testing.TB) netip.AddrPort {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return netip.MustParseAddrPort(ln.Addr().String())
+	t.Cleanup(func() { _ = syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{127, 0, 0, 1}), uint16(sa.(*syscall.SockaddrInet4).Port))
 }
 
 func addrs(bs []*backend) []netip.AddrPort {
