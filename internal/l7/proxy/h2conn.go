@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -99,6 +100,11 @@ type h2conn struct {
 	wdone  chan struct{} // the writer returned
 	wake   chan struct{}
 	pinged *time.Timer // writes a PING's answer that nothing else took along
+	// A backend's connection: ready closes when the backend's SETTINGS arrive; heard counts
+	// the frames read, for the watchdog (liveness.go).
+	ready    chan struct{}
+	heard    atomic.Uint32
+	watchdog *time.Timer
 
 	mu          sync.Mutex
 	out, spare  []byte
@@ -125,6 +131,14 @@ type h2conn struct {
 	goingAway   bool      // no new streams: GOAWAY sent or received
 	finishing   bool      // going away and no stream left: close once the output is written
 	closed      bool
+	// A backend's connection's liveness (liveness.go).
+	gotSettings bool
+	watching    bool      // the watchdog runs
+	heardSeen   uint32    // heard when the watchdog last saw it change
+	quietSince  time.Time // and when that was
+	pingSent    time.Time // the watchdog's PING waits for an answer since; zero: none
+	lastPing    time.Time
+	spoke       bool // the backend sent HEADERS or DATA since the last PING
 }
 
 func newConn(nc net.Conn, client bool) *h2conn {
@@ -146,6 +160,11 @@ func newConn(nc net.Conn, client bool) *h2conn {
 	c.enc = hpack.NewEncoder(&c.hbuf)
 	c.pinged = time.AfterFunc(time.Hour, c.kick)
 	c.pinged.Stop()
+	if client {
+		c.ready = make(chan struct{})
+		c.watchdog = time.AfterFunc(time.Hour, c.check)
+		c.watchdog.Stop()
+	}
 	return c
 }
 
@@ -304,6 +323,9 @@ func (c *h2conn) end(err error, drain bool) {
 	c.mu.Unlock()
 	close(c.done)
 	c.pinged.Stop()
+	if c.watchdog != nil {
+		c.watchdog.Stop()
+	}
 	if len(last) > 0 {
 		c.io.tryWrite(last)
 	}
@@ -363,6 +385,7 @@ func (c *h2conn) read() {
 			c.fail(http2.ErrCode(ce), fmt.Errorf("read: %w", err))
 			return
 		}
+		c.heard.Add(1)
 		if err := c.handle(f); err != nil {
 			code := http2.ErrCodeProtocol
 			var ce http2.ConnectionError
@@ -382,6 +405,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 	case *http2.DataFrame:
 		n := int32(f.Header().Length)
 		c.mu.Lock()
+		c.spoke = true
 		c.recvWindow -= n
 		if c.recvWindow < 0 {
 			c.mu.Unlock()
@@ -415,6 +439,7 @@ func (c *h2conn) handle(f http2.Frame) error {
 		}
 	case *http2.MetaHeadersFrame:
 		c.mu.Lock()
+		c.spoke = true
 		st := c.streams[id]
 		if st == nil {
 			if !c.client && id%2 == 0 {
@@ -519,6 +544,10 @@ func (c *h2conn) handle(f http2.Frame) error {
 		})
 		_ = c.fr.WriteSettingsAck()
 		err = errors.Join(err, c.answer())
+		if c.client && !c.gotSettings && err == nil {
+			c.gotSettings = true
+			close(c.ready)
+		}
 		credits = c.flushAll(credits)
 		c.unlockKick()
 		give(credits)
@@ -714,6 +743,7 @@ func (c *h2conn) open(x *exchange, header []hpack.HeaderField, end bool) (uint32
 	c.lastID = id
 	st := &h2stream{id: id, x: x, window: c.initWindow}
 	c.streams[id] = st
+	c.watch()
 	c.writeHeader(st, header, end)
 	c.kick()
 	return id, nil

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -42,8 +43,9 @@ type backend struct {
 	srv  *grpc.Server
 }
 
-// greeters starts n greeters named backend-1..n on loopback; they stop with the test.
-func greeters(t testing.TB, n int) []*backend {
+// greeters starts n greeters named backend-1..n on loopback, with the server options given;
+// they stop with the test.
+func greeters(t testing.TB, n int, opts ...grpc.ServerOption) []*backend {
 	t.Helper()
 	out := make([]*backend, n)
 	for i := range out {
@@ -51,7 +53,7 @@ func greeters(t testing.TB, n int) []*backend {
 		if err != nil {
 			t.Fatal(err)
 		}
-		b := &backend{Server: &greeter.Server{Name: fmt.Sprintf("backend-%d", i+1)}, addr: netip.MustParseAddrPort(ln.Addr().String()), srv: grpc.NewServer()}
+		b := &backend{Server: &greeter.Server{Name: fmt.Sprintf("backend-%d", i+1)}, addr: netip.MustParseAddrPort(ln.Addr().String()), srv: grpc.NewServer(opts...)}
 		b.Register(b.srv)
 		go func() { _ = b.srv.Serve(ln) }()
 		t.Cleanup(b.srv.Stop)
@@ -914,6 +916,7 @@ func TestRapidResetIsCutOff(t *testing.T) {
 // retried on the other backend. The silent backend is in a network namespace of its own,
 // behind a veth pair whose far end the test takes down.
 func TestSilentBackendIsGivenUp(t *testing.T) {
+	t.Parallel()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: puts a backend in a network namespace and cuts its link")
 	}
@@ -960,24 +963,137 @@ func TestSilentBackendIsGivenUp(t *testing.T) {
 	// (their peers are gone: they get resets) rather than keeping the namespace for minutes.
 	t.Cleanup(func() { _ = exec.Command("ip", "-n", ns, "link", "set", "eth0", "up").Run() })
 	t0 := time.Now()
-	errs := make(chan error, 2)
-	for range 2 { // round robin sends one of them to the silent backend
+	answeredBy(t, cc, 2, "backend-1") // round robin sends one of them to the silent backend
+	t.Logf("both calls answered %v after the cut", time.Since(t0).Round(time.Millisecond))
+}
+
+// answeredBy makes n calls over cc at once (each may take a minute) and fails the test
+// unless the backend named want answers every one.
+func answeredBy(t *testing.T, cc *grpc.ClientConn, n int, want string) {
+	t.Helper()
+	errs := make(chan error, n)
+	for range n {
 		go func() {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
 			out, err := greeter.Call(ctx, cc, "hi")
-			if err == nil && out != "Hello from backend-1" {
+			if err == nil && out != "Hello from "+want {
 				err = fmt.Errorf("answered %q", out)
 			}
 			errs <- err
 		}()
 	}
-	for range 2 {
+	for range n {
 		if err := <-errs; err != nil {
-			t.Fatalf("a call after the backend went silent: %v", err)
+			t.Fatalf("a call: %v; want an answer from %s", err, want)
 		}
 	}
-	t.Logf("both calls answered %v after the cut", time.Since(t0).Round(time.Millisecond))
+}
+
+// A backend whose process stops answering while its kernel still accepts connections and
+// acknowledges data (SIGSTOP: how a deadlocked or paused process looks from outside, and
+// what TCP cannot see) is given up. A call waiting on it is reset once its connection's
+// PING goes unanswered, and retried on the other backend; a new connection to it takes no
+// request, for its SETTINGS never come, so the calls waiting for it go elsewhere at once.
+func TestWedgedBackendIsGivenUp(t *testing.T) {
+	t.Parallel()
+	good := greeters(t, 1)[0]
+	wedged, pid := greeterProcess(t, "wedged")
+	retries := &proxy.Retries{Attempts: 1, RetryOn: []proxy.Failure{proxy.ConnectFailure, proxy.Reset}, BudgetPercent: 100}
+	_, addr, reg := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{wedged, good.addr}, Retries: retries})
+	cc := dial(t, addr)
+	if got := hellos(t, cc, 4, 1); got["wedged"] != 2 || got["backend-1"] != 2 {
+		t.Fatalf("before the stop: %v; want 2 answers from each", got)
+	}
+
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	answeredBy(t, cc, 2, "backend-1") // round robin sends one of them to the stopped backend
+	t.Logf("in flight: both calls answered %v after the stop", time.Since(t0).Round(time.Millisecond))
+	if n := count(t, reg, "portico_l7_retries_total", map[string]string{"failure": "Reset"}); n != 1 {
+		t.Fatalf("%v calls reset and retried; want the one on the stopped backend", n)
+	}
+
+	// A proxy that never talked to it: the stopped backend's kernel completes its connection.
+	retries = &proxy.Retries{Attempts: 1, RetryOn: []proxy.Failure{proxy.ConnectFailure}, BudgetPercent: 100}
+	_, addr, reg = serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: []netip.AddrPort{wedged, good.addr}, Retries: retries})
+	t0 = time.Now()
+	answeredBy(t, dial(t, addr), 2, "backend-1")
+	t.Logf("new connection: both calls answered %v after they started", time.Since(t0).Round(time.Millisecond))
+	if n := count(t, reg, "portico_l7_retries_total", map[string]string{"failure": "ConnectFailure"}); n != 1 {
+		t.Fatalf("%v calls retried for a failed connection; want the one sent to the stopped backend", n)
+	}
+}
+
+// A call the backend answers after a long silence costs its connection one PING, not one
+// per quiet spell: a grpc-go server ends a connection pinged more often than its keepalive
+// policy's MinTime while it writes nothing (GOAWAY ENHANCE_YOUR_CALM after three such
+// PINGs; MinTime is 5 minutes by default, 10 s here, for a call silent for 14 s).
+func TestQuietCallIsPingedOnce(t *testing.T) {
+	t.Parallel()
+	bs := greeters(t, 1, grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second}))
+	_, addr, _ := serve(t, proxy.Config{Algorithm: proxy.RoundRobin, Backends: addrs(bs)})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := greeter.Call(ctx, dial(t, addr), "sleep:14s"); err != nil {
+		t.Fatalf("a call answered after 14 s of silence: %v", err)
+	}
+}
+
+// greeterEnv makes this test binary a greeter of that name, for a test that needs a backend
+// in a process of its own: it prints its address, then serves.
+const greeterEnv = "PORTICO_TEST_GREETER"
+
+func TestMain(m *testing.M) {
+	if name := os.Getenv(greeterEnv); name != "" {
+		os.Exit(serveGreeter(name))
+	}
+	os.Exit(m.Run())
+}
+
+func serveGreeter(name string) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println(ln.Addr())
+	s := grpc.NewServer()
+	(&greeter.Server{Name: name}).Register(s)
+	fmt.Fprintln(os.Stderr, s.Serve(ln))
+	return 1
+}
+
+// greeterProcess runs a greeter in a process of its own, killed when the test ends (or
+// when the test binary dies), and returns its address and process ID.
+func greeterProcess(t *testing.T, name string) (netip.AddrPort, int) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), greeterEnv+"="+name)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("greeter %s: %v", name, err)
+	}
+	addr, err := netip.ParseAddrPort(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatalf("greeter %s printed %q: %v", name, line, err)
+	}
+	return addr, cmd.Process.Pid
 }
 
 // A request header list longer than the proxy takes (1 MiB) gets 431, and no backend sees a

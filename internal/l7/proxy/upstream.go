@@ -62,27 +62,46 @@ func backendDialer() *net.Dialer {
 }
 
 func (u *upstreams) dial() {
-	nc, err := backendDialer().Dial("tcp", u.addr)
-	if err != nil {
-		err = fmt.Errorf("connect to %s: %w", u.addr, err)
-	}
-	var c *h2conn
+	c, err := u.connect()
 	u.mu.Lock()
 	waiters := u.waiters
 	u.waiters, u.dialing = nil, false
 	switch {
 	case err == nil && u.closed:
-		_ = nc.Close()
-		err = errBackendGone
+		c.close(errBackendGone)
+		c, err = nil, errBackendGone
 	case err == nil:
-		c = newConn(nc, true)
-		c.ub = u
 		u.conns = append(u.conns, c)
-		c.start(&u.wg)
 	}
 	u.mu.Unlock()
 	for _, then := range waiters {
 		then(c, err)
+	}
+}
+
+// connect dials the backend and waits for its SETTINGS, its half of the connection
+// preface. A backend whose kernel accepts connections while its process answers nothing
+// (stopped, wedged) fails here, before any request went to it, so the requests waiting for
+// the connection may go elsewhere.
+func (u *upstreams) connect() (*h2conn, error) {
+	nc, err := backendDialer().Dial("tcp", u.addr)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", u.addr, err)
+	}
+	c := newConn(nc, true)
+	c.ub = u
+	c.start(&u.wg)
+	t := time.NewTimer(settingsTimeout)
+	defer t.Stop()
+	select {
+	case <-c.ready:
+		return c, nil
+	case <-c.done:
+		return nil, fmt.Errorf("connect to %s: the backend closed the connection before its SETTINGS", u.addr)
+	case <-t.C:
+		err := fmt.Errorf("connect to %s: no SETTINGS from the backend within %v", u.addr, settingsTimeout)
+		c.close(err)
+		return nil, err
 	}
 }
 
