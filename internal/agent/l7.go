@@ -160,6 +160,7 @@ func l7Config(s *lbv1.L7PolicySpec) (proxy.Config, error) {
 	}
 	c.RequestTimeout = d(s.RequestTimeout, 0)
 	c.DrainTimeout = d(s.DrainTimeout, 30*time.Second)
+	c.IdleTimeout = d(s.IdleTimeout, 0)
 	if r := s.Retries; r != nil {
 		c.Retries = &proxy.Retries{Attempts: int(r.Attempts), PerTryTimeout: d(r.PerTryTimeout, 0), BudgetPercent: int(r.BudgetPercent)}
 		for _, f := range r.RetryOn {

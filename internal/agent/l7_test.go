@@ -25,7 +25,7 @@ func TestL7Listeners(t *testing.T) {
 		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.244.1.5"}}, {Addresses: []string{"10.244.2.5"}, Conditions: discoveryv1.EndpointConditions{
 			Ready: ptr.To(false), Serving: ptr.To(true), Terminating: ptr.To(true)}}}}
 	node := desired.Node{Name: "n1", Addresses: []netip.Addr{netip.MustParseAddr("192.0.2.241")}} // no IPv6 address
-	pol := &lbv1.L7Policy{Spec: lbv1.L7PolicySpec{Protocol: "GRPC", Algorithm: "LeastRequest", RequestTimeout: "1m30s", DrainTimeout: "10s",
+	pol := &lbv1.L7Policy{Spec: lbv1.L7PolicySpec{Protocol: "GRPC", Algorithm: "LeastRequest", RequestTimeout: "1m30s", DrainTimeout: "10s", IdleTimeout: "1h",
 		Retries: &lbv1.Retries{Attempts: 2, BudgetPercent: 20}}}
 	pol.Name = "p"
 	got, problems := l7Listeners(node, svc, []*discoveryv1.EndpointSlice{slice}, map[string]*lbv1.L7Policy{"": pol, "dns": pol})
@@ -37,8 +37,8 @@ func TestL7Listeners(t *testing.T) {
 		t.Errorf("listener %+v", cfg)
 	case !slices.Equal(cfg.Backends, []netip.AddrPort{netip.MustParseAddrPort("10.244.1.5:8080")}):
 		t.Errorf("backends %v; want the ready endpoint only (a terminating one drains)", cfg.Backends)
-	case cfg.RequestTimeout != 90*time.Second || cfg.DrainTimeout != 10*time.Second || len(cfg.Retries.RetryOn) != 4:
-		t.Errorf("timeouts %v %v, retries %+v (every safe failure by default)", cfg.RequestTimeout, cfg.DrainTimeout, cfg.Retries)
+	case cfg.RequestTimeout != 90*time.Second || cfg.DrainTimeout != 10*time.Second || cfg.IdleTimeout != time.Hour || len(cfg.Retries.RetryOn) != 4:
+		t.Errorf("timeouts %v %v %v, retries %+v (every safe failure by default)", cfg.RequestTimeout, cfg.DrainTimeout, cfg.IdleTimeout, cfg.Retries)
 	case len(problems) != 1:
 		t.Errorf("problems %v; want the UDP port's", problems)
 	}

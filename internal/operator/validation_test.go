@@ -69,6 +69,9 @@ func TestAdmissionRejectsBadObjects(t *testing.T) {
 		{"l7 bad duration", &lbv1.L7Policy{ObjectMeta: metav1.ObjectMeta{GenerateName: "bad-", Namespace: ns}, Spec: lbv1.L7PolicySpec{
 			TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "greeter"}}}, Protocol: "GRPC", RequestTimeout: "ten seconds",
 		}}, "must be a duration such as 500ms, 10s or 1m30s"},
+		{"l7 idle timeout too short", &lbv1.L7Policy{ObjectMeta: metav1.ObjectMeta{GenerateName: "bad-", Namespace: ns}, Spec: lbv1.L7PolicySpec{
+			TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "greeter"}}}, Protocol: "GRPC", IdleTimeout: "0s",
+		}}, "idleTimeout must be at least 1s"},
 		{"l7 bad protocol", &lbv1.L7Policy{ObjectMeta: metav1.ObjectMeta{GenerateName: "bad-", Namespace: ns}, Spec: lbv1.L7PolicySpec{
 			TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "greeter"}}}, Protocol: "SPDY",
 		}}, `supported values: "GRPC", "HTTP2", "HTTP1"`},

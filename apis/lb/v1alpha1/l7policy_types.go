@@ -98,6 +98,14 @@ type L7PolicySpec struct {
 	// +kubebuilder:default="30s"
 	// +optional
 	DrainTimeout Duration `json:"drainTimeout,omitempty"`
+	// IdleTimeout is how long a client's connection with no request in flight stays open:
+	// the proxy then closes it, an HTTP/2 one with GOAWAY NO_ERROR first, after which
+	// clients open a new connection for their next request. An HTTP/1.1 listener keeps
+	// the value it opened with.
+	// +kubebuilder:default="5m"
+	// +kubebuilder:validation:XValidation:rule="!self.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$') || duration(self) >= duration('1s')",message="idleTimeout must be at least 1s"
+	// +optional
+	IdleTimeout Duration `json:"idleTimeout,omitempty"`
 }
 
 // L7Policy balances requests, not connections, for the Service ports it targets: the node's
