@@ -18,11 +18,13 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/announce"
+	"github.com/portico-dev/portico/internal/policy"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
@@ -253,7 +255,7 @@ func (c *CLI) Explain(ctx context.Context, namespace, name string) error {
 	}
 
 	// Policies: the operator writes which Services each one applies to.
-	if err := c.policies(ctx, w, namespace, name); err != nil {
+	if err := c.policies(ctx, w, svc); err != nil {
 		return err
 	}
 
@@ -271,41 +273,62 @@ func (c *CLI) Explain(ctx context.Context, namespace, name string) error {
 	return nil
 }
 
-// policies prints the ServicePolicies and L7Policies whose status says they apply to the
-// Service (the operator resolves attachment and conflicts; this reads its answer).
-func (c *CLI) policies(ctx context.Context, w io.Writer, namespace, name string) error {
+// policies prints the ServicePolicies and L7Policies that apply to svc, decided as the
+// agents and the operator decide (internal/policy), with what their status says of their
+// programming.
+func (c *CLI) policies(ctx context.Context, w io.Writer, svc *corev1.Service) error {
 	var sps lbv1.ServicePolicyList
 	var l7s lbv1.L7PolicyList
-	if err := c.Client.List(ctx, &sps, client.InNamespace(namespace)); err != nil {
+	if err := c.Client.List(ctx, &sps, client.InNamespace(svc.Namespace)); err != nil {
 		return fmt.Errorf("list ServicePolicies: %w", err)
 	}
-	if err := c.Client.List(ctx, &l7s, client.InNamespace(namespace)); err != nil {
+	if err := c.Client.List(ctx, &l7s, client.InNamespace(svc.Namespace)); err != nil {
 		return fmt.Errorf("list L7Policies: %w", err)
 	}
+	target := policy.Service{Name: svc.Name, Labels: labels.Set(svc.Labels)}
+	for _, p := range svc.Spec.Ports {
+		target.Ports = append(target.Ports, p.Name)
+	}
 	var lines []string
-	applies := func(kind, pname string, st lbv1.PolicyStatus) {
-		acc := meta.FindStatusCondition(st.Conditions, lbv1.ConditionAccepted)
-		if acc == nil || acc.Status != "True" {
-			return
-		}
-		targets, _, _ := strings.Cut(strings.TrimPrefix(acc.Message, "applies to "), ";")
-		for _, t := range strings.Split(targets, ", ") {
-			if svc, _, _ := strings.Cut(t, "/"); svc == name { // L7Policies apply per port: "web/grpc"
-				line := fmt.Sprintf("%s %s (%s)", kind, pname, t)
-				if p := meta.FindStatusCondition(st.Conditions, lbv1.ConditionProgrammed); p != nil {
-					line += ": " + p.Message
+	add := func(kind string, attach []policy.Policy, statuses map[string]lbv1.PolicyStatus, perPort bool) {
+		results := policy.Resolve(attach, []policy.Service{target}, perPort)
+		for _, p := range attach {
+			res := results[p.Name]
+			if res == nil {
+				continue
+			}
+			for _, t := range res.Attached { // L7Policies apply per port: "web/grpc"
+				line := fmt.Sprintf("%s %s (%s)", kind, p.Name, t)
+				if prog := meta.FindStatusCondition(statuses[p.Name].Conditions, lbv1.ConditionProgrammed); prog != nil {
+					line += ": " + prog.Message
 				}
 				lines = append(lines, line)
 			}
 		}
 	}
-	for _, p := range sps.Items {
-		applies("ServicePolicy", p.Name, p.Status)
+	var attach []policy.Policy
+	statuses := map[string]lbv1.PolicyStatus{}
+	for i, p := range sps.Items {
+		if a, err := policy.FromServicePolicy(&sps.Items[i]); err == nil { // a rejected one applies to nothing
+			attach = append(attach, a)
+			statuses[p.Name] = p.Status
+		}
 	}
-	for _, p := range l7s.Items {
-		applies("L7Policy", p.Name, p.Status)
+	add("ServicePolicy", attach, statuses, false)
+	attach, statuses = nil, map[string]lbv1.PolicyStatus{}
+	for i, p := range l7s.Items {
+		attach = append(attach, policy.FromL7Policy(&l7s.Items[i]))
+		statuses[p.Name] = p.Status
 	}
-	fmt.Fprintf(w, "Policies: %s\n", orNone(lines))
+	add("L7Policy", attach, statuses, true)
+	if len(lines) == 0 {
+		fmt.Fprintln(w, "Policies: none")
+	} else {
+		fmt.Fprintln(w, "Policies:")
+	}
+	for _, l := range lines {
+		fmt.Fprintln(w, "  "+l)
+	}
 	return nil
 }
 

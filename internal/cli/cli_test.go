@@ -35,6 +35,10 @@ func TestCommands(t *testing.T) {
 			IPFamilies: []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol}, Selector: map[string]string{"app": name},
 			Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}}}
 	}
+	l7 := func(name string) *lbv1.L7Policy {
+		return &lbv1.L7Policy{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name}, Spec: lbv1.L7PolicySpec{Protocol: "HTTP1",
+			TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "web"}, SectionName: "http"}}}}
+	}
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}
 	objs := []client.Object{
 		&lbv1.LBPool{ObjectMeta: metav1.ObjectMeta{Name: "edge"}, Spec: lbv1.LBPoolSpec{Blocks: []lbv1.IPBlock{{CIDR: "192.0.2.10/32"}, {CIDR: "2001:db8::10/127"}},
@@ -46,6 +50,7 @@ func TestCommands(t *testing.T) {
 		node,
 		&lbv1.ServicePolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "sticky"}, Spec: lbv1.ServicePolicySpec{
 			TargetRefs: []lbv1.ServiceTargetReference{{Name: "web"}}, LoadBalancing: &lbv1.LoadBalancing{Algorithm: lbv1.AlgorithmMaglev}}},
+		l7("balance"), l7("zz-later"), // the older (or, created in the same second, the first by name) wins
 	}
 	for _, o := range objs {
 		if err := c.Create(ctx, o); err != nil {
@@ -114,7 +119,11 @@ func TestCommands(t *testing.T) {
 		"192.0.2.10 is announced (ARP/NDP) by node-1 on eth0; eligible: node-1",
 		"2001:db8::10 is not announced yet: eligible nodes node-1, none reports it",
 		"Endpoints: 2 ready (node-1: 1, node-2: 1), 0 terminating",
-		"Policies: ServicePolicy sticky (web)")
+		"Policies:\n ServicePolicy sticky (web): programmed on", "\n L7Policy balance (web/http): programmed on")
+	var out bytes.Buffer
+	if err := (&cli.CLI{Client: c, Out: &out}).Explain(bg, "default", "web"); err != nil || strings.Contains(out.String(), "zz-later") {
+		t.Fatalf("explain web: %v; want the L7Policy that lost web/http left out:\n%s", err, out.String())
+	}
 	run(func(c *cli.CLI) error { return c.Explain(bg, "default", "late") },
 		"IPAllocated=False (PoolExhausted)", "Endpoints: 0 ready (none)", "no ready endpoint: connections are refused",
 		"Warning PoolExhausted")
