@@ -34,6 +34,7 @@ func main() {
 	l2Port := flag.Uint("l2-port", 7947, "UDP port of the agents' heartbeats, the same on every node; it must be open between nodes.")
 	flag.DurationVar(&l2.Interval, "l2-heartbeat-interval", 100*time.Millisecond, "How often agents heartbeat each other.")
 	flag.DurationVar(&l2.DeadAfter, "l2-dead-after", 400*time.Millisecond, "How long an agent may stay silent before its peers take its addresses over.")
+	l2Key := flag.String("l2-heartbeat-key-file", "", "File holding the key (at least 16 bytes) that signs and checks the agents' heartbeats, the same on every node; empty: heartbeats are not signed, and anyone on the segment can keep a dead node alive.")
 	l7Ports := flag.String("l7-ports", "14000-14999", "Ports the L7 proxy's listeners take on the node's addresses, first-last (one per Service port and family with an L7Policy); empty: no L7 proxy.")
 	flag.StringVar(&o.LeaseNamespace, "lease-namespace", os.Getenv("POD_NAMESPACE"), "Namespace of the agent's Lease, the operator's --agent-namespace (default $POD_NAMESPACE; empty: no Lease, and the operator cannot tell when this agent dies).")
 	flag.DurationVar(&o.LeaseDuration, "lease-duration", 40*time.Second, "How long the agent's Lease lasts unrenewed; it renews every quarter of it.")
@@ -67,6 +68,14 @@ func main() {
 	o.MaglevTableSize = uint32(*maglevSize)
 	if *announceL2 {
 		l2.Port = uint16(*l2Port)
+		if *l2Key != "" {
+			if l2.Key, err = os.ReadFile(*l2Key); err == nil && len(l2.Key) < 16 {
+				err = fmt.Errorf("%s holds %d bytes; want at least 16", *l2Key, len(l2.Key))
+			}
+			if err != nil {
+				fail(err, "Bad heartbeat key")
+			}
+		}
 		o.L2 = &l2
 	}
 	if *l7Ports != "" {

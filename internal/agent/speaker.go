@@ -36,6 +36,8 @@ type L2Options struct {
 	Port uint16
 	// Interval is how often heartbeats go out; DeadAfter how long a silent peer stays alive.
 	Interval, DeadAfter time.Duration
+	// Key signs and checks heartbeats; every agent needs the same. Nil: unsigned.
+	Key []byte
 }
 
 // speaker announces the LoadBalancer addresses this node wins (docs/l2.md): it follows the
@@ -60,7 +62,14 @@ type speaker struct {
 }
 
 func newSpeaker(mgr ctrl.Manager, o Options, report *reporter, ready <-chan struct{}, reg prometheus.Registerer) (*speaker, error) {
-	m, err := members.New(members.Config{Self: o.NodeName, Port: o.L2.Port, Interval: o.L2.Interval, DeadAfter: o.L2.DeadAfter})
+	rejected := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portico_l2_heartbeats_rejected_total",
+		Help: "Heartbeats from a peer's address refused: unauthenticated (not signed), forged (signed with another key) or stale (replayed)."},
+		[]string{"reason"})
+	if err := reg.Register(rejected); err != nil {
+		return nil, fmt.Errorf("register heartbeat metrics: %w", err)
+	}
+	m, err := members.New(members.Config{Self: o.NodeName, Port: o.L2.Port, Interval: o.L2.Interval, DeadAfter: o.L2.DeadAfter,
+		Key: o.L2.Key, Rejected: func(why string) { rejected.WithLabelValues(why).Inc() }})
 	if err != nil {
 		return nil, err
 	}

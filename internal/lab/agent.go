@@ -19,7 +19,9 @@ type AgentConfig struct {
 	Binary     string // cmd/agent
 	Kubeconfig string // its server is https://127.0.0.1:APIPort, the node's forwarder
 	BPFFS      string // a bpffs mount; pins go to <BPFFS>/portico/<node>
-	Log        io.Writer
+	// HeartbeatKey is the file of the key that signs the agents' heartbeats.
+	HeartbeatKey string
+	Log          io.Writer
 }
 
 // Process is a process the lab started: a node's agent, a control-plane component, the
@@ -36,7 +38,7 @@ func (node *Node) StartAgent(c AgentConfig) (*Process, error) {
 	cmd := exec.Command("nsenter", "--net="+filepath.Join("/run/netns", node.NS), c.Binary,
 		"--node-name="+node.Name, "--devices=eth0", "--cgroup-root="+node.Cgroup, "--bpffs="+c.BPFFS,
 		"--kubeconfig="+c.Kubeconfig, "--metrics-bind-address=127.0.0.1:9090", "--health-probe-bind-address=127.0.0.1:9091",
-		"--lease-namespace="+AgentNamespace, "--lease-duration=2s")
+		"--lease-namespace="+AgentNamespace, "--lease-duration=2s", "--l2-heartbeat-key-file="+c.HeartbeatKey)
 	cmd.Stdout, cmd.Stderr = c.Log, c.Log
 	p, err := startIn(cmd, node.Cgroup)
 	if err != nil {

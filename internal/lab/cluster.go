@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -161,12 +162,29 @@ func (c *Cluster) StartAgent(i int) error {
 		return fmt.Errorf("log: %w", err)
 	}
 	defer log.Close()
-	a, err := node.StartAgent(AgentConfig{Binary: c.cfg.Agent, Kubeconfig: c.nodeKC, BPFFS: c.cfg.BPFFS, Log: log})
+	key, err := c.heartbeatKey()
+	if err != nil {
+		return err
+	}
+	a, err := node.StartAgent(AgentConfig{Binary: c.cfg.Agent, Kubeconfig: c.nodeKC, BPFFS: c.cfg.BPFFS, HeartbeatKey: key, Log: log})
 	if err != nil {
 		return err
 	}
 	c.Agents[i] = a
 	return nil
+}
+
+// heartbeatKey returns the file of the key every agent of the lab signs its heartbeats
+// with, as the operator's Secret gives a cluster's agents one; the first call writes it.
+func (c *Cluster) heartbeatKey() (string, error) {
+	path := filepath.Join(c.cfg.Dir, "heartbeat.key")
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	if err := os.WriteFile(path, []byte(rand.Text()), 0o600); err != nil {
+		return "", fmt.Errorf("heartbeat key: %w", err)
+	}
+	return path, nil
 }
 
 // AgentLog is where node i's agent logs.

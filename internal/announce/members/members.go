@@ -2,15 +2,20 @@
 // other directly over UDP: fast enough for sub-second failover, and independent of the API
 // server. Each heartbeat also carries the addresses its sender announces, so that two agents
 // that disagree about an address find out within one interval, and the pools it has no
-// interface for, so that its peers do not choose it for those. See docs/l2.md.
+// interface for, so that its peers do not choose it for those. With a key, heartbeats are
+// authenticated, and each proves it is fresh by echoing the receiver's own latest stamp.
+// See docs/l2.md.
 package members
 
 import (
 	"cmp"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"maps"
 	"net"
 	"net/netip"
@@ -28,6 +33,12 @@ type Config struct {
 	Port uint16
 	// Interval is how often heartbeats go out; DeadAfter is how long a peer may stay silent.
 	Interval, DeadAfter time.Duration
+	// Key, when set, authenticates heartbeats (HMAC-SHA256): every agent needs the same one.
+	// Without it heartbeats are neither signed nor checked.
+	Key []byte
+	// Rejected, when set, is told of each heartbeat refused, and why: "unauthenticated"
+	// (no signature), "forged" (a wrong one) or "stale" (a replay).
+	Rejected func(reason string)
 }
 
 // Members sends this agent's heartbeats and follows its peers'. Run it once.
@@ -41,6 +52,8 @@ type Members struct {
 	ready   bool
 	self    Peer
 	started time.Time
+	stamp   uint64 // of the last heartbeat sent: unix nanoseconds, always increasing
+	first   uint64 // of the first one this process sent
 }
 
 // Peer is what an agent's heartbeats say besides its name and readiness.
@@ -59,6 +72,7 @@ type peer struct {
 	addrs []netip.Addr
 	seen  time.Time // the last heartbeat; zero: none yet, or it said it is leaving
 	ready bool
+	stamp uint64 // of its last heartbeat taken, when authenticated; ours echo it
 	Peer
 }
 
@@ -183,16 +197,28 @@ func (m *Members) Run(ctx context.Context) error {
 }
 
 func (m *Members) send(leaving bool) {
+	type datagram struct {
+		to  netip.Addr
+		msg []byte
+	}
 	m.mu.Lock()
-	msg := encode(heartbeat{name: m.cfg.Self, ready: m.ready && !leaving, leaving: leaving, Peer: m.self})
-	to := make([]netip.Addr, 0, len(m.peers))
-	for _, p := range m.peers {
-		to = append(to, p.addrs[0])
+	msg := encode(heartbeat{name: m.cfg.Self, ready: m.ready && !leaving, leaving: leaving, signed: m.cfg.Key != nil, Peer: m.self})
+	m.stamp = max(m.stamp+1, uint64(time.Now().UnixNano()))
+	if m.first == 0 {
+		m.first = m.stamp
+	}
+	out := make([]datagram, 0, len(m.peers))
+	for name, p := range m.peers {
+		d := datagram{p.addrs[0], msg}
+		if m.cfg.Key != nil {
+			d.msg = sign(m.cfg.Key, msg, m.stamp, p.stamp, name)
+		}
+		out = append(out, d)
 	}
 	m.mu.Unlock()
-	for _, a := range to {
+	for _, d := range out {
 		// A peer that cannot be reached now is not an error: it is what heartbeats are for.
-		_, _ = m.conn.WriteToUDPAddrPort(msg, netip.AddrPortFrom(a, m.cfg.Port))
+		_, _ = m.conn.WriteToUDPAddrPort(d.msg, netip.AddrPortFrom(d.to, m.cfg.Port))
 	}
 }
 
@@ -206,21 +232,35 @@ func (m *Members) receive() error {
 		if err != nil {
 			return err
 		}
-		hb, err := decode(buf[:n])
-		if err != nil {
-			continue
-		}
-		m.heard(hb, from.Addr().Unmap())
+		m.heard(buf[:n], from.Addr().Unmap())
 	}
 }
 
-// heard records a heartbeat, if it comes from an address of the peer it names.
-func (m *Members) heard(hb heartbeat, from netip.Addr) {
+// heard records a heartbeat, if it comes from an address of the peer it names and, with a
+// key, is authentic and fresh.
+func (m *Members) heard(b []byte, from netip.Addr) {
+	hb, err := decode(b) // a signature follows the fields: ignored there
+	if err != nil {
+		return
+	}
 	m.mu.Lock()
 	p := m.peers[hb.name]
 	if p == nil || !slices.Contains(p.addrs, from) {
 		m.mu.Unlock()
 		return
+	}
+	if m.cfg.Key != nil {
+		why := "unauthenticated"
+		if hb.signed {
+			why = m.check(b, p)
+		}
+		if why != "" {
+			m.mu.Unlock()
+			if m.cfg.Rejected != nil && why != "early" {
+				m.cfg.Rejected(why)
+			}
+			return
+		}
 	}
 	now := time.Now()
 	was := m.alive(p, now)
@@ -236,15 +276,67 @@ func (m *Members) heard(hb heartbeat, from netip.Addr) {
 	}
 }
 
+// With a key, a heartbeat ends with its sender's stamp, the stamp of the last heartbeat the
+// sender took from its receiver (the echo), and an HMAC-SHA256 of all that and the
+// receiver's name. The receiver takes it when the signature is right, the stamp is later
+// than the sender's last, and the echo is one of the receiver's own stamps from the last
+// two DeadAfters: a recorded heartbeat replayed later fails (its echo is old), without any
+// clock shared between nodes; one sent to another peer fails (another name was signed).
+const trailer = 8 + 8 + sha256.Size
+
+func sign(key, msg []byte, stamp, echo uint64, to string) []byte {
+	b := make([]byte, 0, len(msg)+trailer)
+	b = append(b, msg...)
+	b = binary.BigEndian.AppendUint64(b, stamp)
+	b = binary.BigEndian.AppendUint64(b, echo)
+	return mac(key, b, to).Sum(b)
+}
+
+func mac(key, signed []byte, to string) hash.Hash {
+	h := hmac.New(sha256.New, key)
+	h.Write(signed)
+	h.Write([]byte(to))
+	return h
+}
+
+// check says why heartbeat b from p is refused ("" takes it). An authentic one's stamp is
+// recorded even when it is refused, for ours to echo: two agents that start together
+// each need the other's stamp first. "early" is one whose sender has not heard this
+// process yet, nothing wrong. Callers hold mu.
+func (m *Members) check(b []byte, p *peer) string {
+	if len(b) < len(magic)+trailer {
+		return "forged"
+	}
+	signed, sum := b[:len(b)-sha256.Size], b[len(b)-sha256.Size:]
+	if !hmac.Equal(mac(m.cfg.Key, signed, m.cfg.Self).Sum(nil), sum) {
+		return "forged"
+	}
+	stamp := binary.BigEndian.Uint64(signed[len(signed)-16:])
+	echo := binary.BigEndian.Uint64(signed[len(signed)-8:])
+	if stamp <= p.stamp {
+		return "stale"
+	}
+	p.stamp = stamp
+	switch {
+	case echo < m.first:
+		return "early"
+	case echo > m.stamp || time.Duration(m.stamp-echo) > 2*m.cfg.DeadAfter:
+		return "stale"
+	}
+	return ""
+}
+
 // The heartbeat on the wire: "PL2", version 1, flags, the name's length and the name, the
 // number of claims (2 bytes) and each claim as 16 bytes (IPv4 mapped), then the number of
-// pools without an interface (1 byte) and each pool's name, length first. Bytes after what a
-// reader knows are ignored: fields are only ever appended, so that agents of two versions
-// understand each other during a rolling update.
+// pools without an interface (1 byte) and each pool's name, length first; with the flag
+// "signed", the signature (trailer) ends the datagram. Bytes after what a reader knows are
+// ignored: fields are only ever appended (before the signature), so that agents of two
+// versions understand each other during a rolling update.
 const (
 	magic       = "PL2\x01"
 	flagReady   = 1
 	flagLeaving = 2
+	flagSigned  = 4 // a signature ends the datagram
 	// MaxClaims keeps a heartbeat within one UDP datagram (with up to 255 pools of 253
 	// bytes at most).
 	MaxClaims = 4000
@@ -252,8 +344,8 @@ const (
 )
 
 type heartbeat struct {
-	name           string
-	ready, leaving bool
+	name                   string
+	ready, leaving, signed bool
 	Peer
 }
 
@@ -268,6 +360,9 @@ func encode(hb heartbeat) []byte {
 	}
 	if hb.leaving {
 		flags |= flagLeaving
+	}
+	if hb.signed {
+		flags |= flagSigned
 	}
 	b = append(b, flags, byte(len(hb.name)))
 	b = append(b, hb.name...)
@@ -297,7 +392,7 @@ func decode(b []byte) (heartbeat, error) {
 	if len(b) < n+2 {
 		return heartbeat{}, errMalformed
 	}
-	hb := heartbeat{name: string(b[:n]), ready: flags&flagReady != 0, leaving: flags&flagLeaving != 0}
+	hb := heartbeat{name: string(b[:n]), ready: flags&flagReady != 0, leaving: flags&flagLeaving != 0, signed: flags&flagSigned != 0}
 	b = b[n:]
 	count := int(binary.BigEndian.Uint16(b))
 	b = b[2:]

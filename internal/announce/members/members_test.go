@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"net"
 	"net/netip"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 )
@@ -51,25 +53,34 @@ func FuzzDecode(f *testing.F) {
 	})
 }
 
-// group runs n members on 127.0.0.1..n (all of 127/8 is local), each knowing the others.
 type group struct {
 	m      []*Members
 	cancel []context.CancelFunc
 	done   []chan error
 	// crashed members had their socket closed under them: Run fails, as it should.
 	crashed map[int]bool
+
+	mu       sync.Mutex
+	rejected map[string]int // heartbeats the members refused, by reason
 }
 
-func startGroup(t *testing.T, n int) *group {
+// testKey is what the groups' heartbeats are signed with, as every agent's are when the
+// operator runs them.
+var testKey = []byte("portico heartbeat test key, 32B!")
+
+// startGroup runs n members on 127.0.0.1..n (all of 127/8 is local), each knowing the
+// others, their heartbeats signed with key (nil: not signed).
+func startGroup(t *testing.T, n int, key []byte) *group {
 	t.Helper()
-	g := &group{crashed: map[int]bool{}}
+	g := &group{crashed: map[int]bool{}, rejected: map[string]int{}}
 	peers := map[string][]netip.Addr{}
 	for i := range n {
 		peers[fmt.Sprintf("node-%d", i+1)] = []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, byte(i + 1)})}
 	}
 	for i := range n {
 		name := fmt.Sprintf("node-%d", i+1)
-		m, err := New(Config{Self: name, Addr: peers[name][0], Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond})
+		m, err := New(Config{Self: name, Addr: peers[name][0], Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond,
+			Key: key, Rejected: func(why string) { g.mu.Lock(); g.rejected[why]++; g.mu.Unlock() }})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -116,7 +127,7 @@ func (g *group) waitLive(t *testing.T, i int, want map[string][]netip.Addr) time
 }
 
 func TestPeersAreLiveWhenReady(t *testing.T) {
-	g := startGroup(t, 3)
+	g := startGroup(t, 3, testKey)
 	g.waitLive(t, 0, map[string][]netip.Addr{}) // nobody ready yet
 	a := netip.MustParseAddr("192.0.2.7")
 	g.m[1].SetSelf(true, Peer{Claims: []netip.Addr{a}, NoInterface: []string{"dmz"}})
@@ -135,7 +146,7 @@ func TestPeersAreLiveWhenReady(t *testing.T) {
 }
 
 func TestLeavingPeerGoesAtOnce(t *testing.T) {
-	g := startGroup(t, 2)
+	g := startGroup(t, 2, testKey)
 	g.m[1].SetSelf(true, Peer{})
 	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil})
 	g.stop(t, 1)
@@ -146,7 +157,7 @@ func TestLeavingPeerGoesAtOnce(t *testing.T) {
 }
 
 func TestSilentPeerDiesAfterDeadTime(t *testing.T) {
-	g := startGroup(t, 2)
+	g := startGroup(t, 2, testKey)
 	g.m[1].SetSelf(true, Peer{})
 	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil})
 	// A crash: the socket goes without a word.
@@ -160,7 +171,7 @@ func TestSilentPeerDiesAfterDeadTime(t *testing.T) {
 }
 
 func TestHeartbeatFromAnotherAddressIsIgnored(t *testing.T) {
-	g := startGroup(t, 1)
+	g := startGroup(t, 1, nil)
 	g.m[0].SetPeers(map[string][]netip.Addr{"node-2": {netip.MustParseAddr("127.0.0.2")}})
 	impostor, err := New(Config{Self: "node-2", Addr: netip.MustParseAddr("127.0.0.9"), Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond})
 	if err != nil {
@@ -175,5 +186,89 @@ func TestHeartbeatFromAnotherAddressIsIgnored(t *testing.T) {
 	}
 	if live := g.m[0].Live(); len(live) != 0 {
 		t.Fatalf("node-1 believes %v live from heartbeats sent from another node's address", live)
+	}
+}
+
+// With a key, nothing but a peer's own fresh heartbeats keeps it alive: a dead node's
+// address sending unsigned heartbeats, heartbeats signed with another key, one signed for
+// another receiver, or one of its own replayed later is refused. Without a key the same
+// unsigned heartbeats keep it alive, as they did before heartbeats were signed.
+func TestForgedHeartbeatsAreRefused(t *testing.T) {
+	for _, key := range [][]byte{testKey, nil} {
+		t.Run(fmt.Sprintf("key=%t", key != nil), func(t *testing.T) {
+			g := startGroup(t, 3, key)
+			g.m[1].SetSelf(true, Peer{})
+			g.m[2].SetSelf(true, Peer{})
+			g.waitLive(t, 0, map[string][]netip.Addr{"node-2": nil, "node-3": nil})
+			// A heartbeat node-3 could have sent node-1 now, to replay once it is stale.
+			body := encode(heartbeat{name: "node-3", ready: true, signed: true})
+			unsigned := encode(heartbeat{name: "node-3", ready: true})
+			g.m[0].mu.Lock()
+			recorded := sign(testKey, body, uint64(time.Now().UnixNano()), g.m[0].stamp, "node-1")
+			g.m[0].mu.Unlock()
+			g.crashed[2] = true
+			_ = g.m[2].conn.Close()
+
+			forger, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort("127.0.0.3:0")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer forger.Close()
+			to := netip.MustParseAddrPort("127.0.0.1:17947")
+			alive := 0
+			for i := range 50 { // 500 ms: five times DeadAfter
+				g.m[0].mu.Lock()
+				echo := g.m[0].stamp
+				g.m[0].mu.Unlock()
+				stamp := uint64(time.Now().UnixNano())
+				for _, msg := range [][]byte{unsigned, sign([]byte("another key, another cluster...."), body, stamp, echo, "node-1"),
+					sign(testKey, body, stamp, echo, "node-2"), recorded} {
+					if _, err := forger.WriteToUDPAddrPort(msg, to); err != nil {
+						t.Fatal(err)
+					}
+				}
+				time.Sleep(10 * time.Millisecond)
+				if _, ok := g.m[0].Live()["node-3"]; ok && i >= 20 {
+					alive++
+				}
+			}
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			switch {
+			case key == nil && alive == 0:
+				t.Fatal("without a key, unsigned heartbeats from node-3's address did not keep it alive: the forger does not reach node-1")
+			case key != nil && alive > 0:
+				t.Fatalf("node-3 was alive %d times in 300 ms after it died; rejected: %v", alive, g.rejected)
+			case key != nil && (g.rejected["unauthenticated"] == 0 || g.rejected["forged"] == 0 || g.rejected["stale"] == 0):
+				t.Fatalf("rejected %v; want some unauthenticated, forged and stale", g.rejected)
+			}
+			t.Logf("rejected %v", g.rejected)
+		})
+	}
+}
+
+// Members with different keys do not hear each other, and say why.
+func TestAnotherKeyIsNotHeard(t *testing.T) {
+	g := startGroup(t, 2, testKey)
+	other, err := New(Config{Self: "node-3", Addr: netip.MustParseAddr("127.0.0.3"), Port: 17947, Interval: 20 * time.Millisecond,
+		DeadAfter: 100 * time.Millisecond, Key: []byte("another key, another cluster....")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peers := map[string][]netip.Addr{"node-1": {netip.MustParseAddr("127.0.0.1")}, "node-2": {netip.MustParseAddr("127.0.0.2")},
+		"node-3": {netip.MustParseAddr("127.0.0.3")}}
+	other.SetPeers(peers)
+	g.m[0].SetPeers(peers)
+	g.m[1].SetSelf(true, Peer{})
+	other.SetSelf(true, Peer{})
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := other.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if _, ok := g.m[0].Live()["node-3"]; ok || g.rejected["forged"] == 0 {
+		t.Fatalf("node-1 sees %v live, rejected %v; want node-2 only, and node-3's heartbeats refused as forged", g.m[0].Live(), g.rejected)
 	}
 }

@@ -6,6 +6,7 @@ package agentds
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"strings"
 
@@ -63,6 +64,7 @@ type Reconciler struct {
 }
 
 // +kubebuilder:rbac:groups=apps,resources=daemonsets,verbs=get;list;watch;create;patch
+// +kubebuilder:rbac:groups="",resources=secrets,verbs=create,namespace=system
 
 // SetupWithManager applies once at start and again whenever the DaemonSet changes.
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
@@ -80,6 +82,9 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 // Reconcile applies the DaemonSet as configured, and says so in an Event when that created
 // it, rolled the agents to another version, or put back what someone else changed.
 func (r *Reconciler) Reconcile(ctx context.Context, _ ctrl.Request) (ctrl.Result, error) {
+	if err := r.ensureKey(ctx); err != nil {
+		return ctrl.Result{}, err
+	}
 	var before appsv1.DaemonSet
 	err := r.Client.Get(ctx, types.NamespacedName{Namespace: r.Config.Namespace, Name: r.Config.Name}, &before)
 	if err != nil && !apierrors.IsNotFound(err) {
@@ -114,6 +119,29 @@ func (r *Reconciler) Reconcile(ctx context.Context, _ ctrl.Request) (ctrl.Result
 	return ctrl.Result{}, nil
 }
 
+// KeySecret names the Secret whose "key" signs the agents' heartbeats (docs/l2.md).
+func (c Config) KeySecret() string { return c.Name + "-heartbeat" }
+
+// keyPath is where the agents read it.
+const keyPath = "/etc/portico/heartbeat"
+
+// ensureKey creates the heartbeat key's Secret, 32 random bytes, unless it exists: the
+// operator never reads or changes it (a user may create their own first, or replace it and
+// restart the agents), and needs no right to read Secrets.
+func (r *Reconciler) ensureKey(ctx context.Context) error {
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		return fmt.Errorf("heartbeat key: %w", err)
+	}
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: r.Config.Namespace, Name: r.Config.KeySecret(),
+		Labels: map[string]string{"app.kubernetes.io/name": "portico", "app.kubernetes.io/component": "agent"}},
+		Data: map[string][]byte{"key": k}}
+	if err := r.Client.Create(ctx, sec); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create Secret %s/%s: %w", sec.Namespace, sec.Name, err)
+	}
+	return nil
+}
+
 // DaemonSet is the agents' DaemonSet: host network, the capabilities the datapath needs
 // (load BPF, attach to cgroups and interfaces) and no more, bpffs and cgroup v2 from the host,
 // on every Linux node whatever its taints, like kube-proxy.
@@ -124,7 +152,8 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 	for k, v := range c.NodeSelector {
 		nodeSelector[k] = v
 	}
-	args := []string{"--cgroup-root=/sys/fs/cgroup", "--bpffs=/sys/fs/bpf", "--metrics-bind-address=:9090", "--health-probe-bind-address=:9091"}
+	args := []string{"--cgroup-root=/sys/fs/cgroup", "--bpffs=/sys/fs/bpf", "--metrics-bind-address=:9090", "--health-probe-bind-address=:9091",
+		"--l2-heartbeat-key-file=" + keyPath + "/key"}
 	if len(c.Devices) > 0 {
 		args = append(args, "--devices="+strings.Join(c.Devices, ","))
 	}
@@ -174,13 +203,16 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 						VolumeMounts: []corev1.VolumeMount{
 							{Name: "bpffs", MountPath: "/sys/fs/bpf"},
 							{Name: "cgroup", MountPath: "/sys/fs/cgroup", ReadOnly: true},
+							{Name: "heartbeat-key", MountPath: keyPath, ReadOnly: true},
 						},
 						Resources: corev1.ResourceRequirements{
 							Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("50m"), corev1.ResourceMemory: resource.MustParse("64Mi")},
 							Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("256Mi")},
 						},
 					}},
-					Volumes: []corev1.Volume{hostPath("bpffs", "/sys/fs/bpf"), hostPath("cgroup", "/sys/fs/cgroup")},
+					Volumes: []corev1.Volume{hostPath("bpffs", "/sys/fs/bpf"), hostPath("cgroup", "/sys/fs/cgroup"),
+						{Name: "heartbeat-key", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: c.KeySecret(),
+							Items: []corev1.KeyToPath{{Key: "key", Path: "key"}}, DefaultMode: ptr.To(int32(0o400))}}}},
 				},
 			},
 		},

@@ -1,6 +1,7 @@
 package agentds_test
 
 import (
+	"bytes"
 	"context"
 	"slices"
 	"testing"
@@ -87,9 +88,21 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	case ds.Spec.Template.Annotations[agentds.VersionAnnotation] != "v1":
 		t.Errorf("annotations: %v", ds.Spec.Template.Annotations)
 	}
-	if got := ctr.Args; len(got) != 5 || got[4] != "--devices=eth0,eth1" {
+	if got := ctr.Args; len(got) != 6 || got[4] != "--l2-heartbeat-key-file=/etc/portico/heartbeat/key" || got[5] != "--devices=eth0,eth1" {
 		t.Errorf("args: %v", got)
 	}
+	// The heartbeat key: created once, 32 random bytes, mounted where the flag says.
+	var sec corev1.Secret
+	if err := c.Get(ctx, types.NamespacedName{Namespace: key.Namespace, Name: key.Name + "-heartbeat"}, &sec); err != nil || len(sec.Data["key"]) != 32 {
+		t.Errorf("heartbeat key Secret: %v, %d bytes", err, len(sec.Data["key"]))
+	}
+	if i := slices.IndexFunc(pod.Volumes, func(v corev1.Volume) bool { return v.Secret != nil }); i < 0 || pod.Volumes[i].Secret.SecretName != key.Name+"-heartbeat" ||
+		!slices.ContainsFunc(ctr.VolumeMounts, func(m corev1.VolumeMount) bool {
+			return m.Name == pod.Volumes[i].Name && m.MountPath == "/etc/portico/heartbeat"
+		}) {
+		t.Errorf("the heartbeat key is not mounted at /etc/portico/heartbeat: volumes %+v, mounts %+v", pod.Volumes, ctr.VolumeMounts)
+	}
+	firstKey := sec.Data["key"]
 
 	// Stable: another manager's label triggers a reconcile that writes nothing.
 	ds.Labels["team"] = "net"
@@ -125,6 +138,9 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	await(t, c, "rolled to v2", func(ds *appsv1.DaemonSet) bool {
 		return ds.Spec.Template.Annotations[agentds.VersionAnnotation] == "v2"
 	})
+	if err := c.Get(ctx, types.NamespacedName{Namespace: key.Namespace, Name: key.Name + "-heartbeat"}, &sec); err != nil || !bytes.Equal(sec.Data["key"], firstKey) {
+		t.Errorf("after a restart of the operator the heartbeat key changed (or %v): every agent must keep the same", err)
+	}
 
 	// Each kind of decision was told: created, repaired, rolled. (How many of each is not
 	// asserted: in one CI run of many the re-creation after the delete was not told, which
