@@ -304,19 +304,21 @@ func cpuTime(b *testing.B, pid int) time.Duration {
 	return time.Duration(user+sys) * 10 * time.Millisecond // USER_HZ is 100
 }
 
-// rss is a process's peak resident memory.
-func rss(b *testing.B, pid int) string {
+// memory is a process's resident memory now ("VmRSS") or at its peak ("VmHWM"), in KiB.
+func memory(b *testing.B, pid int, field string) int {
 	b.Helper()
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)
 	}
 	for _, l := range strings.Split(string(status), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
-			return strings.Join(strings.Fields(v), " ")
+		if v, ok := strings.CutPrefix(l, field+":"); ok {
+			kb, _ := strconv.Atoi(strings.Fields(v)[0])
+			return kb
 		}
 	}
-	return "?"
+	b.Fatalf("no %s in /proc/%d/status", field, pid)
+	return 0
 }
 
 // BenchmarkL7 measures unary gRPC through Portico's proxy against the same calls direct to
@@ -333,18 +335,22 @@ func BenchmarkL7(b *testing.B) {
 	type path struct {
 		name, addr string
 		pid        int // 0: nothing between client and backend
+		idle       int // its resident KiB before any traffic
 	}
 	var proxies [2][]path
 	for cpu := range proxies {
 		portico, paddr := role(b, "proxy", line, cpu, "GOMAXPROCS=1")
 		naddr, nworker := nginx(b, backends, cpu)
 		relay, raddr := role(b, "relay", line, cpu, "GOMAXPROCS=1")
-		proxies[cpu] = []path{{"portico proxy", paddr, portico.Process.Pid}, {"nginx grpc_pass", naddr, nworker}, {"tcp relay", raddr, relay.Process.Pid}}
+		proxies[cpu] = []path{{name: "portico proxy", addr: paddr, pid: portico.Process.Pid}, {name: "nginx grpc_pass", addr: naddr, pid: nworker}, {name: "tcp relay", addr: raddr, pid: relay.Process.Pid}}
+		for i := range proxies[cpu] {
+			proxies[cpu][i].idle = memory(b, proxies[cpu][i].pid, "VmRSS")
+		}
 	}
 	fmt.Printf("\nunary gRPC, one client connection, %v per row; client and 3 backends on CPU 0\n", time.Duration(seconds*float64(time.Second)))
 	fmt.Printf("%-9s %-8s %-16s %9s %9s %9s %12s %7s  %s\n", "proxy on", "streams", "path", "req/s", "p50", "p99", "CPU/10k req", "errors", "calls per backend")
 	for _, cpu := range []int{1, 0} {
-		paths := append([]path{{"direct", backends[0], 0}}, proxies[cpu]...)
+		paths := append([]path{{name: "direct", addr: backends[0]}}, proxies[cpu]...)
 		for _, streams := range []int{1, 64} {
 			for _, p := range paths {
 				arg, _ := json.Marshal(clientRun{Target: p.addr, Streams: streams, Seconds: seconds})
@@ -369,5 +375,12 @@ func BenchmarkL7(b *testing.B) {
 			}
 		}
 	}
-	fmt.Printf("peak RSS: portico proxy %s, nginx worker %s\n", rss(b, proxies[1][0].pid), rss(b, proxies[1][1].pid))
+	// The proxy and the relay run in this test binary, whose libraries (the API server's
+	// client, envtest) hold most of its memory before any traffic: what the traffic added
+	// is the proxy's own.
+	fmt.Println("resident memory of the proxies on CPU 1: peak, before any traffic, added by the traffic")
+	for _, p := range proxies[1] {
+		peak := memory(b, p.pid, "VmHWM")
+		fmt.Printf("  %-16s %6.1f MiB %6.1f MiB %6.1f MiB\n", p.name, float64(peak)/1024, float64(p.idle)/1024, float64(peak-p.idle)/1024)
+	}
 }
