@@ -259,7 +259,17 @@ func (c *h2conn) write() {
 		c.mu.Lock()
 		c.spare, c.sentSpare, c.writing = out, sent, false
 		finishing := c.finishing
+		// Closed during this write: end() left what was queued since (the GOAWAY saying
+		// why, often) to this writer, which writes it now if the socket takes it at once.
+		closed, last := c.closed, c.out
+		if closed {
+			c.out = nil
+		}
 		c.mu.Unlock()
+		if closed {
+			c.io.tryWrite(last)
+			return
+		}
 		if finishing {
 			c.kick()
 		}
@@ -288,8 +298,8 @@ func (c *h2conn) halfClose() bool {
 }
 
 // close ends the connection at once: every stream on it is lost. What was queued last (a
-// GOAWAY saying why, often) goes out if the socket takes it at once and the writer is not
-// in the middle of a write.
+// GOAWAY saying why, often) goes out if the socket takes it at once: written here, or by
+// the writer once the write it is in the middle of ends.
 func (c *h2conn) close(err error) { c.end(err, false) }
 
 // fail ends the connection for a fault of the peer's: a GOAWAY with code says why (err),
