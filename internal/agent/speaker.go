@@ -9,8 +9,10 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -68,8 +70,12 @@ func newSpeaker(mgr ctrl.Manager, o Options, report *reporter, ready <-chan stru
 	if err := reg.Register(rejected); err != nil {
 		return nil, fmt.Errorf("register heartbeat metrics: %w", err)
 	}
+	refused := &refusals{log: ctrl.Log.WithName("heartbeats"), last: map[[2]string]time.Time{}}
 	m, err := members.New(members.Config{Self: o.NodeName, Port: o.L2.Port, Interval: o.L2.Interval, DeadAfter: o.L2.DeadAfter,
-		Key: o.L2.Key, Rejected: func(why string) { rejected.WithLabelValues(why).Inc() }})
+		Key: o.L2.Key, Rejected: func(peer, why string) {
+			rejected.WithLabelValues(why).Inc()
+			refused.tell(peer, why)
+		}})
 	if err != nil {
 		return nil, err
 	}
@@ -323,6 +329,25 @@ func (s *speaker) inputs(ctx context.Context) (announce.Inputs, error) {
 		in.Nodes = append(in.Nodes, &nodes.Items[i])
 	}
 	return in, nil
+}
+
+// refusals logs refused heartbeats, once a minute per peer and reason: a peer with another
+// key (or none) is refused ten times a second, and believed dead.
+type refusals struct {
+	log  logr.Logger
+	mu   sync.Mutex
+	last map[[2]string]time.Time
+}
+
+func (r *refusals) tell(peer, why string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	k := [2]string{peer, why}
+	if time.Since(r.last[k]) < time.Minute {
+		return
+	}
+	r.last[k] = time.Now()
+	r.log.Info("Refusing heartbeats: the peer counts as dead while they are (docs/l2.md)", "peer", peer, "reason", why)
 }
 
 // nodeIPs are a Node's InternalIP addresses, IPv4 first: heartbeats go to the first.

@@ -5,7 +5,9 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/go-logr/logr/funcr"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/portico-dev/portico/internal/announce"
@@ -74,5 +76,19 @@ func TestDecidePassesOverNodesWithoutAnInterface(t *testing.T) {
 	who, probs := announcers(views(nodes...))
 	if len(who) != 0 || len(probs) != 1 || !strings.Contains(probs[0], "node "+first+" has none") {
 		t.Fatalf("no node able: announced by %v, problems %v; want nobody, and one problem told by %s", who, probs, first)
+	}
+}
+
+// A refused peer is logged once a minute per reason, not ten times a second.
+func TestRefusedHeartbeatsAreLoggedOncePerMinute(t *testing.T) {
+	var lines []string
+	r := &refusals{log: funcr.New(func(_, args string) { lines = append(lines, args) }, funcr.Options{}), last: map[[2]string]time.Time{}}
+	for range 10 {
+		r.tell("node-2", "forged")
+	}
+	r.tell("node-2", "stale")
+	r.tell("node-3", "forged")
+	if len(lines) != 3 || !strings.Contains(lines[0], `"peer"="node-2"`) || !strings.Contains(lines[0], `"reason"="forged"`) {
+		t.Fatalf("logged %q; want one line per peer and reason", lines)
 	}
 }

@@ -36,9 +36,9 @@ type Config struct {
 	// Key, when set, authenticates heartbeats (HMAC-SHA256): every agent needs the same one.
 	// Without it heartbeats are neither signed nor checked.
 	Key []byte
-	// Rejected, when set, is told of each heartbeat refused, and why: "unauthenticated"
-	// (no signature), "forged" (a wrong one) or "stale" (a replay).
-	Rejected func(reason string)
+	// Rejected, when set, is told of each heartbeat from a peer's address refused, and why:
+	// "unauthenticated" (no signature), "forged" (a wrong one) or "stale" (a replay).
+	Rejected func(peer, reason string)
 }
 
 // Members sends this agent's heartbeats and follows its peers'. Run it once.
@@ -257,7 +257,7 @@ func (m *Members) heard(b []byte, from netip.Addr) {
 		if why != "" {
 			m.mu.Unlock()
 			if m.cfg.Rejected != nil && why != "early" {
-				m.cfg.Rejected(why)
+				m.cfg.Rejected(hb.name, why)
 			}
 			return
 		}

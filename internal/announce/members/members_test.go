@@ -80,7 +80,7 @@ func startGroup(t *testing.T, n int, key []byte) *group {
 	for i := range n {
 		name := fmt.Sprintf("node-%d", i+1)
 		m, err := New(Config{Self: name, Addr: peers[name][0], Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond,
-			Key: key, Rejected: func(why string) { g.mu.Lock(); g.rejected[why]++; g.mu.Unlock() }})
+			Key: key, Rejected: func(_, why string) { g.mu.Lock(); g.rejected[why]++; g.mu.Unlock() }})
 		if err != nil {
 			t.Fatal(err)
 		}
