@@ -3,8 +3,10 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -35,6 +37,7 @@ func main() {
 	flag.DurationVar(&l2.Interval, "l2-heartbeat-interval", 100*time.Millisecond, "How often agents heartbeat each other.")
 	flag.DurationVar(&l2.DeadAfter, "l2-dead-after", 400*time.Millisecond, "How long an agent may stay silent before its peers take its addresses over.")
 	l2Key := flag.String("l2-heartbeat-key-file", "", "File holding the key (at least 16 bytes) that signs and checks the agents' heartbeats, the same on every node; empty: heartbeats are not signed, and anyone on the segment can keep a dead node alive.")
+	l2Next := flag.String("l2-heartbeat-next-key-file", "", "File holding a second key heartbeats may be signed with, while the cluster changes keys (docs/l2.md); a file that does not exist is no key.")
 	l7Ports := flag.String("l7-ports", "14000-14999", "Ports the L7 proxy's listeners take on the node's addresses, first-last (one per Service port and family with an L7Policy); empty: no L7 proxy.")
 	flag.StringVar(&o.LeaseNamespace, "lease-namespace", os.Getenv("POD_NAMESPACE"), "Namespace of the agent's Lease, the operator's --agent-namespace (default $POD_NAMESPACE; empty: no Lease, and the operator cannot tell when this agent dies).")
 	flag.DurationVar(&o.LeaseDuration, "lease-duration", 40*time.Second, "How long the agent's Lease lasts unrenewed; it renews every quarter of it.")
@@ -69,11 +72,13 @@ func main() {
 	if *announceL2 {
 		l2.Port = uint16(*l2Port)
 		if *l2Key != "" {
-			if l2.Key, err = os.ReadFile(*l2Key); err == nil && len(l2.Key) < 16 {
-				err = fmt.Errorf("%s holds %d bytes; want at least 16", *l2Key, len(l2.Key))
-			}
-			if err != nil {
+			if l2.Key, err = readKey(*l2Key); err != nil {
 				fail(err, "Bad heartbeat key")
+			}
+		}
+		if *l2Next != "" {
+			if l2.Next, err = readKey(*l2Next); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				fail(err, "Bad next heartbeat key")
 			}
 		}
 		o.L2 = &l2
@@ -97,4 +102,13 @@ func main() {
 	if err != nil {
 		fail(err, "The agent stopped with an error")
 	}
+}
+
+// readKey reads a heartbeat key: at least 16 bytes.
+func readKey(path string) ([]byte, error) {
+	k, err := os.ReadFile(path)
+	if err == nil && len(k) < 16 {
+		err = fmt.Errorf("%s holds %d bytes; want at least 16", path, len(k))
+	}
+	return k, err
 }

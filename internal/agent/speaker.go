@@ -38,8 +38,9 @@ type L2Options struct {
 	Port uint16
 	// Interval is how often heartbeats go out; DeadAfter how long a silent peer stays alive.
 	Interval, DeadAfter time.Duration
-	// Key signs and checks heartbeats; every agent needs the same. Nil: unsigned.
-	Key []byte
+	// Key signs and checks heartbeats; every agent needs the same. Nil: unsigned. Next is
+	// a key they may also be signed with, while the cluster changes keys.
+	Key, Next []byte
 }
 
 // speaker announces the LoadBalancer addresses this node wins (docs/l2.md): it follows the
@@ -72,7 +73,7 @@ func newSpeaker(mgr ctrl.Manager, o Options, report *reporter, ready <-chan stru
 	}
 	refused := &refusals{log: ctrl.Log.WithName("heartbeats"), last: map[[2]string]time.Time{}}
 	m, err := members.New(members.Config{Self: o.NodeName, Port: o.L2.Port, Interval: o.L2.Interval, DeadAfter: o.L2.DeadAfter,
-		Key: o.L2.Key, Rejected: func(peer, why string) {
+		Key: o.L2.Key, Next: o.L2.Next, Rejected: func(peer, why string) {
 			rejected.WithLabelValues(why).Inc()
 			refused.tell(peer, why)
 		}})

@@ -36,6 +36,9 @@ type Config struct {
 	// Key, when set, authenticates heartbeats (HMAC-SHA256): every agent needs the same one.
 	// Without it heartbeats are neither signed nor checked.
 	Key []byte
+	// Next is a key heartbeats may also be signed with, while the cluster moves from one
+	// key to another (docs/l2.md).
+	Next []byte
 	// Rejected, when set, is told of each heartbeat from a peer's address refused, and why:
 	// "unauthenticated" (no signature), "forged" (a wrong one) or "stale" (a replay).
 	Rejected func(peer, reason string)
@@ -308,7 +311,8 @@ func (m *Members) check(b []byte, p *peer) string {
 		return "forged"
 	}
 	signed, sum := b[:len(b)-sha256.Size], b[len(b)-sha256.Size:]
-	if !hmac.Equal(mac(m.cfg.Key, signed, m.cfg.Self).Sum(nil), sum) {
+	if !hmac.Equal(mac(m.cfg.Key, signed, m.cfg.Self).Sum(nil), sum) &&
+		(m.cfg.Next == nil || !hmac.Equal(mac(m.cfg.Next, signed, m.cfg.Self).Sum(nil), sum)) {
 		return "forged"
 	}
 	stamp := binary.BigEndian.Uint64(signed[len(signed)-16:])

@@ -272,3 +272,56 @@ func TestAnotherKeyIsNotHeard(t *testing.T) {
 		t.Fatalf("node-1 sees %v live, rejected %v; want node-2 only, and node-3's heartbeats refused as forged", g.m[0].Live(), g.rejected)
 	}
 }
+
+// A key changes in steps, each a rolling restart, with every pair of agents hearing each
+// other at every step: first every agent accepts the new key as Next; then they sign with
+// it, the old one as Next; then the old one goes.
+func TestKeyRotationKeepsPeersHeard(t *testing.T) {
+	old, next := testKey, []byte("the next heartbeat key, 32 bytes")
+	for _, step := range []struct {
+		name     string
+		a, b     Config // a has rolled to the step, b not yet
+		hearEach bool
+	}{
+		{"accept the new key", Config{Key: old, Next: next}, Config{Key: old}, true},
+		{"sign with the new key", Config{Key: next, Next: old}, Config{Key: old, Next: next}, true},
+		{"forget the old key", Config{Key: next}, Config{Key: next, Next: old}, true},
+		{"a skipped step", Config{Key: next}, Config{Key: old}, false},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			peers := map[string][]netip.Addr{"node-1": {netip.MustParseAddr("127.0.0.1")}, "node-2": {netip.MustParseAddr("127.0.0.2")}}
+			var ms []*Members
+			for i, c := range []Config{step.a, step.b} {
+				name := fmt.Sprintf("node-%d", i+1)
+				c.Self, c.Addr, c.Port, c.Interval, c.DeadAfter = name, peers[name][0], 17947, 20*time.Millisecond, 100*time.Millisecond
+				m, err := New(c)
+				if err != nil {
+					t.Fatal(err)
+				}
+				m.SetPeers(peers)
+				m.SetSelf(true, Peer{})
+				ms = append(ms, m)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			for _, m := range ms {
+				wg.Add(1)
+				go func() { defer wg.Done(); _ = m.Run(ctx) }()
+			}
+			// Heard within a few intervals when they may be; given 300 ms when not.
+			var oneHearsTwo, twoHearsOne bool
+			for t0 := time.Now(); time.Since(t0) < 3*time.Second; time.Sleep(10 * time.Millisecond) {
+				_, oneHearsTwo = ms[0].Live()["node-2"]
+				_, twoHearsOne = ms[1].Live()["node-1"]
+				if oneHearsTwo && twoHearsOne || !step.hearEach && time.Since(t0) > 300*time.Millisecond {
+					break
+				}
+			}
+			cancel()
+			wg.Wait()
+			if oneHearsTwo != step.hearEach || twoHearsOne != step.hearEach {
+				t.Fatalf("node-1 hears node-2: %t, node-2 hears node-1: %t; want %t both", oneHearsTwo, twoHearsOne, step.hearEach)
+			}
+		})
+	}
+}

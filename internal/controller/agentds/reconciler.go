@@ -119,7 +119,8 @@ func (r *Reconciler) Reconcile(ctx context.Context, _ ctrl.Request) (ctrl.Result
 	return ctrl.Result{}, nil
 }
 
-// KeySecret names the Secret whose "key" signs the agents' heartbeats (docs/l2.md).
+// KeySecret names the Secret whose "key" signs the agents' heartbeats, and whose "next",
+// while the cluster changes keys, may sign them too (docs/l2.md).
 func (c Config) KeySecret() string { return c.Name + "-heartbeat" }
 
 // keyPath is where the agents read it.
@@ -153,7 +154,7 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 		nodeSelector[k] = v
 	}
 	args := []string{"--cgroup-root=/sys/fs/cgroup", "--bpffs=/sys/fs/bpf", "--metrics-bind-address=:9090", "--health-probe-bind-address=:9091",
-		"--l2-heartbeat-key-file=" + keyPath + "/key"}
+		"--l2-heartbeat-key-file=" + keyPath + "/key", "--l2-heartbeat-next-key-file=" + keyPath + "/next"}
 	if len(c.Devices) > 0 {
 		args = append(args, "--devices="+strings.Join(c.Devices, ","))
 	}
@@ -212,7 +213,7 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 					}},
 					Volumes: []corev1.Volume{hostPath("bpffs", "/sys/fs/bpf"), hostPath("cgroup", "/sys/fs/cgroup"),
 						{Name: "heartbeat-key", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: c.KeySecret(),
-							Items: []corev1.KeyToPath{{Key: "key", Path: "key"}}, DefaultMode: ptr.To(int32(0o400))}}}},
+							DefaultMode: ptr.To(int32(0o400))}}}},
 				},
 			},
 		},

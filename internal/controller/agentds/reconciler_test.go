@@ -88,7 +88,8 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	case ds.Spec.Template.Annotations[agentds.VersionAnnotation] != "v1":
 		t.Errorf("annotations: %v", ds.Spec.Template.Annotations)
 	}
-	if got := ctr.Args; len(got) != 6 || got[4] != "--l2-heartbeat-key-file=/etc/portico/heartbeat/key" || got[5] != "--devices=eth0,eth1" {
+	if got := ctr.Args; len(got) != 7 || got[4] != "--l2-heartbeat-key-file=/etc/portico/heartbeat/key" ||
+		got[5] != "--l2-heartbeat-next-key-file=/etc/portico/heartbeat/next" || got[6] != "--devices=eth0,eth1" {
 		t.Errorf("args: %v", got)
 	}
 	// The heartbeat key: created once, 32 random bytes, mounted where the flag says.
