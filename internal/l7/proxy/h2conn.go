@@ -395,7 +395,9 @@ func (c *h2conn) read() {
 			c.fail(http2.ErrCode(ce), fmt.Errorf("read: %w", err))
 			return
 		}
-		c.heard.Add(1)
+		if c.client {
+			c.heard.Add(1)
+		}
 		if err := c.handle(f); err != nil {
 			code := http2.ErrCodeProtocol
 			var ce http2.ConnectionError
