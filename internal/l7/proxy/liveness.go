@@ -48,6 +48,7 @@ func (c *h2conn) check() {
 	switch {
 	case !c.pingSent.IsZero() && now.Sub(c.pingSent) >= pingTimeout:
 		c.mu.Unlock()
+		c.ub.unresponsive("no-ping-answer")
 		c.close(fmt.Errorf("the backend answered no PING within %v", pingTimeout))
 		return
 	case c.pingSent.IsZero() && now.Sub(c.quietSince) >= backendQuiet && (c.spoke || now.Sub(c.lastPing) >= pingSpacing):

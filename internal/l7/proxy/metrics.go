@@ -9,12 +9,13 @@ import (
 
 // metrics are the proxy's, per listener (the agent names listeners after Service ports).
 type metrics struct {
-	requests  *prometheus.CounterVec
-	duration  *prometheus.HistogramVec
-	retries   *prometheus.CounterVec
-	denied    *prometheus.CounterVec
-	ejections *prometheus.CounterVec
-	cut       *prometheus.CounterVec
+	requests     *prometheus.CounterVec
+	duration     *prometheus.HistogramVec
+	retries      *prometheus.CounterVec
+	denied       *prometheus.CounterVec
+	ejections    *prometheus.CounterVec
+	cut          *prometheus.CounterVec
+	unresponsive *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -33,8 +34,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Backends ejected by outlier detection."}, []string{"listener"}),
 		cut: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portico_l7_connections_cut_total",
 			Help: "HTTP/2 client connections the proxy ended for the client's fault, by the GOAWAY's error code."}, []string{"listener", "code"}),
+		unresponsive: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portico_l7_backend_connections_given_up_total",
+			Help: "HTTP/2 backend connections given up because the backend's process answered nothing: no SETTINGS on a new connection (no-settings), no answer to a PING (no-ping-answer)."},
+			[]string{"listener", "reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.retries, m.denied, m.ejections, m.cut} {
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.retries, m.denied, m.ejections, m.cut, m.unresponsive} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register the L7 proxy's metrics: %w", err)
 		}
@@ -56,4 +60,5 @@ func (m *metrics) forget(listener string) {
 	m.denied.DeletePartialMatch(l)
 	m.ejections.DeletePartialMatch(l)
 	m.cut.DeletePartialMatch(l)
+	m.unresponsive.DeletePartialMatch(l)
 }

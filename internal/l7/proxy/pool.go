@@ -38,7 +38,7 @@ func (b *backend) usable(now int64) bool {
 // pool holds a listener's backends.
 type pool struct {
 	protocol Protocol
-	ejected  func() // told of each ejection
+	told     poolEvents
 	rr       atomic.Uint64
 
 	mu       sync.RWMutex
@@ -47,8 +47,14 @@ type pool struct {
 	closed   bool
 }
 
-func newPool(p Protocol, ejected func()) *pool {
-	return &pool{protocol: p, ejected: ejected, draining: map[*backend]bool{}}
+// poolEvents are what a pool tells its listener's metrics.
+type poolEvents struct {
+	ejected      func()              // a backend was ejected
+	unresponsive func(reason string) // a backend connection was given up: "no-settings", "no-ping-answer"
+}
+
+func newPool(p Protocol, told poolEvents) *pool {
+	return &pool{protocol: p, told: told, draining: map[*backend]bool{}}
 }
 
 func (p *pool) newBackend(a netip.AddrPort) *backend {
@@ -62,7 +68,7 @@ func (p *pool) newBackend(a netip.AddrPort) *backend {
 			DisableCompression:  true,
 		}
 	} else {
-		b.h2 = &upstreams{addr: b.host}
+		b.h2 = &upstreams{addr: b.host, unresponsive: p.told.unresponsive}
 		context.AfterFunc(ctx, b.h2.closeAll) // drained: what is left is reset
 	}
 	return b
@@ -197,7 +203,7 @@ func (p *pool) report(b *backend, ok bool, o *Outlier) {
 	b.failures.Store(0)
 	n := min(b.ejections.Add(1), 10)
 	b.ejectedUntil.Store(now.Add(time.Duration(n) * o.BaseEjection).UnixNano())
-	p.ejected()
+	p.told.ejected()
 }
 
 // close resets every backend's requests and closes its connections.

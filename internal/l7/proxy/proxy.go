@@ -238,7 +238,8 @@ func start(name string, cfg Config, m *metrics) (*service, error) {
 		return nil, fmt.Errorf("listener %s: %w", name, err)
 	}
 	s := &service{name: name, listen: cfg.Listen, addr: addr, protocol: cfg.Protocol, metrics: m, ln: ln, served: make(chan struct{}),
-		pool: newPool(cfg.Protocol, func() { m.ejections.WithLabelValues(name).Inc() })}
+		pool: newPool(cfg.Protocol, poolEvents{ejected: func() { m.ejections.WithLabelValues(name).Inc() },
+			unresponsive: func(reason string) { m.unresponsive.WithLabelValues(name, reason).Inc() }})}
 	if cfg.Protocol == HTTP1 {
 		var protos http.Protocols
 		protos.SetHTTP1(true)

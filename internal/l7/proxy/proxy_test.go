@@ -1015,6 +1015,9 @@ func TestWedgedBackendIsGivenUp(t *testing.T) {
 	if n := count(t, reg, "portico_l7_retries_total", map[string]string{"failure": "Reset"}); n != 1 {
 		t.Fatalf("%v calls reset and retried; want the one on the stopped backend", n)
 	}
+	if n := count(t, reg, "portico_l7_backend_connections_given_up_total", map[string]string{"reason": "no-ping-answer"}); n != 1 {
+		t.Fatalf("%v backend connections given up for an unanswered PING; want 1", n)
+	}
 
 	// A proxy that never talked to it: the stopped backend's kernel completes its connection.
 	retries = &proxy.Retries{Attempts: 1, RetryOn: []proxy.Failure{proxy.ConnectFailure}, BudgetPercent: 100}
@@ -1024,6 +1027,9 @@ func TestWedgedBackendIsGivenUp(t *testing.T) {
 	t.Logf("new connection: both calls answered %v after they started", time.Since(t0).Round(time.Millisecond))
 	if n := count(t, reg, "portico_l7_retries_total", map[string]string{"failure": "ConnectFailure"}); n != 1 {
 		t.Fatalf("%v calls retried for a failed connection; want the one sent to the stopped backend", n)
+	}
+	if n := count(t, reg, "portico_l7_backend_connections_given_up_total", map[string]string{"reason": "no-settings"}); n != 1 {
+		t.Fatalf("%v backend connections given up for want of SETTINGS; want 1", n)
 	}
 }
 

@@ -17,8 +17,9 @@ var errBackendGone = errors.New("the backend was removed")
 // upstreams are one backend's HTTP/2 connections: usually one that carries every request,
 // more when the backend limits the streams of a connection.
 type upstreams struct {
-	addr string
-	wg   sync.WaitGroup // the connections' goroutines
+	addr         string
+	unresponsive func(reason string) // told of a connection given up for the backend's silence
+	wg           sync.WaitGroup      // the connections' goroutines
 
 	mu      sync.Mutex
 	conns   []*h2conn
@@ -100,6 +101,7 @@ func (u *upstreams) connect() (*h2conn, error) {
 		return nil, fmt.Errorf("connect to %s: the backend closed the connection before its SETTINGS", u.addr)
 	case <-t.C:
 		err := fmt.Errorf("connect to %s: no SETTINGS from the backend within %v", u.addr, settingsTimeout)
+		u.unresponsive("no-settings")
 		c.close(err)
 		return nil, err
 	}
