@@ -39,6 +39,7 @@ type reporter struct {
 	mu            sync.Mutex
 	policies      map[types.NamespacedName][]lbv1.ProgrammedPolicy // by Service
 	announcements []lbv1.AnnouncedAddress
+	livePeers     []string
 	stale         bool // the NodeAgent may differ from what was last written
 }
 
@@ -59,10 +60,11 @@ func (p *reporter) setPolicies(svc types.NamespacedName, pols []lbv1.ProgrammedP
 	p.poke()
 }
 
-// setAnnouncements records the addresses the node announces and schedules a write.
-func (p *reporter) setAnnouncements(a []lbv1.AnnouncedAddress) {
+// setL2 records the addresses the node announces and the peers it hears, and schedules a
+// write.
+func (p *reporter) setL2(a []lbv1.AnnouncedAddress, livePeers []string) {
 	p.mu.Lock()
-	p.announcements = a
+	p.announcements, p.livePeers = a, livePeers
 	p.mu.Unlock()
 	p.poke()
 }
@@ -131,7 +133,7 @@ func (p *reporter) status(since metav1.Time) lbv1.NodeAgentStatus {
 		Version: p.version, Services: int32(services), Frontends: int32(frontends),
 	}
 	p.mu.Lock()
-	s.Announcements = p.announcements
+	s.Announcements, s.LivePeers = p.announcements, p.livePeers
 	seen := map[lbv1.ProgrammedPolicy]bool{}
 	for _, pols := range p.policies {
 		for _, pol := range pols {

@@ -186,7 +186,7 @@ func (s *speaker) sync(ctx context.Context) error {
 	}
 	err = s.announcer.Set(byIface)
 	s.members.SetSelf(ready, members.Peer{Claims: mine, NoInterface: noInterface})
-	s.report.setAnnouncements(report)
+	s.report.setL2(report, slices.Sorted(maps.Keys(live)))
 	s.tell(ctx, held, problems)
 	return err
 }

@@ -88,9 +88,9 @@ func (c *CLI) Nodes(ctx context.Context) error {
 			anns = append(anns, an.Address)
 		}
 		rows = append(rows, []string{a.Name, condition(a.Status.Conditions, lbv1.ConditionReady), a.Status.Version,
-			fmt.Sprint(a.Status.Services), fmt.Sprint(a.Status.Frontends), orNone(pols), orNone(anns)})
+			fmt.Sprint(a.Status.Services), fmt.Sprint(a.Status.Frontends), orNone(pols), orNone(anns), orNone(a.Status.LivePeers)})
 	}
-	return c.table("NODE\tAGENT READY\tVERSION\tSERVICES\tFRONTENDS\tPOLICIES\tANNOUNCING", rows)
+	return c.table("NODE\tAGENT READY\tVERSION\tSERVICES\tFRONTENDS\tPOLICIES\tANNOUNCING\tHEARS", rows)
 }
 
 // Announcements prints, for every LoadBalancer address Portico handed out, the node that

@@ -69,7 +69,7 @@ func TestCommands(t *testing.T) {
 	}
 	agent.Status = lbv1.NodeAgentStatus{Version: "v0.1.0", Services: 2, Frontends: 9,
 		Conditions:    []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Synced", LastTransitionTime: metav1.Now()}},
-		Announcements: []lbv1.AnnouncedAddress{{Address: "192.0.2.10", Service: "default/web", Interfaces: []string{"eth0"}}}}
+		Announcements: []lbv1.AnnouncedAddress{{Address: "192.0.2.10", Service: "default/web", Interfaces: []string{"eth0"}}}, LivePeers: []string{"node-2", "node-3"}}
 	if err := c.Status().Update(ctx, agent); err != nil {
 		t.Fatal(err)
 	}
@@ -112,7 +112,7 @@ func TestCommands(t *testing.T) {
 		"192.0.2.10 default/web edge node-1 eth0",
 		"2001:db8::10 default/web edge none none")
 	run(func(c *cli.CLI) error { return c.Nodes(bg) },
-		"node-1 True (Synced) v0.1.0 2 9 none 192.0.2.10")
+		"node-1 True (Synced) v0.1.0 2 9 none 192.0.2.10 node-2, node-3")
 	run(func(c *cli.CLI) error { return c.Explain(bg, "default", "web") },
 		"Service default/web: type LoadBalancer, externalTrafficPolicy Cluster",
 		"Addresses: 192.0.2.10 from pool edge, 2001:db8::10 from pool edge",

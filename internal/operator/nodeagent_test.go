@@ -26,12 +26,13 @@ func TestLostAgentsAreMarked(t *testing.T) {
 	startOperator(t, operator.Options{AgentNamespace: f.ns, AgentGrace: 2 * time.Second})
 	ctx := context.Background()
 	// report writes a NodeAgent as an agent does (server-side apply, forced): Ready,
-	// announcing one address.
+	// announcing one address, hearing one peer.
 	report := func(node string) {
 		t.Helper()
 		writeNodeAgent(t, node, lbv1.NodeAgentStatus{
 			Conditions:    []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Synced", LastTransitionTime: metav1.Now()}},
 			Announcements: []lbv1.AnnouncedAddress{{Address: "192.0.2.1", Service: "default/web", Interfaces: []string{"eth0"}}},
+			LivePeers:     []string{"node-2"},
 		})
 	}
 	// renew applies node's Lease as renewed now, lasting d.
@@ -45,6 +46,7 @@ func TestLostAgentsAreMarked(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// state is node's Ready condition and how many addresses and peers it lists.
 	state := func(node string) (metav1.ConditionStatus, string, int) {
 		t.Helper()
 		var na lbv1.NodeAgent
@@ -52,16 +54,17 @@ func TestLostAgentsAreMarked(t *testing.T) {
 			t.Fatal(err)
 		}
 		c := meta.FindStatusCondition(na.Status.Conditions, lbv1.ConditionReady)
+		n := len(na.Status.Announcements) + len(na.Status.LivePeers)
 		if c == nil {
-			return "", "", len(na.Status.Announcements)
+			return "", "", n
 		}
-		return c.Status, c.Reason, len(na.Status.Announcements)
+		return c.Status, c.Reason, n
 	}
 	lost := func(node string) {
 		t.Helper()
 		eventually(t, func() error {
 			if s, r, n := state(node); s != metav1.ConditionUnknown || r != nodeagent.ReasonLost || n != 0 {
-				return fmt.Errorf("%s: Ready=%s (%s), %d announcements", node, s, r, n)
+				return fmt.Errorf("%s: Ready=%s (%s), %d announcements and peers", node, s, r, n)
 			}
 			return nil
 		})
@@ -69,8 +72,8 @@ func TestLostAgentsAreMarked(t *testing.T) {
 	live := func(node string, d time.Duration) {
 		t.Helper()
 		for t0 := time.Now(); time.Since(t0) < d; time.Sleep(200 * time.Millisecond) {
-			if s, r, n := state(node); s != metav1.ConditionTrue || n != 1 {
-				t.Fatalf("%s of a live agent changed: Ready=%s (%s), %d announcements", node, s, r, n)
+			if s, r, n := state(node); s != metav1.ConditionTrue || n != 2 {
+				t.Fatalf("%s of a live agent changed: Ready=%s (%s), %d announcements and peers", node, s, r, n)
 			}
 		}
 	}

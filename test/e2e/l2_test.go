@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -29,6 +30,10 @@ func (c *cluster) l2(t *testing.T) {
 	for _, a := range addrs {
 		// No static route (an earlier row's, for a reused address): the client resolves it.
 		_ = ip(c.net.Client, "route", "del", netip.PrefixFrom(a, a.BitLen()).String())
+	}
+	// Every agent hears the other two: their signed heartbeats arrive and are taken.
+	for i := range c.net.Nodes {
+		c.hears(t, i, others(len(c.net.Nodes), i)...)
 	}
 	macs := c.macs(t)
 	announcer := make([]int, len(families))
@@ -65,6 +70,7 @@ func (c *cluster) l2(t *testing.T) {
 			t.Logf("the client's neighbour entry moved %v after the kill", time.Since(took).Round(time.Millisecond))
 			c.lost(t, dead)
 			now := c.announcer(t, addrs[f])
+			c.hears(t, now, others(len(c.net.Nodes), now, dead)...)
 			if got := c.neighbour(t, addrs[f]); got != macs[now] {
 				t.Fatalf("the client's entry for %s is %q; want node-%d's %s, which announces it now", addrs[f], got, now+1, macs[now])
 			}
@@ -133,6 +139,37 @@ func (c *cluster) announcer(t *testing.T, a netip.Addr) int {
 		return nil
 	})
 	return found
+}
+
+// hears waits until node i's NodeAgent lists exactly nodes want as its live peers.
+func (c *cluster) hears(t *testing.T, i int, want ...int) {
+	t.Helper()
+	var names []string
+	for _, j := range want {
+		names = append(names, c.net.Nodes[j].Name)
+	}
+	slices.Sort(names)
+	eventually(t, fmt.Sprintf("%s to hear %v", c.net.Nodes[i].Name, names), func() error {
+		var agent lbv1.NodeAgent
+		if err := c.c.Get(context.Background(), client.ObjectKey{Name: c.net.Nodes[i].Name}, &agent); err != nil {
+			return err
+		}
+		if !slices.Equal(agent.Status.LivePeers, names) {
+			return fmt.Errorf("it hears %v", agent.Status.LivePeers)
+		}
+		return nil
+	})
+}
+
+// others are the nodes 0..n-1 but those given.
+func others(n int, but ...int) []int {
+	var out []int
+	for i := range n {
+		if !slices.Contains(but, i) {
+			out = append(out, i)
+		}
+	}
+	return out
 }
 
 // lost waits until the operator marks node i's NodeAgent lost (its agent's Lease lapsed):

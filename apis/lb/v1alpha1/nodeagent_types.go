@@ -30,6 +30,12 @@ type NodeAgentStatus struct {
 	// +listType=atomic
 	// +optional
 	Announcements []AnnouncedAddress `json:"announcements,omitempty"`
+	// LivePeers are the other nodes whose agents this one hears (their heartbeats arrive,
+	// signed with the cluster's key, and say they are ready): the nodes it counts as live
+	// when it decides which node announces an address (docs/l2.md).
+	// +listType=atomic
+	// +optional
+	LivePeers []string `json:"livePeers,omitempty"`
 }
 
 // AgentLeasePrefix starts the name of the Lease each node's agent renews in the agents'

@@ -100,13 +100,13 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 // markLost says the agent is gone; the datapath keeps its last state (the pins stay).
 func (r *Reconciler) markLost(ctx context.Context, agent *lbv1.NodeAgent, why string) error {
 	ready := meta.FindStatusCondition(agent.Status.Conditions, lbv1.ConditionReady)
-	if ready != nil && ready.Status == metav1.ConditionUnknown && len(agent.Status.Announcements) == 0 {
+	if ready != nil && ready.Status == metav1.ConditionUnknown && len(agent.Status.Announcements) == 0 && len(agent.Status.LivePeers) == 0 {
 		return nil
 	}
 	before := agent.DeepCopy()
 	meta.SetStatusCondition(&agent.Status.Conditions, metav1.Condition{Type: lbv1.ConditionReady, Status: metav1.ConditionUnknown,
 		Reason: ReasonLost, Message: why + "; the node forwards with the datapath state the agent left"})
-	agent.Status.Announcements = nil
+	agent.Status.Announcements, agent.Status.LivePeers = nil, nil
 	if err := r.Client.Status().Patch(ctx, agent, client.MergeFromWithOptions(before, client.MergeFromWithOptimisticLock{})); err != nil {
 		return fmt.Errorf("mark NodeAgent %s lost: %w", agent.Name, err)
 	}
