@@ -73,6 +73,7 @@ type ProgrammedPolicy struct {
 // +kubebuilder:printcolumn:name="Services",type=integer,JSONPath=".status.services"
 // +kubebuilder:printcolumn:name="Frontends",type=integer,JSONPath=".status.frontends"
 // +kubebuilder:printcolumn:name="Announcing",type=string,JSONPath=".status.announcements[*].address"
+// +kubebuilder:printcolumn:name="Hears",type=string,JSONPath=".status.livePeers",priority=1
 // +kubebuilder:printcolumn:name="Version",type=string,JSONPath=".status.version"
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=".metadata.creationTimestamp"
 type NodeAgent struct {
