@@ -230,11 +230,13 @@ type view struct {
 func (v view) decide(addresses []announce.Address) ([]holding, map[types.NamespacedName][]string) {
 	var held []holding
 	problems := map[types.NamespacedName][]string{}
+	var buf []string
 	for _, a := range addresses {
-		switch chosen := announce.Choose(a.IP, v.candidates(a, true)); {
+		buf = v.candidates(buf[:0], a, true)
+		switch chosen := announce.Choose(a.IP, buf); {
 		case chosen == v.self && !v.outranked(a.IP):
 			held = append(held, holding{a, v.ifaces[a.Pool]})
-		case chosen == "" && announce.Choose(a.IP, v.candidates(a, false)) == v.self:
+		case chosen == "" && announce.Choose(a.IP, v.candidates(buf[:0], a, false)) == v.self:
 			// Nobody can: the node that would have been chosen says so.
 			problems[a.Service] = append(problems[a.Service],
 				fmt.Sprintf("no node with an interface of pool %s can announce %s (node %s has none)", a.Pool, a.IP, v.self))
@@ -243,10 +245,9 @@ func (v view) decide(addresses []announce.Address) ([]holding, map[types.Namespa
 	return held, problems
 }
 
-// candidates are the eligible nodes that are live (this one: warmed up) and, when able is
-// set, have an interface for the address's pool.
-func (v view) candidates(a announce.Address, able bool) []string {
-	var out []string
+// candidates appends to out the eligible nodes that are live (this one: warmed up) and,
+// when able is set, have an interface for the address's pool.
+func (v view) candidates(out []string, a announce.Address, able bool) []string {
 	for _, n := range a.Eligible {
 		if p, ok := v.live[n]; ok && (!able || !slices.Contains(p.NoInterface, a.Pool)) ||
 			n == v.self && v.ready && (!able || len(v.ifaces[a.Pool]) > 0) {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -90,5 +91,36 @@ func TestRefusedHeartbeatsAreLoggedOncePerMinute(t *testing.T) {
 	r.tell("node-3", "forged")
 	if len(lines) != 3 || !strings.Contains(lines[0], `"peer"="node-2"`) || !strings.Contains(lines[0], `"reason"="forged"`) {
 		t.Fatalf("logged %q; want one line per peer and reason", lines)
+	}
+}
+
+// BenchmarkDecide is one speaker sync's decision at scale: 10,000 LoadBalancer addresses,
+// 100 nodes, every node live and eligible (the worst case: every address ranks all), each
+// peer claiming the addresses it wins.
+func BenchmarkDecide(b *testing.B) {
+	var nodes []string
+	for i := range 100 {
+		nodes = append(nodes, fmt.Sprintf("node-%d", i))
+	}
+	slices.Sort(nodes)
+	addrs := make([]announce.Address, 10000)
+	claims := map[string][]netip.Addr{}
+	for i := range addrs {
+		ip := netip.AddrFrom4([4]byte{10, 0, byte(i >> 8), byte(i)})
+		addrs[i] = announce.Address{IP: ip, Pool: "p", Eligible: nodes, Service: types.NamespacedName{Namespace: "default", Name: fmt.Sprintf("svc-%d", i)}}
+		winner := announce.Choose(ip, nodes)
+		claims[winner] = append(claims[winner], ip)
+	}
+	live := map[string]members.Peer{}
+	for _, n := range nodes[1:] {
+		live[n] = members.Peer{Claims: claims[n]}
+	}
+	v := view{self: nodes[0], ready: true, live: live, ifaces: map[string][]string{"p": {"eth0"}}}
+	if held, _ := v.decide(addrs); len(held) != len(claims[nodes[0]]) {
+		b.Fatalf("%s holds %d addresses; want the %d it wins", nodes[0], len(held), len(claims[nodes[0]]))
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		v.decide(addrs)
 	}
 }

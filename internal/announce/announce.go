@@ -130,12 +130,13 @@ func Outranks(ip netip.Addr, a, b string) bool {
 	return cmp.Or(cmp.Compare(Score(ip, a), Score(ip, b)), cmp.Compare(b, a)) > 0
 }
 
-// Choose returns the candidate that announces ip, or "" when there is none.
+// Choose returns the candidate that announces ip, or "" when there is none: the one that
+// outranks every other (Outranks), each scored once.
 func Choose(ip netip.Addr, candidates []string) string {
-	best := ""
+	best, top := "", uint64(0)
 	for _, c := range candidates {
-		if best == "" || Outranks(ip, c, best) {
-			best = c
+		if s := Score(ip, c); best == "" || s > top || s == top && c < best {
+			best, top = c, s
 		}
 	}
 	return best

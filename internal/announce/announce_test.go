@@ -229,3 +229,37 @@ func TestAddressesSkipWhatAgentsDoNotServe(t *testing.T) {
 		t.Fatalf("announced %v; want nothing (another proxy's Service, a NodePort Service with a stale address)", got)
 	}
 }
+
+// Scores never change between versions: during a rolling update agents of two versions
+// must rank nodes alike, or both would announce some addresses.
+func TestScoresDoNotChange(t *testing.T) {
+	for _, c := range []struct {
+		ip, node string
+		want     uint64
+	}{{"192.0.2.10", "node-1", 10453794226834339465}, {"2001:db8::10", "worker-a", 6936590223500443064}} {
+		if got := Score(netip.MustParseAddr(c.ip), c.node); got != c.want {
+			t.Errorf("Score(%s, %s) = %d; it was %d", c.ip, c.node, got, c.want)
+		}
+	}
+}
+
+// Choose picks the candidate that outranks every other one.
+func TestChooseOutranksEveryOther(t *testing.T) {
+	var nodes []string
+	for i := range 20 {
+		nodes = append(nodes, fmt.Sprintf("node-%d", i))
+	}
+	for i := range 1000 {
+		ip := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+		cands := nodes[i%7 : 7+i%13]
+		got := Choose(ip, cands)
+		for _, c := range cands {
+			if c != got && !Outranks(ip, got, c) {
+				t.Fatalf("Choose(%s, %v) = %s, which %s outranks", ip, cands, got, c)
+			}
+		}
+	}
+	if got := Choose(netip.MustParseAddr("192.0.2.1"), nil); got != "" {
+		t.Fatalf("Choose of no candidates = %q", got)
+	}
+}
