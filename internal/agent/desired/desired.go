@@ -123,9 +123,13 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 			if !families[is4] {
 				continue
 			}
-			all := Backends(node.Name, svc, endpointSlices, is4, port)
+			// A proxied port's one backend is the node's L7 listener (the proxy has the
+			// endpoints).
+			var all []datapath.Backend
 			if listener, ok := settings.Proxied[ProxyKey{PortName(port), is4}]; ok {
 				all = []datapath.Backend{{Address: listener, Local: true}}
+			} else {
+				all = Backends(node.Name, svc, endpointSlices, is4, port)
 			}
 			local := onlyLocal(all)
 			add := func(a netip.Addr, p int32, scope datapath.Scope, bs []datapath.Backend, sourceRanges []netip.Prefix) {
