@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -1006,9 +1007,7 @@ func TestWedgedBackendIsGivenUp(t *testing.T) {
 		t.Fatalf("before the stop: %v; want 2 answers from each", got)
 	}
 
-	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-		t.Fatal(err)
-	}
+	stopProcess(t, pid)
 	t0 := time.Now()
 	answeredBy(t, cc, 2, "backend-1") // round robin sends one of them to the stopped backend
 	t.Logf("in flight: both calls answered %v after the stop", time.Since(t0).Round(time.Millisecond))
@@ -1046,6 +1045,33 @@ func TestQuietCallIsPingedOnce(t *testing.T) {
 	if _, err := greeter.Call(ctx, dial(t, addr), "sleep:14s"); err != nil {
 		t.Fatalf("a call answered after 14 s of silence: %v", err)
 	}
+}
+
+// stopProcess stops a process (SIGSTOP) and waits until every thread of it is stopped: the
+// signal takes effect as each thread next leaves the kernel, and one may still be sending
+// an answer when kill returns.
+func stopProcess(t *testing.T, pid int) {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	for t0 := time.Now(); time.Since(t0) < 5*time.Second; time.Sleep(time.Millisecond) {
+		tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/stat", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		stopped := 0
+		for _, task := range tasks {
+			// The state follows the command's name in parentheses.
+			if b, err := os.ReadFile(task); err == nil && bytes.HasPrefix(b[bytes.LastIndexByte(b, ')')+1:], []byte(" T")) {
+				stopped++
+			}
+		}
+		if len(tasks) > 0 && stopped == len(tasks) {
+			return
+		}
+	}
+	t.Fatalf("process %d did not stop", pid)
 }
 
 // greeterEnv makes this test binary a greeter of that name, for a test that needs a backend
