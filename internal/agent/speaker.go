@@ -181,12 +181,13 @@ func (s *speaker) sync(ctx context.Context) error {
 		}
 		report = append(report, lbv1.AnnouncedAddress{Address: h.IP.String(), Service: h.Service.String(), Interfaces: h.ifaces})
 	}
+	hears := slices.Sorted(maps.Keys(live))
 	if len(held) != len(s.announced) || slices.ContainsFunc(held, func(h holding) bool { _, ok := s.announced[h.IP]; return !ok }) {
-		ctrl.LoggerFrom(ctx).Info("Announcing", "addresses", mine, "livePeers", slices.Sorted(maps.Keys(live)), "warmedUp", ready)
+		ctrl.LoggerFrom(ctx).Info("Announcing", "addresses", mine, "livePeers", hears, "warmedUp", ready)
 	}
 	err = s.announcer.Set(byIface)
 	s.members.SetSelf(ready, members.Peer{Claims: mine, NoInterface: noInterface})
-	s.report.setL2(report, slices.Sorted(maps.Keys(live)))
+	s.report.setL2(report, hears)
 	s.tell(ctx, held, problems)
 	return err
 }
