@@ -8,10 +8,10 @@ GO ?= go
 LOCALBIN ?= $(CURDIR)/bin
 CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/portico
 
-# The Kubernetes release the tests run against follows go.mod's k8s.io/api (v0.32.3 -> 1.32.3).
+# The Kubernetes release the tests run against follows go.mod's k8s.io/api (v0.37.2 -> 1.37.2).
 K8S_VERSION ?= $(shell $(GO) list -m -f '{{.Version}}' k8s.io/api | sed 's/^v0\./1./')
 ENVTEST_ASSETS ?= $(CACHE)/k8s-$(K8S_VERSION)
-CONTROLLER_TOOLS_VERSION ?= v0.19.0
+CONTROLLER_TOOLS_VERSION ?= v0.23.0
 CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen-$(CONTROLLER_TOOLS_VERSION)
 # h2spec, the HTTP/2 conformance suite the L7 proxy's test runs (internal/l7/proxy).
 H2SPEC_VERSION ?= v2.2.1+incompatible

@@ -138,6 +138,26 @@ type nodePortSvcValue struct {
 	AffinityTimeout uint32
 }
 
+// Names of all BPF objects in the ELF.
+//
+// Used for safe lookups in a Collection or CollectionSpec.
+const (
+	nodePortMapPorticoAffinity         = "portico_affinity"
+	nodePortMapPorticoBe4              = "portico_be4"
+	nodePortMapPorticoBe6              = "portico_be6"
+	nodePortMapPorticoCt               = "portico_ct"
+	nodePortMapPorticoMaglev           = "portico_maglev"
+	nodePortMapPorticoSock4            = "portico_sock4"
+	nodePortMapPorticoSock6            = "portico_sock6"
+	nodePortMapPorticoSrcrange4        = "portico_srcrange4"
+	nodePortMapPorticoSrcrange6        = "portico_srcrange6"
+	nodePortMapPorticoSvc4             = "portico_svc4"
+	nodePortMapPorticoSvc6             = "portico_svc6"
+	nodePortProgPorticoNodeportEgress  = "portico_nodeport_egress"
+	nodePortProgPorticoNodeportIngress = "portico_nodeport_ingress"
+	nodePortVarMaglevSize              = "maglev_size"
+)
+
 // loadNodePort returns the embedded CollectionSpec for nodePort.
 func loadNodePort() (*ebpf.CollectionSpec, error) {
 	reader := bytes.NewReader(_NodePortBytes)
@@ -158,7 +178,7 @@ func loadNodePort() (*ebpf.CollectionSpec, error) {
 //	*nodePortMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func loadNodePortObjects(obj interface{}, opts *ebpf.CollectionOptions) error {
+func loadNodePortObjects(obj any, opts *ebpf.CollectionOptions) error {
 	spec, err := loadNodePort()
 	if err != nil {
 		return err

@@ -117,6 +117,31 @@ type sockLBSvcValue struct {
 	AffinityTimeout uint32
 }
 
+// Names of all BPF objects in the ELF.
+//
+// Used for safe lookups in a Collection or CollectionSpec.
+const (
+	sockLBMapPorticoAffinity      = "portico_affinity"
+	sockLBMapPorticoBe4           = "portico_be4"
+	sockLBMapPorticoBe6           = "portico_be6"
+	sockLBMapPorticoMaglev        = "portico_maglev"
+	sockLBMapPorticoSock4         = "portico_sock4"
+	sockLBMapPorticoSock6         = "portico_sock6"
+	sockLBMapPorticoSrcrange4     = "portico_srcrange4"
+	sockLBMapPorticoSrcrange6     = "portico_srcrange6"
+	sockLBMapPorticoSvc4          = "portico_svc4"
+	sockLBMapPorticoSvc6          = "portico_svc6"
+	sockLBProgPorticoConnect4     = "portico_connect4"
+	sockLBProgPorticoConnect6     = "portico_connect6"
+	sockLBProgPorticoGetpeername4 = "portico_getpeername4"
+	sockLBProgPorticoGetpeername6 = "portico_getpeername6"
+	sockLBProgPorticoRecvmsg4     = "portico_recvmsg4"
+	sockLBProgPorticoRecvmsg6     = "portico_recvmsg6"
+	sockLBProgPorticoSendmsg4     = "portico_sendmsg4"
+	sockLBProgPorticoSendmsg6     = "portico_sendmsg6"
+	sockLBVarMaglevSize           = "maglev_size"
+)
+
 // loadSockLB returns the embedded CollectionSpec for sockLB.
 func loadSockLB() (*ebpf.CollectionSpec, error) {
 	reader := bytes.NewReader(_SockLBBytes)
@@ -137,7 +162,7 @@ func loadSockLB() (*ebpf.CollectionSpec, error) {
 //	*sockLBMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func loadSockLBObjects(obj interface{}, opts *ebpf.CollectionOptions) error {
+func loadSockLBObjects(obj any, opts *ebpf.CollectionOptions) error {
 	spec, err := loadSockLB()
 	if err != nil {
 		return err

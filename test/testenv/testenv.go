@@ -83,12 +83,10 @@ func StartOn(port int) (*Env, error) {
 	}
 	// Room for thousands of Services, in both families; NodePorts below the kernel's ephemeral
 	// ports (32768-60999), so that no test's outgoing connection holds a port a Service gets
-	// (a healthCheckNodePort the agent must listen on, say). Debian's etcd 3.4.23 predates the
-	// progress-notify fix that consistent reads from the watch cache rely on, so they are off.
+	// (a healthCheckNodePort the agent must listen on, say).
 	e.ControlPlane.GetAPIServer().Configure().
 		Set("service-cluster-ip-range", "10.96.0.0/16,fd00:10:96::/108").
-		Set("service-node-port-range", "20000-32767").
-		Set("feature-gates", "ConsistentListFromCache=false")
+		Set("service-node-port-range", "20000-32767")
 	if port != 0 {
 		api := e.ControlPlane.GetAPIServer()
 		api.SecureServing.Address, api.SecureServing.Port = "127.0.0.1", strconv.Itoa(port)
