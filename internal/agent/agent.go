@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/pprof"
-	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -204,7 +203,8 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.everyService), builder.WithPredicates(
 			predicate.NewPredicateFuncs(func(n client.Object) bool { return n.GetName() == o.NodeName }),
 			predicate.Funcs{UpdateFunc: func(e event.UpdateEvent) bool {
-				return !equalAddresses(e.ObjectOld.(*corev1.Node), e.ObjectNew.(*corev1.Node))
+				old, cur := e.ObjectOld.(*corev1.Node), e.ObjectNew.(*corev1.Node)
+				return !equalAddresses(old, cur) || old.Labels[corev1.LabelTopologyZone] != cur.Labels[corev1.LabelTopologyZone]
 			}})).
 		Complete(r)
 	if err != nil {
@@ -239,7 +239,8 @@ func profiling(on bool) map[string]http.Handler {
 }
 
 // keepWhatIsRead drops from cached objects what the agent never reads: managed fields and
-// annotations of everything, the images of Nodes, and per endpoint the target reference, hostname, zone and hints.
+// annotations of everything, the images of Nodes, and per endpoint the target reference,
+// hostname and zone (the hints say which zones an endpoint is for).
 func keepWhatIsRead(obj any) (any, error) {
 	if m, ok := obj.(metav1.Object); ok {
 		m.SetManagedFields(nil)
@@ -251,7 +252,7 @@ func keepWhatIsRead(obj any) (any, error) {
 	if es, ok := obj.(*discoveryv1.EndpointSlice); ok {
 		for i := range es.Endpoints {
 			ep := &es.Endpoints[i]
-			ep.TargetRef, ep.Hostname, ep.Zone, ep.Hints, ep.DeprecatedTopology = nil, nil, nil, nil, nil
+			ep.TargetRef, ep.Hostname, ep.Zone, ep.DeprecatedTopology = nil, nil, nil, nil
 		}
 	}
 	return obj, nil
@@ -520,28 +521,20 @@ func (r *reconciler) l7Policies(ctx context.Context, svc *corev1.Service) (map[s
 	return won, nil
 }
 
-// node reads this node's addresses; a Node not (yet) there has none.
+// node reads this node's addresses and zone; a Node not (yet) there has none.
 func (r *reconciler) node(ctx context.Context) (desired.Node, error) {
-	n := desired.Node{Name: r.opts.NodeName}
 	var obj corev1.Node
 	if err := r.client.Get(ctx, types.NamespacedName{Name: r.opts.NodeName}, &obj); err != nil {
 		if apierrors.IsNotFound(err) {
-			return n, nil
+			return desired.Node{Name: r.opts.NodeName}, nil
 		}
-		return n, fmt.Errorf("get Node: %w", err)
+		return desired.Node{Name: r.opts.NodeName}, fmt.Errorf("get Node: %w", err)
 	}
-	for _, a := range obj.Status.Addresses {
-		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
-			continue
-		}
-		if ip, err := netip.ParseAddr(a.Address); err == nil {
-			n.Addresses = append(n.Addresses, ip)
-		}
-	}
-	return n, nil
+	return desired.NodeOf(&obj), nil
 }
 
-// everyService requeues every Service (the node's addresses changed: NodePorts move).
+// everyService requeues every Service (the node's addresses changed: NodePorts move; or its
+// zone: topology hints choose other endpoints).
 func (r *reconciler) everyService(ctx context.Context, _ client.Object) []reconcile.Request {
 	return r.services(ctx)
 }

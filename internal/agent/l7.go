@@ -132,7 +132,7 @@ func l7Listeners(node desired.Node, svc *corev1.Service, endpointSlices []*disco
 			c := cfg
 			c.Listen = netip.AddrPortFrom(node.Addresses[i], 0)
 			c.Backends = nil
-			for _, b := range desired.Backends(node.Name, svc, endpointSlices, is4, port) {
+			for _, b := range desired.PortEndpoints(node, svc, endpointSlices, is4, port).Cluster {
 				if !b.Terminating {
 					c.Backends = append(c.Backends, b.Address)
 				}

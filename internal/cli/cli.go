@@ -23,6 +23,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/agent/desired"
 	"github.com/portico-dev/portico/internal/announce"
 	"github.com/portico-dev/portico/internal/policy"
 	"github.com/portico-dev/portico/internal/poolconfig"
@@ -254,6 +255,8 @@ func (c *CLI) Explain(ctx context.Context, namespace, name string) error {
 		fmt.Fprintf(w, "  externalTrafficPolicy Local: external traffic goes only to nodes with a ready endpoint (%s), client addresses kept\n", orNone(slices.Sorted(maps.Keys(ready))))
 	}
 
+	st.topology(w, svc)
+
 	// Policies: the operator writes which Services each one applies to.
 	if err := c.policies(ctx, w, svc); err != nil {
 		return err
@@ -271,6 +274,41 @@ func (c *CLI) Explain(ctx context.Context, namespace, name string) error {
 		}
 	}
 	return nil
+}
+
+// topology prints, for a Service whose EndpointSlices carry topology hints (or that asks for
+// them), which endpoints each node sends its Cluster traffic to, decided as the agents decide
+// (desired.PortEndpoints), for the first port in each family.
+func (st *state) topology(w io.Writer, svc *corev1.Service) {
+	es := st.slices[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}]
+	hinted := slices.ContainsFunc(es, func(s *discoveryv1.EndpointSlice) bool {
+		return slices.ContainsFunc(s.Endpoints, func(e discoveryv1.Endpoint) bool { return e.Hints != nil })
+	})
+	asked := derefOr(svc.Spec.TrafficDistribution)
+	if mode := svc.Annotations[corev1.AnnotationTopologyMode]; mode != "" {
+		asked = strings.TrimSpace(asked + " topology-mode " + mode)
+	}
+	if (!hinted && asked == "") || len(svc.Spec.Ports) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "Topology: %s; the EndpointSlices carry %s; Cluster traffic from each node goes to:\n", cmp.Or(asked, "not asked for"),
+		map[bool]string{true: "hints", false: "no hints yet (every endpoint)"}[hinted])
+	port := svc.Spec.Ports[0]
+	for _, n := range st.nodes {
+		node := desired.NodeOf(n)
+		for _, fam := range svc.Spec.IPFamilies {
+			eps := desired.PortEndpoints(node, svc, es, fam == corev1.IPv4Protocol, port)
+			var to []string
+			for _, b := range eps.Cluster {
+				to = append(to, b.Address.Addr().String())
+			}
+			choice := "every endpoint (no hint applies to this node)"
+			if eps.Topology != desired.AnyTopology {
+				choice = fmt.Sprintf("%s, %d of %d endpoints", eps.Topology, len(eps.Cluster), len(eps.All))
+			}
+			fmt.Fprintf(w, "  %s (zone %s) %s: %s: %s\n", node.Name, cmp.Or(node.Zone, "none"), fam, choice, orNone(to))
+		}
+	}
 }
 
 // policies prints the ServicePolicies and L7Policies that apply to svc, decided as the

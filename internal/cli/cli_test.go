@@ -40,13 +40,19 @@ func TestCommands(t *testing.T) {
 			TargetRefs: []lbv1.L7TargetReference{{ServiceTargetReference: lbv1.ServiceTargetReference{Name: "web"}, SectionName: "http"}}}}
 	}
 	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}
+	webSvc := web("web")
+	webSvc.Spec.TrafficDistribution = ptr.To(corev1.ServiceTrafficDistributionPreferSameZone)
+	zone := func(z string) *discoveryv1.EndpointHints {
+		return &discoveryv1.EndpointHints{ForZones: []discoveryv1.ForZone{{Name: z}}}
+	}
 	objs := []client.Object{
 		&lbv1.LBPool{ObjectMeta: metav1.ObjectMeta{Name: "edge"}, Spec: lbv1.LBPoolSpec{Blocks: []lbv1.IPBlock{{CIDR: "192.0.2.10/32"}, {CIDR: "2001:db8::10/127"}},
 			Announce: &lbv1.Announcement{L2: &lbv1.L2Announcement{NodeSelector: &lbv1.LabelSelector{MatchLabels: map[string]lbv1.LabelValue{"edge": "true"}}}}}},
-		web("web"),
+		webSvc,
 		&discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "web-1", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
 			AddressType: discoveryv1.AddressTypeIPv4, Ports: []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(8080))}},
-			Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.244.1.5"}, NodeName: ptr.To("node-1")}, {Addresses: []string{"10.244.2.5"}, NodeName: ptr.To("node-2")}}},
+			Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.244.1.5"}, NodeName: ptr.To("node-1"), Hints: zone("a")},
+				{Addresses: []string{"10.244.2.5"}, NodeName: ptr.To("node-2"), Hints: zone("b")}}},
 		node,
 		&lbv1.ServicePolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "sticky"}, Spec: lbv1.ServicePolicySpec{
 			TargetRefs: []lbv1.ServiceTargetReference{{Name: "web"}}, LoadBalancing: &lbv1.LoadBalancing{Algorithm: lbv1.AlgorithmMaglev}}},
@@ -57,7 +63,7 @@ func TestCommands(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	node.Labels = map[string]string{"edge": "true"}
+	node.Labels = map[string]string{"edge": "true", corev1.LabelTopologyZone: "a"}
 	node.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.241"}}
 	if err := c.Update(ctx, node); err != nil {
 		t.Fatal(err)
@@ -119,6 +125,8 @@ func TestCommands(t *testing.T) {
 		"192.0.2.10 is announced (ARP/NDP) by node-1 on eth0; eligible: node-1",
 		"2001:db8::10 is not announced yet: eligible nodes node-1, none reports it",
 		"Endpoints: 2 ready (node-1: 1, node-2: 1), 0 terminating",
+		"Topology: PreferSameZone; the EndpointSlices carry hints; Cluster traffic from each node goes to:\n"+
+			" node-1 (zone a) IPv4: PreferSameZone, 1 of 2 endpoints: 10.244.1.5\n node-1 (zone a) IPv6: every endpoint (no hint applies to this node): none",
 		"Policies:\n ServicePolicy sticky (web): programmed on", "\n L7Policy balance (web/http): programmed on")
 	var out bytes.Buffer
 	if err := (&cli.CLI{Client: c, Out: &out}).Explain(bg, "default", "web"); err != nil || strings.Contains(out.String(), "zz-later") {

@@ -1,7 +1,8 @@
 // Package desired computes what a node's datapath should hold for one Service: its
 // frontends (ClusterIPs, NodePorts on the node's addresses, externalIPs, load balancer
 // addresses; per port, family and scope) and their backends from the Service's
-// EndpointSlices, following kube-proxy's rules. It is pure: objects in, frontends out.
+// EndpointSlices, following kube-proxy's rules, topology hints included. It is pure:
+// objects in, frontends out.
 package desired
 
 import (
@@ -26,8 +27,25 @@ const defaultAffinity = 10800 * time.Second
 // Node is the node the frontends are for.
 type Node struct {
 	Name string
+	// Zone is the Node's topology.kubernetes.io/zone label: the zone topology hints name.
+	Zone string
 	// Addresses carry the NodePorts.
 	Addresses []netip.Addr
+}
+
+// NodeOf reads a Node's name, zone and the addresses NodePorts listen on (internal and
+// external ones).
+func NodeOf(obj *corev1.Node) Node {
+	n := Node{Name: obj.Name, Zone: obj.Labels[corev1.LabelTopologyZone]}
+	for _, a := range obj.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil {
+			n.Addresses = append(n.Addresses, ip)
+		}
+	}
+	return n
 }
 
 // Settings are what policies add to a Service.
@@ -125,44 +143,48 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 			}
 			// A proxied port's one backend is the node's L7 listener (the proxy has the
 			// endpoints).
-			var all []datapath.Backend
+			var eps Endpoints
 			if listener, ok := settings.Proxied[ProxyKey{PortName(port), is4}]; ok {
-				all = []datapath.Backend{{Address: listener, Local: true}}
+				eps.All = []datapath.Backend{{Address: listener, Local: true}}
+				eps.Cluster = eps.All
 			} else {
-				all = Backends(node.Name, svc, endpointSlices, is4, port)
+				eps = PortEndpoints(node, svc, endpointSlices, is4, port)
 			}
-			local := onlyLocal(all)
+			// Traffic policy Local takes this node's endpoints whatever the hints say;
+			// Cluster takes those the hints leave this node (all of them without hints).
+			local, cluster := onlyLocal(eps.All), eps.Cluster
 			add := func(a netip.Addr, p int32, scope datapath.Scope, bs []datapath.Backend, sourceRanges []netip.Prefix) {
 				frontends = append(frontends, datapath.Frontend{
 					Address: netip.AddrPortFrom(a, uint16(p)), Protocol: proto, Scope: scope,
 					Backends: bs, Balancing: settings.Balancing, Affinity: affinity, SourceRanges: sourceRanges,
 				})
 			}
-			externalBackends := pick(externalLocal, local, all)
+			externalBackends := pick(externalLocal, local, cluster)
 			for _, a := range clusterIPs {
 				if a.Is4() == is4 {
-					add(a, port.Port, datapath.Internal, pick(internalLocal, local, all), nil)
+					add(a, port.Port, datapath.Internal, pick(internalLocal, local, cluster), nil)
 				}
 			}
 			if port.NodePort != 0 && svc.Spec.Type != corev1.ServiceTypeClusterIP {
 				for _, a := range node.Addresses {
 					if a.Is4() == is4 {
 						add(a, port.NodePort, datapath.External, externalBackends, nil)
-						// Clients on the node reach every backend, as kube-proxy lets them.
-						add(a, port.NodePort, datapath.Internal, all, nil)
+						// Clients on the node reach the Cluster policy's backends whatever
+						// the external policy, as kube-proxy lets them.
+						add(a, port.NodePort, datapath.Internal, cluster, nil)
 					}
 				}
 			}
 			for _, a := range external {
 				if a.Is4() == is4 {
 					add(a, port.Port, datapath.External, externalBackends, nil)
-					add(a, port.Port, datapath.Internal, all, nil)
+					add(a, port.Port, datapath.Internal, cluster, nil)
 				}
 			}
 			for _, a := range lbIPs {
 				if a.Is4() == is4 {
 					add(a, port.Port, datapath.External, externalBackends, familyRanges(ranges, is4))
-					add(a, port.Port, datapath.Internal, all, nil)
+					add(a, port.Port, datapath.Internal, cluster, nil)
 				}
 			}
 		}
@@ -246,16 +268,48 @@ func PortName(p corev1.ServicePort) string {
 	return fmt.Sprint(p.Port)
 }
 
-// Backends returns the endpoints of one family for one Service port: ready ones, and
-// serving terminating ones marked Terminating. An address in several slices counts once,
-// ready winning.
-func Backends(node string, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, is4 bool, port corev1.ServicePort) []datapath.Backend {
+// Topology says which topology hints narrow a port's Cluster endpoints on a node, with
+// kube-proxy's names.
+type Topology string
+
+const (
+	// AnyTopology: every endpoint (no hints, or they do not apply to this node).
+	AnyTopology Topology = ""
+	// SameNode: the endpoints hinted for this node (trafficDistribution PreferSameNode).
+	SameNode Topology = corev1.ServiceTrafficDistributionPreferSameNode
+	// SameZone: the endpoints hinted for this node's zone (trafficDistribution
+	// PreferSameZone or PreferClose, or the topology-mode Auto annotation).
+	SameZone Topology = corev1.ServiceTrafficDistributionPreferSameZone
+)
+
+// Endpoints are a Service port's endpoints of one family as one node uses them.
+type Endpoints struct {
+	// All holds the ready endpoints and the serving terminating ones (marked Terminating).
+	// An address in several slices counts once, ready winning.
+	All []datapath.Backend
+	// Cluster is what traffic under a Cluster traffic policy goes to: All, or when
+	// Topology is set, the ready endpoints hinted for this node or its zone.
+	Cluster  []datapath.Backend
+	Topology Topology
+}
+
+// PortEndpoints returns a port's endpoints of one family on node, applying the
+// EndpointSlices' hints as kube-proxy does: when every ready endpoint has a node hint and
+// one names this node, the Cluster endpoints are those hinted for it; else when every ready
+// endpoint has a zone hint and one names the node's zone, those hinted for the zone; else
+// all of them. The EndpointSlice controller writes the hints (trafficDistribution, the
+// topology-mode annotation); the Service's fields are not read here.
+func PortEndpoints(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, is4 bool, port corev1.ServicePort) Endpoints {
 	want := discoveryv1.AddressTypeIPv6
 	if is4 {
 		want = discoveryv1.AddressTypeIPv4
 	}
 	proto := cmp.Or(port.Protocol, corev1.ProtocolTCP)
-	found := map[netip.AddrPort]datapath.Backend{}
+	type endpoint struct {
+		datapath.Backend
+		hints *discoveryv1.EndpointHints
+	}
+	found := map[netip.AddrPort]endpoint{}
 	for _, es := range endpointSlices {
 		if es.AddressType != want {
 			continue
@@ -285,18 +339,54 @@ func Backends(node string, svc *corev1.Service, endpointSlices []*discoveryv1.En
 			if !ready && !(serving && terminating) {
 				continue
 			}
-			b := datapath.Backend{Address: netip.AddrPortFrom(a, uint16(target)), Local: derefOr(ep.NodeName, "") == node, Terminating: !ready}
+			b := datapath.Backend{Address: netip.AddrPortFrom(a, uint16(target)), Local: derefOr(ep.NodeName, "") == node.Name, Terminating: !ready}
 			if old, ok := found[b.Address]; ok && !old.Terminating {
 				continue
 			}
-			found[b.Address] = b
+			found[b.Address] = endpoint{b, ep.Hints}
 		}
 	}
-	out := make([]datapath.Backend, 0, len(found))
-	for _, b := range found {
-		out = append(out, b)
+	eps := make([]endpoint, 0, len(found))
+	for _, e := range found {
+		eps = append(eps, e)
 	}
-	slices.SortFunc(out, func(a, b datapath.Backend) int { return a.Address.Compare(b.Address) })
+	slices.SortFunc(eps, func(a, b endpoint) int { return a.Address.Compare(b.Address) })
+
+	forNode := func(e endpoint) bool {
+		return e.hints != nil && slices.ContainsFunc(e.hints.ForNodes, func(n discoveryv1.ForNode) bool { return n.Name == node.Name })
+	}
+	forZone := func(e endpoint) bool {
+		return e.hints != nil && slices.ContainsFunc(e.hints.ForZones, func(z discoveryv1.ForZone) bool { return z.Name == node.Zone })
+	}
+	var out Endpoints
+	allNodeHints, allZoneHints, anyReady, anyForNode, anyForZone := true, true, false, false, false
+	for _, e := range eps {
+		out.All = append(out.All, e.Backend)
+		if e.Terminating {
+			continue
+		}
+		anyReady = true
+		allNodeHints = allNodeHints && e.hints != nil && len(e.hints.ForNodes) > 0
+		allZoneHints = allZoneHints && e.hints != nil && len(e.hints.ForZones) > 0
+		anyForNode = anyForNode || forNode(e)
+		anyForZone = anyForZone || forZone(e)
+	}
+	var hinted func(endpoint) bool
+	switch {
+	case anyReady && allNodeHints && anyForNode:
+		out.Topology, hinted = SameNode, forNode
+	case anyReady && allZoneHints && anyForZone && node.Zone != "":
+		out.Topology, hinted = SameZone, forZone
+	default:
+		out.Cluster = out.All
+		return out
+	}
+	// A hinted endpoint is ready, so the terminating ones (used only when none is) go.
+	for _, e := range eps {
+		if !e.Terminating && hinted(e) {
+			out.Cluster = append(out.Cluster, e.Backend)
+		}
+	}
 	return out
 }
 

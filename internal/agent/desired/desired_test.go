@@ -84,7 +84,7 @@ func load(t *testing.T, file string) (Node, []*corev1.Service, map[string][]*dis
 		}
 		switch o := obj.(type) {
 		case *corev1.Node:
-			node.Name = o.Name
+			node.Name, node.Zone = o.Name, o.Labels[corev1.LabelTopologyZone]
 			for _, a := range o.Status.Addresses {
 				node.Addresses = append(node.Addresses, netip.MustParseAddr(a.Address))
 			}
