@@ -23,6 +23,10 @@ import (
 type Config struct {
 	Name  string // prefixes every namespace and the cgroup (short and unique: "plab")
 	Nodes int
+	// Zones, when set, labels the nodes with topology.kubernetes.io/zone zone-a, zone-b, …
+	// in runs of consecutive nodes: 4 nodes in 2 zones are node-1 and node-2 in zone-a,
+	// node-3 and node-4 in zone-b.
+	Zones int
 	Dir   string // kubeconfigs and logs go here
 	// API is the running API server (etcd and kube-apiserver, started by the caller).
 	API *rest.Config
@@ -54,9 +58,17 @@ type Cluster struct {
 
 // Up builds the network and starts everything on it. On error, what started is stopped.
 func Up(cfg Config) (*Cluster, error) {
+	if cfg.Zones < 0 || cfg.Zones > cfg.Nodes || cfg.Zones > 26 {
+		return nil, fmt.Errorf("%d zones for %d nodes: want 0 to %d", cfg.Zones, cfg.Nodes, min(cfg.Nodes, 26))
+	}
 	n, err := New(cfg.Name, cfg.Nodes)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.Zones > 0 {
+		for i, node := range n.Nodes {
+			node.Zone = "zone-" + string(rune('a'+i*cfg.Zones/cfg.Nodes))
+		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Cluster{Network: n, cfg: cfg, cancel: cancel, errs: make(chan error, cfg.Nodes+4), // each component, kubelet and the routes tell at most once

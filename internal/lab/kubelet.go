@@ -350,6 +350,9 @@ func (k *Kubelet) register(ctx context.Context) error {
 	nodes := k.cs.CoreV1().Nodes()
 	obj := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: k.node.Name, Labels: map[string]string{
 		corev1.LabelHostname: k.node.Name, corev1.LabelOSStable: "linux", corev1.LabelArchStable: "amd64"}}}
+	if k.node.Zone != "" {
+		obj.Labels[corev1.LabelTopologyZone] = k.node.Zone
+	}
 	for _, p := range k.node.Pods {
 		obj.Spec.PodCIDRs = append(obj.Spec.PodCIDRs, p.String())
 	}

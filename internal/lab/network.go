@@ -42,6 +42,7 @@ type Network struct {
 // pods, and a cgroup for its processes (the agent attaches its socket programs there).
 type Node struct {
 	Name   string // the Kubernetes Node name
+	Zone   string // its topology.kubernetes.io/zone label ("": none)
 	NS     string
 	IPs    []netip.Addr   // on the segment, IPv4 then IPv6
 	Pods   []netip.Prefix // pod CIDRs, IPv4 then IPv6

@@ -31,6 +31,7 @@ func TestAgentsOnThreeNodes(t *testing.T) {
 	t.Run("NodePort on every node, and back to ClusterIP", c.nodePort)
 	t.Run("LoadBalancer and externalIPs, spread then session affinity", c.loadBalancer)
 	t.Run("externalTrafficPolicy Local with healthCheckNodePort", c.externalLocal)
+	t.Run("trafficDistribution: same zone, same node, and their fallbacks", c.topology)
 	t.Run("source ranges from the Service and from a ServicePolicy", c.sourceRanges)
 	t.Run("Maglev by ServicePolicy: every node picks the same backend", c.maglev)
 	t.Run("agent restart and crash keep established connections", c.restart)

@@ -37,7 +37,8 @@ var families = []string{"v4", "v6"}
 
 // cluster is a lab cluster (internal/lab): a real API server, kube-controller-manager,
 // kube-scheduler, the operator (allocating LoadBalancer addresses from an LBPool on the
-// segment) and three simulated nodes, each with its kubelet and cmd/agent. Pods web-1,
+// segment) and three simulated nodes, each with its kubelet and cmd/agent; node-1 and node-2
+// are in zone-a, node-3 in zone-b. Pods web-1,
 // web-2, web-3 (one per node, the lab's echo image) serve on 8080; a Service selects the
 // ones endpoints names, so that its EndpointSlices come from the EndpointSlice controller.
 // Pod "probe" on node-1 runs clients inside node-1's cgroup (where the socket programs
@@ -76,7 +77,7 @@ func start(t *testing.T) *cluster {
 	if err := os.Mkdir(logs, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	lc, err := lab.Up(lab.Config{Name: fmt.Sprintf("pte%d", os.Getpid()%100000), Nodes: 3, Dir: logs, API: env.Config,
+	lc, err := lab.Up(lab.Config{Name: fmt.Sprintf("pte%d", os.Getpid()%100000), Nodes: 3, Zones: 2, Dir: logs, API: env.Config,
 		Assets: testenv.Assets(), Operator: bins[0], Agent: bins[1], BPFFS: bpffs})
 	if err != nil {
 		t.Fatal(err)

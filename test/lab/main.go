@@ -49,6 +49,7 @@ const (
 
 func main() {
 	nodes := flag.Int("nodes", 3, "Simulated nodes.")
+	zones := flag.Int("zones", 0, "Zones the nodes are spread over in runs (topology.kubernetes.io/zone zone-a, zone-b, …); 0: no zone labels.")
 	port := flag.Int("api-port", 16443, "Port of the API server on 127.0.0.1.")
 	bin := flag.String("bin", "bin", "Directory with the operator and agent binaries (`make build`).")
 	flag.Usage = func() {
@@ -59,7 +60,7 @@ func main() {
 	var err error
 	switch flag.Arg(0) {
 	case "", "up":
-		err = up(*nodes, *port, *bin)
+		err = up(*nodes, *zones, *port, *bin)
 	case "down":
 		err = down()
 	default:
@@ -72,7 +73,7 @@ func main() {
 	}
 }
 
-func up(nodes, port int, bin string) error {
+func up(nodes, zones, port int, bin string) error {
 	began := time.Now()
 	ctrl.SetLogger(zap.New(zap.Level(zapcore.ErrorLevel)))
 	if err := preflight(port); err != nil {
@@ -117,7 +118,7 @@ func up(nodes, port int, bin string) error {
 	}
 	defer func() { _ = env.Stop() }()
 	step("Starting %d nodes, kube-controller-manager, kube-scheduler, the operator and the agents", nodes)
-	c, err := lab.Up(lab.Config{Name: name, Nodes: nodes, Dir: logs, API: env.Config, Assets: testenv.Assets(),
+	c, err := lab.Up(lab.Config{Name: name, Nodes: nodes, Zones: zones, Dir: logs, API: env.Config, Assets: testenv.Assets(),
 		Operator: filepath.Join(bin, "operator"), Agent: filepath.Join(bin, "agent"), BPFFS: bpffs})
 	if err != nil {
 		return err
