@@ -9,7 +9,10 @@ LOCALBIN ?= $(CURDIR)/bin
 CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/portico
 
 # The Kubernetes release the tests run against follows go.mod's k8s.io/api (v0.37.2 -> 1.37.2).
+# Supported: K8S_OLDEST to K8S_VERSION (README "Supported Kubernetes"); `make test-oldest`
+# runs the tests against the oldest.
 K8S_VERSION ?= $(shell $(GO) list -m -f '{{.Version}}' k8s.io/api | sed 's/^v0\./1./')
+K8S_OLDEST ?= 1.35.4
 ENVTEST_ASSETS ?= $(CACHE)/k8s-$(K8S_VERSION)
 CONTROLLER_TOOLS_VERSION ?= v0.23.0
 CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen-$(CONTROLLER_TOOLS_VERSION)
@@ -88,6 +91,11 @@ test-peers: ## Install arping and ndisc6 from Debian when missing: the L2 tests'
 .PHONY: test
 test: verify-generated vet envtest test-peers $(H2SPEC) ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root), HTTP/2 conformance.
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) H2SPEC=$(H2SPEC) $(GO) test ./... -count=1
+
+.PHONY: test-oldest
+test-oldest: test-peers $(H2SPEC) ## Run every test (envtest suites and e2e included) against the oldest supported Kubernetes, K8S_OLDEST (not in CI: builds its control plane once, ~6 min).
+	@test/tools/k8s-binaries.sh $(K8S_OLDEST) $(CACHE)/k8s-$(K8S_OLDEST) kube-controller-manager kube-scheduler >/dev/null
+	KUBEBUILDER_ASSETS=$(CACHE)/k8s-$(K8S_OLDEST) H2SPEC=$(H2SPEC) $(GO) test ./... -count=1
 
 .PHONY: fuzz
 fuzz: ## Fuzz the allocator, the annotation parser and the packet programs (as root) for a while (FUZZTIME, default 30s each).
