@@ -1,3 +1,5 @@
+// Package agent runs on every node: it watches Services, EndpointSlices and its Node, and
+// keeps the node's datapath equal to what they ask for (docs/agent.md).
 package agent
 
 import (
@@ -42,8 +44,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/agent/desired"
 	"github.com/portico-dev/portico/internal/l7/proxy"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/maglev"
 	"github.com/portico-dev/portico/internal/policy"
 )
@@ -93,7 +95,7 @@ const serviceNameIndex = "portico.serviceName"
 
 // NewManager returns a manager running the agent for one node over dp. Nothing is written
 // to the maps before the caches have synced; then one Resync adopts what is pinned.
-func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error) {
+func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.Manager, error) {
 	if o.NodeName == "" {
 		return nil, fmt.Errorf("no node name")
 	}
@@ -148,7 +150,7 @@ func NewManager(cfg *rest.Config, dp Programmer, o Options) (ctrl.Manager, error
 	if err != nil {
 		return nil, err
 	}
-	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: NewSyncer(dp), opts: o,
+	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: loadbalancer.NewSyncer(dp), opts: o,
 		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: make(chan event.GenericEvent),
 		told: map[types.NamespacedName]string{}}
 	if err := mgr.Add(r.health); err != nil {
@@ -262,7 +264,7 @@ func keepWhatIsRead(obj any) (any, error) {
 type reconciler struct {
 	client   client.Client
 	recorder record.EventRecorder
-	syncer   *Syncer
+	syncer   *loadbalancer.Syncer
 	opts     Options
 	metrics  *metrics
 	health   *healthChecks
@@ -291,7 +293,7 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		claims := make([]Claim, 0, len(services.Items))
+		claims := make([]loadbalancer.Claim, 0, len(services.Items))
 		policies := make([][]lbv1.ProgrammedPolicy, 0, len(services.Items))
 		for i := range services.Items {
 			c, pol, _, err := r.claim(ctx, node, &services.Items[i])
@@ -402,11 +404,11 @@ func (r *reconciler) tell(svc types.NamespacedName, msg string) bool {
 // claim computes what a Service asks of this node and which policies it programs for it
 // (its ServicePolicy, the L7Policies whose listeners opened), and sets its health check and
 // L7 listeners.
-func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.Service) (Claim, []lbv1.ProgrammedPolicy, []string, error) {
-	c := Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
+func (r *reconciler) claim(ctx context.Context, node loadbalancer.Node, svc *corev1.Service) (loadbalancer.Claim, []lbv1.ProgrammedPolicy, []string, error) {
+	c := loadbalancer.Claim{Service: types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}, Created: svc.CreationTimestamp.Time}
 	if svc.UID == "" {
 		r.setL7(c.Service, nil)
-		return c, nil, nil, r.health.set(c.Service, 0, desired.Local{}) // closing cannot fail
+		return c, nil, nil, r.health.set(c.Service, 0, loadbalancer.Local{}) // closing cannot fail
 	}
 	// The policy counts as programmed for a Service this node does not serve (headless, or
 	// another proxy's): there is nothing to program.
@@ -415,9 +417,9 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 	if pol != nil {
 		pols = append(pols, *pol)
 	}
-	if err != nil || !desired.Serves(svc, r.opts.ProxyName) {
+	if err != nil || !loadbalancer.Serves(svc, r.opts.ProxyName) {
 		r.setL7(c.Service, nil)
-		return c, pols, nil, errors.Join(err, r.health.set(c.Service, 0, desired.Local{}))
+		return c, pols, nil, errors.Join(err, r.health.set(c.Service, 0, loadbalancer.Local{}))
 	}
 	var slices discoveryv1.EndpointSliceList
 	if err := r.client.List(ctx, &slices, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
@@ -438,11 +440,11 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 		problems = append(append(problems, wrong...), more...)
 		pols = append(pols, l7Programmed(svc, won, want, set.Proxied)...)
 	}
-	c.Frontends, more = desired.Frontends(node, svc, ptrs, set)
+	c.Frontends, more = loadbalancer.Frontends(node, svc, ptrs, set)
 	problems = append(problems, more...)
-	port, local := int32(0), desired.Local{}
+	port, local := int32(0), loadbalancer.Local{}
 	if svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal && svc.Spec.HealthCheckNodePort != 0 {
-		port, local = svc.Spec.HealthCheckNodePort, desired.LocalReady(node.Name, svc, ptrs)
+		port, local = svc.Spec.HealthCheckNodePort, loadbalancer.LocalReady(node.Name, svc, ptrs)
 	}
 	// A health check that cannot listen (port taken) does not stop the Service's traffic.
 	if err := r.health.set(c.Service, port, local); err != nil {
@@ -453,13 +455,13 @@ func (r *reconciler) claim(ctx context.Context, node desired.Node, svc *corev1.S
 
 // policy returns the settings of the ServicePolicy that applies to svc (the same choice
 // the operator reports in the policies' status), and what of it this node cannot do.
-func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.Settings, *lbv1.ProgrammedPolicy, []string, error) {
+func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (loadbalancer.Settings, *lbv1.ProgrammedPolicy, []string, error) {
 	var list lbv1.ServicePolicyList
 	if err := r.client.List(ctx, &list, client.InNamespace(svc.Namespace)); err != nil {
-		return desired.Settings{}, nil, nil, fmt.Errorf("list ServicePolicies: %w", err)
+		return loadbalancer.Settings{}, nil, nil, fmt.Errorf("list ServicePolicies: %w", err)
 	}
 	if len(list.Items) == 0 {
-		return desired.Settings{}, nil, nil, nil
+		return loadbalancer.Settings{}, nil, nil, nil
 	}
 	// Rejected policies (policy.FromServicePolicy) apply to nothing, as the operator reports.
 	attach := make([]policy.Policy, 0, len(list.Items))
@@ -479,11 +481,11 @@ func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (desired.S
 			return set, &lbv1.ProgrammedPolicy{Kind: "ServicePolicy", Namespace: p.Namespace, Name: p.Name, Generation: p.Generation}, problems, nil
 		}
 	}
-	return desired.Settings{}, nil, nil, nil
+	return loadbalancer.Settings{}, nil, nil, nil
 }
 
 // setL7 removes or sets a Service's L7 listeners, when the node runs the proxy.
-func (r *reconciler) setL7(svc types.NamespacedName, want map[desired.ProxyKey]proxy.Config) {
+func (r *reconciler) setL7(svc types.NamespacedName, want map[loadbalancer.ProxyKey]proxy.Config) {
 	if r.l7 != nil {
 		r.l7.set(svc, want)
 	}
@@ -522,15 +524,15 @@ func (r *reconciler) l7Policies(ctx context.Context, svc *corev1.Service) (map[s
 }
 
 // node reads this node's addresses and zone; a Node not (yet) there has none.
-func (r *reconciler) node(ctx context.Context) (desired.Node, error) {
+func (r *reconciler) node(ctx context.Context) (loadbalancer.Node, error) {
 	var obj corev1.Node
 	if err := r.client.Get(ctx, types.NamespacedName{Name: r.opts.NodeName}, &obj); err != nil {
 		if apierrors.IsNotFound(err) {
-			return desired.Node{Name: r.opts.NodeName}, nil
+			return loadbalancer.Node{Name: r.opts.NodeName}, nil
 		}
-		return desired.Node{Name: r.opts.NodeName}, fmt.Errorf("get Node: %w", err)
+		return loadbalancer.Node{Name: r.opts.NodeName}, fmt.Errorf("get Node: %w", err)
 	}
-	return desired.NodeOf(&obj), nil
+	return loadbalancer.NodeOf(&obj), nil
 }
 
 // everyService requeues every Service (the node's addresses changed: NodePorts move; or its

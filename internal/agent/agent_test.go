@@ -29,8 +29,10 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/datapath"
-	"github.com/portico-dev/portico/test/nstest"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/internal/loadbalancer/lbtest"
+	"github.com/portico-dev/portico/test/harness/nstest"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // node is a client namespace standing for a node's pods, its own cgroup with Portico's
@@ -102,9 +104,7 @@ func run(t *testing.T, mgr manager.Manager) (stop func()) {
 
 // startAPI starts an API server for the test.
 func startAPI(t *testing.T) *testenv.Env {
-	if testenv.Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
+	testenv.NeedAPI(t)
 	env, err := testenv.Start()
 	if err != nil {
 		t.Fatal(err)
@@ -341,7 +341,7 @@ func TestAgentHealthCheckNodePort(t *testing.T) {
 // removing the policy restores the Service's own settings.
 func TestAgentAppliesServicePolicies(t *testing.T) {
 	env := startAPI(t)
-	rec := &recorder{}
+	rec := &lbtest.Recorder{}
 	mgr, err := NewManager(env.Config, rec, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
 		Registry: prometheus.NewRegistry(), Recheck: 100 * time.Millisecond})
 	if err != nil {
@@ -364,19 +364,19 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 		},
 	}
 	create(t, c, svc, pol)
-	programmed := func(what string, ok func(datapath.Frontend) bool) {
+	programmed := func(what string, ok func(loadbalancer.Frontend) bool) {
 		t.Helper()
-		var f datapath.Frontend
+		var f loadbalancer.Frontend
 		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 			var found bool
-			if f, found = rec.frontend(vip); found && ok(f) {
+			if f, found = rec.Frontend(vip); found && ok(f) {
 				return
 			}
 		}
 		t.Fatalf("%s: last programmed %+v", what, f)
 	}
-	programmed("Maglev with 60s affinity", func(f datapath.Frontend) bool {
-		return f.Balancing == datapath.Maglev && f.Affinity == time.Minute
+	programmed("Maglev with 60s affinity", func(f loadbalancer.Frontend) bool {
+		return f.Balancing == loadbalancer.Maglev && f.Affinity == time.Minute
 	})
 	var events corev1.EventList
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
@@ -406,8 +406,8 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 	if err := c.Delete(ctx, pol); err != nil {
 		t.Fatal(err)
 	}
-	programmed("the Service's own settings", func(f datapath.Frontend) bool {
-		return f.Balancing == datapath.Random && f.Affinity == 0
+	programmed("the Service's own settings", func(f loadbalancer.Frontend) bool {
+		return f.Balancing == loadbalancer.Random && f.Affinity == 0
 	})
 }
 
@@ -415,7 +415,7 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 // duration, owned by nobody else, gone when the agent stops cleanly.
 func TestAgentKeepsItsLease(t *testing.T) {
 	env := startAPI(t)
-	mgr, err := NewManager(env.Config, &recorder{}, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
+	mgr, err := NewManager(env.Config, &lbtest.Recorder{}, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
 		Registry: prometheus.NewRegistry(), LeaseNamespace: "default", LeaseDuration: time.Second})
 	if err != nil {
 		t.Fatal(err)

@@ -14,7 +14,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/types"
 
-	"github.com/portico-dev/portico/internal/agent/desired"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
 // healthChecks serve the healthCheckNodePorts of externalTrafficPolicy Local Services, as
@@ -30,7 +30,7 @@ type healthChecks struct {
 type healthCheck struct {
 	port   int32
 	server *http.Server
-	local  atomic.Pointer[desired.Local]
+	local  atomic.Pointer[loadbalancer.Local]
 }
 
 func newHealthChecks(addr string) *healthChecks {
@@ -38,7 +38,7 @@ func newHealthChecks(addr string) *healthChecks {
 }
 
 // set makes svc's health check listen on port and report local endpoints (port 0: none).
-func (h *healthChecks) set(svc types.NamespacedName, port int32, local desired.Local) error {
+func (h *healthChecks) set(svc types.NamespacedName, port int32, local loadbalancer.Local) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if hc := h.byID[svc]; hc != nil {

@@ -14,8 +14,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/agent/desired"
 	"github.com/portico-dev/portico/internal/l7/proxy"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
 // L7Options configure the node's L7 proxy (docs/l7.md).
@@ -43,7 +43,7 @@ func newL7(p *proxy.Proxy, o L7Options) *l7 {
 // set makes the listeners of one Service these (by port and family; none: the Service has
 // no L7Policy here), and returns where each that listens is. What cannot listen is a
 // problem: that port keeps its connection balancing.
-func (l *l7) set(svc types.NamespacedName, want map[desired.ProxyKey]proxy.Config) (map[desired.ProxyKey]netip.AddrPort, []string) {
+func (l *l7) set(svc types.NamespacedName, want map[loadbalancer.ProxyKey]proxy.Config) (map[loadbalancer.ProxyKey]netip.AddrPort, []string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	prefix := svc.String() + "/"
@@ -52,7 +52,7 @@ func (l *l7) set(svc types.NamespacedName, want map[desired.ProxyKey]proxy.Confi
 			delete(l.listeners, name)
 		}
 	}
-	names := map[desired.ProxyKey]string{}
+	names := map[loadbalancer.ProxyKey]string{}
 	var problems []string
 	for k, cfg := range want {
 		name := prefix + k.Port + "/" + map[bool]string{true: "ipv4", false: "ipv6"}[k.IPv4]
@@ -73,7 +73,7 @@ func (l *l7) set(svc types.NamespacedName, want map[desired.ProxyKey]proxy.Confi
 	if err := l.proxy.Set(l.listeners); err != nil {
 		problems = append(problems, "L7 proxy: "+err.Error())
 	}
-	out := map[desired.ProxyKey]netip.AddrPort{}
+	out := map[loadbalancer.ProxyKey]netip.AddrPort{}
 	for k, name := range names {
 		if a, ok := l.proxy.Addr(name); ok {
 			out[k] = a
@@ -106,8 +106,8 @@ func (l *l7) port(name string) (uint16, bool) {
 // one, as the operator resolves them) into the proxy's
 // listeners on this node: one per family the Service has and the node has an address of, with
 // the port's ready endpoints as backends (terminating ones drain).
-func l7Listeners(node desired.Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, won map[string]*lbv1.L7Policy) (map[desired.ProxyKey]proxy.Config, []string) {
-	out := map[desired.ProxyKey]proxy.Config{}
+func l7Listeners(node loadbalancer.Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, won map[string]*lbv1.L7Policy) (map[loadbalancer.ProxyKey]proxy.Config, []string) {
+	out := map[loadbalancer.ProxyKey]proxy.Config{}
 	var problems []string
 	for _, port := range svc.Spec.Ports {
 		p := won[port.Name]
@@ -115,7 +115,7 @@ func l7Listeners(node desired.Node, svc *corev1.Service, endpointSlices []*disco
 			continue
 		}
 		if port.Protocol != "" && port.Protocol != corev1.ProtocolTCP {
-			problems = append(problems, fmt.Sprintf("L7Policy %s: port %s is %s; the L7 proxy takes TCP only", p.Name, desired.PortName(port), port.Protocol))
+			problems = append(problems, fmt.Sprintf("L7Policy %s: port %s is %s; the L7 proxy takes TCP only", p.Name, loadbalancer.PortName(port), port.Protocol))
 			continue
 		}
 		cfg, err := l7Config(&p.Spec)
@@ -132,12 +132,12 @@ func l7Listeners(node desired.Node, svc *corev1.Service, endpointSlices []*disco
 			c := cfg
 			c.Listen = netip.AddrPortFrom(node.Addresses[i], 0)
 			c.Backends = nil
-			for _, b := range desired.PortEndpoints(node, svc, endpointSlices, is4, port).Cluster {
+			for _, b := range loadbalancer.PortEndpoints(node, svc, endpointSlices, is4, port).Cluster {
 				if !b.Terminating {
 					c.Backends = append(c.Backends, b.Address)
 				}
 			}
-			out[desired.ProxyKey{Port: desired.PortName(port), IPv4: is4}] = c
+			out[loadbalancer.ProxyKey{Port: loadbalancer.PortName(port), IPv4: is4}] = c
 		}
 	}
 	return out, problems
@@ -179,7 +179,7 @@ func l7Config(s *lbv1.L7PolicySpec) (proxy.Config, error) {
 
 // l7Programmed lists the L7Policies programmed for svc: those with a listener for each of
 // their ports, every one open.
-func l7Programmed(svc *corev1.Service, won map[string]*lbv1.L7Policy, want map[desired.ProxyKey]proxy.Config, open map[desired.ProxyKey]netip.AddrPort) []lbv1.ProgrammedPolicy {
+func l7Programmed(svc *corev1.Service, won map[string]*lbv1.L7Policy, want map[loadbalancer.ProxyKey]proxy.Config, open map[loadbalancer.ProxyKey]netip.AddrPort) []lbv1.ProgrammedPolicy {
 	ok := map[*lbv1.L7Policy]bool{}
 	for _, port := range svc.Spec.Ports {
 		p := won[port.Name]
@@ -191,7 +191,7 @@ func l7Programmed(svc *corev1.Service, won map[string]*lbv1.L7Policy, want map[d
 		}
 		wanted := 0
 		for k := range want {
-			if k.Port == desired.PortName(port) {
+			if k.Port == loadbalancer.PortName(port) {
 				wanted++
 				if _, opened := open[k]; !opened {
 					ok[p] = false

@@ -11,8 +11,8 @@ import (
 	"k8s.io/utils/ptr"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/agent/desired"
 	"github.com/portico-dev/portico/internal/l7/proxy"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
 // An L7Policy becomes the proxy's listener for each family the Service and the node have,
@@ -24,12 +24,12 @@ func TestL7Listeners(t *testing.T) {
 	slice := &discoveryv1.EndpointSlice{AddressType: discoveryv1.AddressTypeIPv4, Ports: []discoveryv1.EndpointPort{{Name: ptr.To(""), Port: ptr.To(int32(8080))}},
 		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.244.1.5"}}, {Addresses: []string{"10.244.2.5"}, Conditions: discoveryv1.EndpointConditions{
 			Ready: ptr.To(false), Serving: ptr.To(true), Terminating: ptr.To(true)}}}}
-	node := desired.Node{Name: "n1", Addresses: []netip.Addr{netip.MustParseAddr("192.0.2.241")}} // no IPv6 address
+	node := loadbalancer.Node{Name: "n1", Addresses: []netip.Addr{netip.MustParseAddr("192.0.2.241")}} // no IPv6 address
 	pol := &lbv1.L7Policy{Spec: lbv1.L7PolicySpec{Protocol: "GRPC", Algorithm: "LeastRequest", RequestTimeout: "1m30s", DrainTimeout: "10s", IdleTimeout: "1h",
 		Retries: &lbv1.Retries{Attempts: 2, BudgetPercent: 20}}}
 	pol.Name = "p"
 	got, problems := l7Listeners(node, svc, []*discoveryv1.EndpointSlice{slice}, map[string]*lbv1.L7Policy{"": pol, "dns": pol})
-	cfg, ok := got[desired.ProxyKey{Port: "80", IPv4: true}]
+	cfg, ok := got[loadbalancer.ProxyKey{Port: "80", IPv4: true}]
 	switch {
 	case len(got) != 1 || !ok:
 		t.Fatalf("listeners %v; want one, the IPv4 one of port 80", got)

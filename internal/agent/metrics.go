@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
 // metrics are the agent's Prometheus metrics.
@@ -34,7 +36,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 }
 
 // programmed records what the syncer holds.
-func (m *metrics) programmed(s *Syncer) {
+func (m *metrics) programmed(s *loadbalancer.Syncer) {
 	svcs, fs := s.Counts()
 	m.services.Set(float64(svcs))
 	m.frontends.Set(float64(fs))

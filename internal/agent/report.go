@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=nodeagents,verbs=get;create;patch
@@ -31,7 +32,7 @@ type reporter struct {
 	client   client.Client
 	node     string
 	version  string
-	syncer   *Syncer
+	syncer   *loadbalancer.Syncer
 	ready    <-chan struct{}
 	interval time.Duration
 	changed  chan struct{}
@@ -43,7 +44,7 @@ type reporter struct {
 	stale         bool // the NodeAgent may differ from what was last written
 }
 
-func newReporter(c client.Client, node, version string, syncer *Syncer, ready <-chan struct{}) *reporter {
+func newReporter(c client.Client, node, version string, syncer *loadbalancer.Syncer, ready <-chan struct{}) *reporter {
 	return &reporter{client: c, node: node, version: version, syncer: syncer, ready: ready, interval: time.Second,
 		changed: make(chan struct{}, 1), policies: map[types.NamespacedName][]lbv1.ProgrammedPolicy{}}
 }

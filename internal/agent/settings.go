@@ -6,17 +6,16 @@ import (
 	"time"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/agent/desired"
-	"github.com/portico-dev/portico/internal/datapath"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
 // settings turns the ServicePolicy that applies to a Service into what the datapath does for
 // it, and says what this node cannot do as asked (it then does the nearest thing it can).
-func settings(spec *lbv1.ServicePolicySpec, maglevSize uint32) (desired.Settings, []string) {
-	var s desired.Settings
+func settings(spec *lbv1.ServicePolicySpec, maglevSize uint32) (loadbalancer.Settings, []string) {
+	var s loadbalancer.Settings
 	var problems []string
 	if lb := spec.LoadBalancing; lb != nil && lb.Algorithm == lbv1.AlgorithmMaglev {
-		s.Balancing = datapath.Maglev
+		s.Balancing = loadbalancer.Maglev
 		if lb.MaglevTableSize != 0 && uint32(lb.MaglevTableSize) != maglevSize {
 			problems = append(problems, fmt.Sprintf("maglevTableSize %d: this node's tables have %d entries (agent flag --maglev-table-size)", lb.MaglevTableSize, maglevSize))
 		}

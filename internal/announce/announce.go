@@ -18,7 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 
-	"github.com/portico-dev/portico/internal/agent/desired"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
@@ -50,16 +50,12 @@ type Inputs struct {
 func Addresses(in Inputs) []Address {
 	var out []Address
 	for _, svc := range in.Services {
-		if svc.Spec.Type != corev1.ServiceTypeLoadBalancer || !desired.Serves(svc, in.ProxyName) {
+		if svc.Spec.Type != corev1.ServiceTypeLoadBalancer || !loadbalancer.Serves(svc, in.ProxyName) {
 			continue
 		}
 		name := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
 		local := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
-		for _, ing := range svc.Status.LoadBalancer.Ingress {
-			ip, err := netip.ParseAddr(ing.IP)
-			if err != nil {
-				continue
-			}
+		for _, ip := range loadbalancer.IngressIPs(svc) {
 			pool, st := poolOf(in.Pools, ip)
 			if st == nil || !st.L2 {
 				continue
@@ -102,7 +98,7 @@ func eligible(n *corev1.Node, sel labels.Selector) bool {
 // hasLocal says whether node has a ready endpoint of svc in the family of the address: with
 // externalTrafficPolicy Local only such nodes may take the address's traffic.
 func hasLocal(node string, svc *corev1.Service, es []*discoveryv1.EndpointSlice, is4 bool) bool {
-	l := desired.LocalReady(node, svc, es)
+	l := loadbalancer.LocalReady(node, svc, es)
 	if is4 {
 		return l.IPv4 > 0
 	}

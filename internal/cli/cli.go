@@ -23,8 +23,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/agent/desired"
 	"github.com/portico-dev/portico/internal/announce"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/policy"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
@@ -103,7 +103,7 @@ func (c *CLI) Announcements(ctx context.Context) error {
 	}
 	var rows [][]string
 	for _, svc := range st.services {
-		for _, ip := range ingress(svc) {
+		for _, ip := range loadbalancer.IngressIPs(svc) {
 			node, ifaces := st.announcer(ip)
 			rows = append(rows, []string{ip.String(), svc.Namespace + "/" + svc.Name, st.pool(ip), cmp.Or(node, "none"), orNone(ifaces)})
 		}
@@ -190,7 +190,7 @@ func (c *CLI) Explain(ctx context.Context, namespace, name string) error {
 
 	// Addresses.
 	alloc := meta.FindStatusCondition(svc.Status.Conditions, lbv1.ServiceConditionIPAllocated)
-	ips := ingress(svc)
+	ips := loadbalancer.IngressIPs(svc)
 	switch {
 	case svc.Spec.Type != corev1.ServiceTypeLoadBalancer:
 		fmt.Fprintln(w, "Addresses: none from Portico's pools (not a LoadBalancer Service); the agents serve its cluster IPs and node ports")
@@ -278,7 +278,7 @@ func (c *CLI) Explain(ctx context.Context, namespace, name string) error {
 
 // topology prints, for a Service whose EndpointSlices carry topology hints (or that asks for
 // them), which endpoints each node sends its Cluster traffic to, decided as the agents decide
-// (desired.PortEndpoints), for the first port in each family.
+// (loadbalancer.PortEndpoints), for the first port in each family.
 func (st *state) topology(w io.Writer, svc *corev1.Service) {
 	es := st.slices[types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}]
 	hinted := slices.ContainsFunc(es, func(s *discoveryv1.EndpointSlice) bool {
@@ -295,15 +295,15 @@ func (st *state) topology(w io.Writer, svc *corev1.Service) {
 		map[bool]string{true: "hints", false: "no hints yet (every endpoint)"}[hinted])
 	port := svc.Spec.Ports[0]
 	for _, n := range st.nodes {
-		node := desired.NodeOf(n)
+		node := loadbalancer.NodeOf(n)
 		for _, fam := range svc.Spec.IPFamilies {
-			eps := desired.PortEndpoints(node, svc, es, fam == corev1.IPv4Protocol, port)
+			eps := loadbalancer.PortEndpoints(node, svc, es, fam == corev1.IPv4Protocol, port)
 			var to []string
 			for _, b := range eps.Cluster {
 				to = append(to, b.Address.Addr().String())
 			}
 			choice := "every endpoint (no hint applies to this node)"
-			if eps.Topology != desired.AnyTopology {
+			if eps.Topology != loadbalancer.AnyTopology {
 				choice = fmt.Sprintf("%s, %d of %d endpoints", eps.Topology, len(eps.Cluster), len(eps.All))
 			}
 			fmt.Fprintf(w, "  %s (zone %s) %s: %s: %s\n", node.Name, cmp.Or(node.Zone, "none"), fam, choice, orNone(to))
@@ -368,16 +368,6 @@ func (c *CLI) policies(ctx context.Context, w io.Writer, svc *corev1.Service) er
 		fmt.Fprintln(w, "  "+l)
 	}
 	return nil
-}
-
-func ingress(svc *corev1.Service) []netip.Addr {
-	var out []netip.Addr
-	for _, in := range svc.Status.LoadBalancer.Ingress {
-		if ip, err := netip.ParseAddr(in.IP); err == nil {
-			out = append(out, ip)
-		}
-	}
-	return out
 }
 
 func strs(ips []netip.Addr) []string {

@@ -17,8 +17,9 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/portico-dev/portico/test/kubeproxy"
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/kubeproxy"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // Connection measurements interleave the paths they compare: long-lived client processes
@@ -247,9 +248,9 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 	type firstConnection struct{ path, numbers, what string }
 	var first []firstConnection
 	for _, n := range []int{1, 1000, 10000} {
-		frontends := make([]Frontend, n)
+		frontends := make([]loadbalancer.Frontend, n)
 		for i := range frontends {
-			frontends[i] = internal(porticoVIP(i), TCP, backend)
+			frontends[i] = internal(porticoVIP(i), loadbalancer.TCP, backend)
 		}
 		t0 := time.Now()
 		if err := lb.Apply(frontends); err != nil {
@@ -257,11 +258,11 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 		}
 		full := time.Since(t0)
 		t0 = time.Now()
-		if err := lb.Update(internal(porticoVIP(n), TCP, backend)); err != nil {
+		if err := lb.Update(internal(porticoVIP(n), loadbalancer.TCP, backend)); err != nil {
 			b.Fatal(err)
 		}
 		plusOne := time.Since(t0)
-		if err := lb.Delete(porticoVIP(n), TCP, Internal); err != nil {
+		if err := lb.Delete(porticoVIP(n), loadbalancer.TCP, loadbalancer.Internal); err != nil {
 			b.Fatal(err)
 		}
 		if api != nil {
@@ -330,7 +331,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 				vip := porticoVIP(n + 1 + i)
 				cmd, cg := top.clientCmd("tcp-wait", vip)
 				d, err := nstest.TimeToConnect(top.t, cmd, func() {
-					if err := lb.Update(internal(vip, TCP, backend)); err != nil {
+					if err := lb.Update(internal(vip, loadbalancer.TCP, backend)); err != nil {
 						b.Fatal(err)
 					}
 				})
@@ -384,12 +385,12 @@ func BenchmarkPacketLayer(b *testing.B) {
 	for _, count := range []int{1, 10000} {
 		for i := range count {
 			addr := netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), 80)
-			if err := n.d.Update(external(addr, TCP, backend)); err != nil {
+			if err := n.d.Update(external(addr, loadbalancer.TCP, backend)); err != nil {
 				b.Fatal(err)
 			}
 		}
-		flow := pkt{src: client, dst: netip.MustParseAddrPort("203.0.0.0:80"), proto: TCP, tcpFlags: tcpACK}.bytes()
-		other := pkt{src: client, dst: netip.MustParseAddrPort("192.0.2.1:22"), proto: TCP, tcpFlags: tcpACK}.bytes()
+		flow := pkt{src: client, dst: netip.MustParseAddrPort("203.0.0.0:80"), proto: loadbalancer.TCP, tcpFlags: tcpACK}.bytes()
+		other := pkt{src: client, dst: netip.MustParseAddrPort("192.0.2.1:22"), proto: loadbalancer.TCP, tcpFlags: tcpACK}.bytes()
 		fmt.Printf("%-9d %-34s %10s\n", count, "established flow (DNAT, redirect)", perPacket(flow))
 		fmt.Printf("%-9d %-34s %10s\n", count, "no frontend (passed on)", perPacket(other))
 	}

@@ -12,65 +12,9 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/maglev"
 )
-
-// Protocol is a transport protocol, numbered as in IP headers.
-type Protocol uint8
-
-// The protocols the datapath translates.
-const (
-	TCP Protocol = 6
-	UDP Protocol = 17
-)
-
-// Scope says which clients a frontend entry serves; one address has an entry per scope.
-type Scope uint8
-
-const (
-	// External serves clients outside the node, at the packet layer: NodePort, ExternalIP
-	// and LoadBalancer addresses. With externalTrafficPolicy Local, list only local backends.
-	External Scope = 0
-	// Internal serves clients on the node, at the socket layer: every frontend they can reach.
-	// With internalTrafficPolicy Local, list only local backends.
-	Internal Scope = 1
-)
-
-// Balancing chooses how a new flow picks its backend.
-type Balancing uint8
-
-const (
-	// Random picks any backend.
-	Random Balancing = iota
-	// Maglev picks by the flow's hash in a Maglev table, the same on every node (packet layer).
-	Maglev
-)
-
-// Backend is one endpoint of a frontend.
-type Backend struct {
-	Address netip.AddrPort
-	// Local says the backend runs on this node: external traffic reaches it without SNAT.
-	Local bool
-	// Terminating backends get new flows only when no other backend is left; flows already
-	// on them go on either way.
-	Terminating bool
-}
-
-// Frontend is one address, port and protocol clients connect to, in one scope, and the
-// backends behind it. No backend: connections are refused.
-type Frontend struct {
-	Address   netip.AddrPort
-	Protocol  Protocol
-	Scope     Scope
-	Backends  []Backend
-	Balancing Balancing
-	// Affinity, when set, keeps a client on one backend until it has been idle this long
-	// (sessionAffinity ClientIP). Clients on the node are told apart by network namespace.
-	Affinity time.Duration
-	// SourceRanges, when set, admit only these clients; the packet layer drops the rest
-	// (loadBalancerSourceRanges). They must be of the frontend's family.
-	SourceRanges []netip.Prefix
-}
 
 // Flags of a frontend and of a backend, as bpf/lib/lb.h defines them.
 const (
@@ -113,7 +57,7 @@ type pending[K comparable, B any] struct {
 
 type backendRef struct {
 	addr  netip.AddrPort
-	proto Protocol
+	proto loadbalancer.Protocol
 }
 
 // numbered is what a backend number stands for.
@@ -139,12 +83,12 @@ func (d *Datapath) adopt() error {
 	var b4 sockLBBackend4
 	it4 := d.sock.PorticoBe4.Iterate()
 	for it4.Next(&id, &b4) {
-		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), Protocol(b4.Proto)}, b4.Flags)
+		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), loadbalancer.Protocol(b4.Proto)}, b4.Flags)
 	}
 	var b6 sockLBBackend6
 	it6 := d.sock.PorticoBe6.Iterate()
 	for it6.Next(&id, &b6) {
-		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), Protocol(b6.Proto)}, b6.Flags)
+		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), loadbalancer.Protocol(b6.Proto)}, b6.Flags)
 	}
 	var r4 sockLBSrcrange4Key
 	var r6 sockLBSrcrange6Key
@@ -208,22 +152,22 @@ type family[K comparable, B any, R any] struct {
 	applied           map[K]sockLBSvcValue
 	pend              *pending[K, B]
 	is                func(netip.Addr) bool
-	key               func(f netip.AddrPort, proto Protocol, scope Scope, slot uint16) K
+	key               func(f netip.AddrPort, proto loadbalancer.Protocol, scope loadbalancer.Scope, slot uint16) K
 	slot              func(K) uint16
 	withSlot          func(K, uint16) K
-	backend           func(b netip.AddrPort, proto Protocol, flags uint8) B
+	backend           func(b netip.AddrPort, proto loadbalancer.Protocol, flags uint8) B
 	rangeKey          func(id uint32, p netip.Prefix) R
 }
 
 var (
 	ipv4 = family[sockLBSvc4Key, sockLBBackend4, sockLBSrcrange4Key]{
 		is: netip.Addr.Is4,
-		key: func(f netip.AddrPort, proto Protocol, scope Scope, slot uint16) sockLBSvc4Key {
+		key: func(f netip.AddrPort, proto loadbalancer.Protocol, scope loadbalancer.Scope, slot uint16) sockLBSvc4Key {
 			return sockLBSvc4Key{Address: addr4(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: uint8(scope), Slot: slot}
 		},
 		slot:     func(k sockLBSvc4Key) uint16 { return k.Slot },
 		withSlot: func(k sockLBSvc4Key, slot uint16) sockLBSvc4Key { k.Slot = slot; return k },
-		backend: func(b netip.AddrPort, proto Protocol, flags uint8) sockLBBackend4 {
+		backend: func(b netip.AddrPort, proto loadbalancer.Protocol, flags uint8) sockLBBackend4 {
 			return sockLBBackend4{Address: addr4(b.Addr()), Port: port(b.Port()), Proto: uint8(proto), Flags: flags}
 		},
 		rangeKey: func(id uint32, p netip.Prefix) sockLBSrcrange4Key {
@@ -232,12 +176,12 @@ var (
 	}
 	ipv6 = family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key]{
 		is: func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() },
-		key: func(f netip.AddrPort, proto Protocol, scope Scope, slot uint16) sockLBSvc6Key {
+		key: func(f netip.AddrPort, proto loadbalancer.Protocol, scope loadbalancer.Scope, slot uint16) sockLBSvc6Key {
 			return sockLBSvc6Key{Address: addr6(f.Addr()), Port: port(f.Port()), Proto: uint8(proto), Scope: uint8(scope), Slot: slot}
 		},
 		slot:     func(k sockLBSvc6Key) uint16 { return k.Slot },
 		withSlot: func(k sockLBSvc6Key, slot uint16) sockLBSvc6Key { k.Slot = slot; return k },
-		backend: func(b netip.AddrPort, proto Protocol, flags uint8) sockLBBackend6 {
+		backend: func(b netip.AddrPort, proto loadbalancer.Protocol, flags uint8) sockLBBackend6 {
 			return sockLBBackend6{Address: addr6(b.Addr()), Port: port(b.Port()), Proto: uint8(proto), Flags: flags}
 		},
 		rangeKey: func(id uint32, p netip.Prefix) sockLBSrcrange6Key {
@@ -261,7 +205,7 @@ func (d *Datapath) v6() family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key
 // Apply makes the maps hold exactly these frontends (a full resync): it updates each one and
 // deletes the frontends it does not list. Into empty maps (a first start) it writes in
 // batches; if a batch fails, the maps may hold part of it, and a new Load reads what they hold.
-func (d *Datapath) Apply(frontends []Frontend) error {
+func (d *Datapath) Apply(frontends []loadbalancer.Frontend) error {
 	for _, f := range frontends {
 		if err := validate(f); err != nil {
 			return err
@@ -280,7 +224,7 @@ func (d *Datapath) Apply(frontends []Frontend) error {
 
 // applyIntoEmpty is Apply into empty maps: the entries are collected, then written in a few
 // batches. On failure the mirror is read back from the maps, which may hold part of it.
-func (d *Datapath) applyIntoEmpty(frontends []Frontend) error {
+func (d *Datapath) applyIntoEmpty(frontends []loadbalancer.Frontend) error {
 	d.pend4, d.pend6 = &pending[sockLBSvc4Key, sockLBBackend4]{}, &pending[sockLBSvc6Key, sockLBBackend6]{}
 	var err error
 	for _, f := range frontends {
@@ -321,7 +265,7 @@ func flush[K comparable, B any, R any](fam family[K, B, R]) error {
 // backends: new backends, slots, Maglev table and source ranges first, then the frontend
 // entry with its count (one atomic update), then what is no longer used. It touches only this
 // frontend's entries, whatever the number of others.
-func (d *Datapath) Update(f Frontend) error {
+func (d *Datapath) Update(f loadbalancer.Frontend) error {
 	if err := validate(f); err != nil {
 		return err
 	}
@@ -332,7 +276,7 @@ func (d *Datapath) Update(f Frontend) error {
 }
 
 // Delete removes a frontend's entry in one scope; flows already on a backend stay there.
-func (d *Datapath) Delete(addr netip.AddrPort, proto Protocol, scope Scope) error {
+func (d *Datapath) Delete(addr netip.AddrPort, proto loadbalancer.Protocol, scope loadbalancer.Scope) error {
 	if addr.Addr().Is4() {
 		fam := d.v4()
 		return deleteFrontend(d, fam, fam.key(addr, proto, scope, 0))
@@ -341,14 +285,14 @@ func (d *Datapath) Delete(addr netip.AddrPort, proto Protocol, scope Scope) erro
 	return deleteFrontend(d, fam, fam.key(addr, proto, scope, 0))
 }
 
-func validate(f Frontend) error {
+func validate(f loadbalancer.Frontend) error {
 	if f.Address.Addr().Is4In6() || f.Address.Addr().Zone() != "" {
 		return fmt.Errorf("frontend %s: IPv4-mapped and zoned addresses are not frontends", f.Address)
 	}
-	if f.Protocol != TCP && f.Protocol != UDP {
+	if f.Protocol != loadbalancer.TCP && f.Protocol != loadbalancer.UDP {
 		return fmt.Errorf("frontend %s: protocol %d, want TCP (6) or UDP (17)", f.Address, f.Protocol)
 	}
-	if f.Scope != External && f.Scope != Internal {
+	if f.Scope != loadbalancer.External && f.Scope != loadbalancer.Internal {
 		return fmt.Errorf("frontend %s: unknown scope %d", f.Address, f.Scope)
 	}
 	if len(f.Backends) > math.MaxUint16 {
@@ -378,7 +322,7 @@ func validate(f Frontend) error {
 // arrange orders the backends as the slots hold them: those to pick from first (the ready
 // ones, or the terminating ones when none is ready), then the terminating ones kept for
 // their flows.
-func arrange(backends []Backend) (slots []Backend, count int) {
+func arrange(backends []loadbalancer.Backend) (slots []loadbalancer.Backend, count int) {
 	for _, b := range backends {
 		if !b.Terminating {
 			slots = append(slots, b)
@@ -396,7 +340,7 @@ func arrange(backends []Backend) (slots []Backend, count int) {
 	return slots, count
 }
 
-func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f Frontend) error {
+func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f loadbalancer.Frontend) error {
 	head := fam.key(f.Address, f.Protocol, f.Scope, 0)
 	prev, exists := fam.applied[head]
 	old := slotBackends(fam, head)
@@ -430,7 +374,7 @@ func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f Fron
 		}
 	}
 	value := sockLBSvcValue{Count: uint16(count), Id: id, AffinityTimeout: uint32(f.Affinity / time.Second)}
-	if f.Balancing == Maglev && count > 0 {
+	if f.Balancing == loadbalancer.Maglev && count > 0 {
 		if err := d.writeMaglev(id, slots[:count], ids[:count]); err != nil {
 			return fmt.Errorf("write the Maglev table of %s: %w", f.Address, err)
 		}
@@ -471,7 +415,7 @@ func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f Fron
 }
 
 // writeMaglev writes a frontend's Maglev table unless it was built from the same backends.
-func (d *Datapath) writeMaglev(id uint32, backends []Backend, ids []uint32) error {
+func (d *Datapath) writeMaglev(id uint32, backends []loadbalancer.Backend, ids []uint32) error {
 	in := make([]maglev.Backend, len(backends))
 	names := make([]string, len(backends))
 	for i, b := range backends {
@@ -548,7 +492,7 @@ func deleteFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R]
 	return unref(d, fam, old)
 }
 
-func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R], frontends []Frontend) error {
+func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R], frontends []loadbalancer.Frontend) error {
 	listed := make(map[K]bool, len(frontends))
 	for _, f := range frontends {
 		if fam.is(f.Address.Addr()) {

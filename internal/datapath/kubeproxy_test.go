@@ -14,7 +14,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // The benchmarks compare Portico with kube-proxy (test/kubeproxy), running in a client

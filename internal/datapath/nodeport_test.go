@@ -14,7 +14,8 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // Link-layer addresses of the node's neighbours: the gateway to other nodes and the outside,
@@ -152,7 +153,7 @@ func (n *node) egress(t testing.TB, in []byte) (uint32, []byte) {
 	return n.run(t, n.d.np.PorticoNodeportEgress, in)
 }
 
-func (n *node) update(fs ...Frontend) {
+func (n *node) update(fs ...loadbalancer.Frontend) {
 	n.t.Helper()
 	for _, f := range fs {
 		if err := n.d.Update(f); err != nil {
@@ -162,12 +163,14 @@ func (n *node) update(fs ...Frontend) {
 }
 
 // external is a frontend for clients outside the node.
-func external(addr netip.AddrPort, proto Protocol, backends ...Backend) Frontend {
-	return Frontend{Address: addr, Protocol: proto, Scope: External, Backends: backends}
+func external(addr netip.AddrPort, proto loadbalancer.Protocol, backends ...loadbalancer.Backend) loadbalancer.Frontend {
+	return loadbalancer.Frontend{Address: addr, Protocol: proto, Scope: loadbalancer.External, Backends: backends}
 }
 
-func local(a netip.AddrPort) Backend  { return Backend{Address: a, Local: true} }
-func remote(a netip.AddrPort) Backend { return Backend{Address: a} }
+func local(a netip.AddrPort) loadbalancer.Backend {
+	return loadbalancer.Backend{Address: a, Local: true}
+}
+func remote(a netip.AddrPort) loadbalancer.Backend { return loadbalancer.Backend{Address: a} }
 
 // mustDecode decodes a program's output and fails on a bad checksum.
 func mustDecode(t testing.TB, b []byte) decoded {
@@ -184,7 +187,7 @@ func mustDecode(t testing.TB, b []byte) decoded {
 func TestPacketLayerTranslatesBothWays(t *testing.T) {
 	n := newNode(t)
 	for _, fam := range nodeFamilies {
-		for _, proto := range []Protocol{TCP, UDP} {
+		for _, proto := range []loadbalancer.Protocol{loadbalancer.TCP, loadbalancer.UDP} {
 			lbLocal := netip.AddrPortFrom(fam.lb, 80)
 			lbRemote := netip.AddrPortFrom(fam.lb, 81)
 			nodePort := netip.AddrPortFrom(fam.nodeIP, 30080)
@@ -250,8 +253,8 @@ func TestPacketLayerTranslatesBothWays(t *testing.T) {
 	}
 }
 
-func protoName(p Protocol) string {
-	if p == TCP {
+func protoName(p loadbalancer.Protocol) string {
+	if p == loadbalancer.TCP {
 		return "tcp"
 	}
 	return "udp"
@@ -262,7 +265,7 @@ func protoName(p Protocol) string {
 func TestPacketLayerRejectsFrontendsWithoutBackends(t *testing.T) {
 	n := newNode(t)
 	for _, fam := range nodeFamilies {
-		for _, proto := range []Protocol{TCP, UDP} {
+		for _, proto := range []loadbalancer.Protocol{loadbalancer.TCP, loadbalancer.UDP} {
 			t.Run(fam.name+"/"+protoName(proto), func(t *testing.T) {
 				frontend := netip.AddrPortFrom(fam.lb, 90)
 				n.update(external(frontend, proto))
@@ -296,18 +299,18 @@ func TestPacketLayerSourceRanges(t *testing.T) {
 			backend := local(netip.AddrPortFrom(fam.localPod, 8080))
 			inRange := netip.AddrPortFrom(fam.client, 40200)
 			outside := netip.AddrPortFrom(fam.nodeIP.Next().Next().Next(), 40200)
-			f := external(frontend, TCP, backend)
+			f := external(frontend, loadbalancer.TCP, backend)
 			f.SourceRanges = []netip.Prefix{netip.PrefixFrom(fam.client, fam.client.BitLen()-8)}
 			n.update(f)
-			if ret, _ := n.ingress(t, pkt{src: inRange, dst: frontend, proto: TCP}.bytes()); ret != actRedirect {
+			if ret, _ := n.ingress(t, pkt{src: inRange, dst: frontend, proto: loadbalancer.TCP}.bytes()); ret != actRedirect {
 				t.Fatalf("a client in range: verdict %d, want redirect", ret)
 			}
-			if ret, _ := n.ingress(t, pkt{src: outside, dst: frontend, proto: TCP}.bytes()); ret != actShot {
+			if ret, _ := n.ingress(t, pkt{src: outside, dst: frontend, proto: loadbalancer.TCP}.bytes()); ret != actShot {
 				t.Fatalf("a client out of range: verdict %d, want drop", ret)
 			}
 			f.SourceRanges = nil
 			n.update(f)
-			if ret, _ := n.ingress(t, pkt{src: outside, dst: frontend, proto: TCP}.bytes()); ret != actRedirect {
+			if ret, _ := n.ingress(t, pkt{src: outside, dst: frontend, proto: loadbalancer.TCP}.bytes()); ret != actRedirect {
 				t.Fatalf("ranges lifted: verdict %d, want redirect", ret)
 			}
 			if got := entries(t, n.d.sock.PorticoSrcrange4) + entries(t, n.d.sock.PorticoSrcrange6); got != 0 {
@@ -320,15 +323,15 @@ func TestPacketLayerSourceRanges(t *testing.T) {
 // backendOf sends the first packet of a flow and returns the backend it went to.
 func (n *node) backendOf(t testing.TB, prog *ebpf.Program, client, frontend netip.AddrPort) netip.AddrPort {
 	t.Helper()
-	ret, out := n.run(t, prog, pkt{src: client, dst: frontend, proto: UDP}.bytes())
+	ret, out := n.run(t, prog, pkt{src: client, dst: frontend, proto: loadbalancer.UDP}.bytes())
 	if ret != actRedirect {
 		t.Fatalf("flow %s -> %s: verdict %d, want redirect", client, frontend, ret)
 	}
 	return mustDecode(t, out).dst
 }
 
-func pods(prefix string, count int, mk func(netip.AddrPort) Backend) []Backend {
-	var out []Backend
+func pods(prefix string, count int, mk func(netip.AddrPort) loadbalancer.Backend) []loadbalancer.Backend {
+	var out []loadbalancer.Backend
 	for i := range count {
 		out = append(out, mk(netip.AddrPortFrom(netip.MustParseAddr(fmt.Sprintf(prefix, 10+i)), 8080)))
 	}
@@ -340,7 +343,7 @@ func pods(prefix string, count int, mk func(netip.AddrPort) Backend) []Backend {
 func TestPacketLayerAffinity(t *testing.T) {
 	n := newNode(t)
 	frontend := netip.MustParseAddrPort("203.0.113.10:92")
-	f := external(frontend, UDP, pods("10.244.1.%d", 8, local)...)
+	f := external(frontend, loadbalancer.UDP, pods("10.244.1.%d", 8, local)...)
 	f.Affinity = 30 * time.Second
 	n.update(f)
 	seen := map[netip.AddrPort]int{}
@@ -367,14 +370,14 @@ func TestPacketLayerMaglevAgreesAcrossNodes(t *testing.T) {
 	n := newNode(t)
 	other := loaded(t)
 	frontend := netip.MustParseAddrPort("203.0.113.10:93")
-	f := external(frontend, UDP, pods("10.244.2.%d", 8, remote)...)
-	f.Balancing = Maglev
+	f := external(frontend, loadbalancer.UDP, pods("10.244.2.%d", 8, remote)...)
+	f.Balancing = loadbalancer.Maglev
 	n.update(f)
 	// The other node numbers its backends differently: it learns them in another order.
 	g := f
 	g.Backends = slices.Clone(f.Backends)
 	slices.Reverse(g.Backends)
-	if err := other.Update(external(netip.MustParseAddrPort("203.0.113.99:1"), UDP, remote(netip.MustParseAddrPort("10.244.2.200:1")))); err != nil {
+	if err := other.Update(external(netip.MustParseAddrPort("203.0.113.99:1"), loadbalancer.UDP, remote(netip.MustParseAddrPort("10.244.2.200:1")))); err != nil {
 		t.Fatal(err)
 	}
 	if err := other.Update(g); err != nil {
@@ -403,9 +406,9 @@ func TestPacketLayerFlowsKeepTheirBackend(t *testing.T) {
 	frontend := netip.MustParseAddrPort("203.0.113.10:94")
 	all := pods("10.244.1.%d", 4, local)
 	client := netip.MustParseAddrPort("198.51.100.7:44000")
-	n.update(external(frontend, UDP, all...))
+	n.update(external(frontend, loadbalancer.UDP, all...))
 	first := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend)
-	var others []Backend
+	var others []loadbalancer.Backend
 	for _, b := range all {
 		if b.Address != first {
 			others = append(others, b)
@@ -413,12 +416,12 @@ func TestPacketLayerFlowsKeepTheirBackend(t *testing.T) {
 	}
 
 	// Others come and go: the flow stays.
-	n.update(external(frontend, UDP, append([]Backend{local(first)}, others[0], local(netip.MustParseAddrPort("10.244.1.99:8080")))...))
+	n.update(external(frontend, loadbalancer.UDP, append([]loadbalancer.Backend{local(first)}, others[0], local(netip.MustParseAddrPort("10.244.1.99:8080")))...))
 	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend); got != first {
 		t.Fatalf("after other backends changed the flow moved from %s to %s", first, got)
 	}
 	// Its backend starts terminating: the flow stays, new flows avoid it.
-	n.update(external(frontend, UDP, Backend{Address: first, Local: true, Terminating: true}, others[0]))
+	n.update(external(frontend, loadbalancer.UDP, loadbalancer.Backend{Address: first, Local: true, Terminating: true}, others[0]))
 	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend); got != first {
 		t.Fatalf("after its backend began terminating the flow moved from %s to %s", first, got)
 	}
@@ -428,12 +431,12 @@ func TestPacketLayerFlowsKeepTheirBackend(t *testing.T) {
 		}
 	}
 	// Only terminating backends left: they take new flows.
-	n.update(external(frontend, UDP, Backend{Address: first, Local: true, Terminating: true}))
+	n.update(external(frontend, loadbalancer.UDP, loadbalancer.Backend{Address: first, Local: true, Terminating: true}))
 	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, netip.MustParseAddrPort("198.51.100.8:46000"), frontend); got != first {
 		t.Fatalf("with only a terminating backend a new flow went to %s", got)
 	}
 	// Its backend is gone: the flow moves.
-	n.update(external(frontend, UDP, others[1]))
+	n.update(external(frontend, loadbalancer.UDP, others[1]))
 	if got := n.backendOf(t, n.d.np.PorticoNodeportIngress, client, frontend); got != others[1].Address {
 		t.Fatalf("after its backend went the flow went to %s, want %s", got, others[1].Address)
 	}
@@ -444,8 +447,8 @@ func TestPacketLayerMalformedInput(t *testing.T) {
 	n := newNode(t)
 	for _, fam := range nodeFamilies {
 		frontend := netip.AddrPortFrom(fam.lb, 95)
-		n.update(external(frontend, TCP, local(netip.AddrPortFrom(fam.localPod, 8080))))
-		syn := pkt{src: netip.AddrPortFrom(fam.client, 47000), dst: frontend, proto: TCP, payload: []byte("hello")}
+		n.update(external(frontend, loadbalancer.TCP, local(netip.AddrPortFrom(fam.localPod, 8080))))
+		syn := pkt{src: netip.AddrPortFrom(fam.client, 47000), dst: frontend, proto: loadbalancer.TCP, payload: []byte("hello")}
 		good := syn.bytes()
 		ipLen := 20
 		if fam.name == "v6" {
@@ -460,8 +463,8 @@ func TestPacketLayerMalformedInput(t *testing.T) {
 			{"length beyond the packet", slices.Clone(good[:len(good)-3]), actShot},
 			{"not IP", append(slices.Clone(good[:12]), 0x08, 0x06, 0, 1), actUnspec},
 			{"wrong IP version", func() []byte { b := slices.Clone(good); b[14] = 0x55; return b }(), actShot},
-			{"first fragment", pkt{src: syn.src, dst: frontend, proto: TCP, fragment: true}.bytes(), actUnspec},
-			{"not to a frontend", pkt{src: syn.src, dst: netip.AddrPortFrom(fam.lb, 96), proto: TCP}.bytes(), actUnspec},
+			{"first fragment", pkt{src: syn.src, dst: frontend, proto: loadbalancer.TCP, fragment: true}.bytes(), actUnspec},
+			{"not to a frontend", pkt{src: syn.src, dst: netip.AddrPortFrom(fam.lb, 96), proto: loadbalancer.TCP}.bytes(), actUnspec},
 			{"for another node's MAC", func() []byte { b := slices.Clone(good); b[5] = 0x03; return b }(), actUnspec},
 		} {
 			t.Run(fam.name+"/"+tc.name, func(t *testing.T) {
@@ -478,7 +481,7 @@ func TestPacketLayerMalformedInput(t *testing.T) {
 			name string
 			in   pkt
 		}{
-			{"IPv4 options or IPv6 extension headers", pkt{src: syn.src, dst: frontend, proto: TCP, payload: []byte("hello"),
+			{"IPv4 options or IPv6 extension headers", pkt{src: syn.src, dst: frontend, proto: loadbalancer.TCP, payload: []byte("hello"),
 				ipOptions: []byte{1, 1, 1, 0}, hopByHop: fam.name == "v6"}},
 		} {
 			t.Run(fam.name+"/"+tc.name, func(t *testing.T) {
@@ -501,7 +504,7 @@ func TestPacketLayerMalformedInput(t *testing.T) {
 // theirs, and a packet they change is a well-formed one with correct checksums.
 func FuzzPacketLayer(f *testing.F) {
 	for _, fam := range nodeFamilies {
-		for _, proto := range []Protocol{TCP, UDP} {
+		for _, proto := range []loadbalancer.Protocol{loadbalancer.TCP, loadbalancer.UDP} {
 			f.Add(pkt{src: netip.AddrPortFrom(fam.client, 48000), dst: netip.AddrPortFrom(fam.lb, 80), proto: proto, payload: []byte("x")}.bytes())
 			f.Add(pkt{src: netip.AddrPortFrom(fam.client, 48000), dst: netip.AddrPortFrom(fam.lb, 90), proto: proto}.bytes())
 			f.Add(pkt{src: netip.AddrPortFrom(fam.localPod, 8080), dst: netip.AddrPortFrom(fam.client, 48000), proto: proto}.bytes())
@@ -509,7 +512,7 @@ func FuzzPacketLayer(f *testing.F) {
 	}
 	n := newNode(f)
 	for _, fam := range nodeFamilies {
-		for _, proto := range []Protocol{TCP, UDP} {
+		for _, proto := range []loadbalancer.Protocol{loadbalancer.TCP, loadbalancer.UDP} {
 			n.update(external(netip.AddrPortFrom(fam.lb, 80), proto, local(netip.AddrPortFrom(fam.localPod, 8080)), remote(netip.AddrPortFrom(fam.remotePod, 8080))),
 				external(netip.AddrPortFrom(fam.lb, 90), proto))
 		}

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 	"net"
 	"net/netip"
 )
@@ -11,7 +12,7 @@ import (
 // pkt describes a test packet: Ethernet, IPv4 or IPv6, TCP or UDP.
 type pkt struct {
 	src, dst  netip.AddrPort
-	proto     Protocol
+	proto     loadbalancer.Protocol
 	payload   []byte
 	tcpFlags  byte   // SYN when zero
 	ipOptions []byte // IPv4 options (a multiple of 4 bytes)
@@ -32,7 +33,7 @@ var (
 func (p pkt) bytes() []byte {
 	var l4 []byte
 	switch p.proto {
-	case TCP:
+	case loadbalancer.TCP:
 		l4 = make([]byte, 20)
 		binary.BigEndian.PutUint32(l4[4:], 1000) // seq
 		flags := p.tcpFlags
@@ -42,7 +43,7 @@ func (p pkt) bytes() []byte {
 		l4[12] = 5 << 4
 		l4[13] = flags
 		binary.BigEndian.PutUint16(l4[14:], 65535)
-	case UDP:
+	case loadbalancer.UDP:
 		l4 = make([]byte, 8)
 		binary.BigEndian.PutUint16(l4[4:], uint16(8+len(p.payload)))
 	}
@@ -50,11 +51,11 @@ func (p pkt) bytes() []byte {
 	binary.BigEndian.PutUint16(l4[2:], p.dst.Port())
 	l4 = append(l4, p.payload...)
 	csumOff := 16
-	if p.proto == UDP {
+	if p.proto == loadbalancer.UDP {
 		csumOff = 6
 	}
 	sum := ^checksum(l4, pseudo(p.src.Addr(), p.dst.Addr(), uint8(p.proto), len(l4)))
-	if sum == 0 && p.proto == UDP {
+	if sum == 0 && p.proto == loadbalancer.UDP {
 		sum = 0xffff
 	}
 	binary.BigEndian.PutUint16(l4[csumOff:], sum)

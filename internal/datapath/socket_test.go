@@ -19,7 +19,8 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // The client runs as a child process of this test binary, so that it can live in the test's
@@ -233,12 +234,12 @@ func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 		{"v6", netip.MustParseAddrPort("[fd00:96::10]:80"), netip.MustParseAddrPort("[fd00:96::53]:53"), netip.MustParseAddrPort("[fd00:96::11]:80"),
 			netip.MustParseAddrPort("[fd00:96::99]:80"), netip.AddrPortFrom(top.backIP6, 8080)},
 	}
-	var all []Frontend
+	var all []loadbalancer.Frontend
 	for _, f := range families {
 		all = append(all,
-			internal(f.web, TCP, f.backend),
-			internal(f.dns, UDP, f.backend),
-			internal(f.empty, TCP))
+			internal(f.web, loadbalancer.TCP, f.backend),
+			internal(f.dns, loadbalancer.UDP, f.backend),
+			internal(f.empty, loadbalancer.TCP))
 	}
 	if err := lb.Apply(all); err != nil {
 		t.Fatal(err)
@@ -265,7 +266,7 @@ func TestSocketLBTranslatesConnectionsOfTheCgroup(t *testing.T) {
 	}
 
 	// Removing frontends stops their translation and leaves only what is still wanted.
-	keep := []Frontend{all[1], all[4]} // the two DNS frontends
+	keep := []loadbalancer.Frontend{all[1], all[4]} // the two DNS frontends
 	if err := lb.Apply(keep); err != nil {
 		t.Fatal(err)
 	}
@@ -319,9 +320,7 @@ func startClient(t testing.TB, client *exec.Cmd) (io.Writer, *bufio.Scanner) {
 // loaded returns a Datapath with its programs and maps loaded but attached nowhere.
 func loaded(t testing.TB) *Datapath {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: loads BPF programs")
-	}
+	nstest.NeedRoot(t, "loads BPF programs")
 	d, err := Load(Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -355,21 +354,21 @@ func (top *topology) attach() *Datapath {
 }
 
 // internal is a frontend for clients on the node.
-func internal(addr netip.AddrPort, proto Protocol, backends ...netip.AddrPort) Frontend {
-	f := Frontend{Address: addr, Protocol: proto, Scope: Internal}
+func internal(addr netip.AddrPort, proto loadbalancer.Protocol, backends ...netip.AddrPort) loadbalancer.Frontend {
+	f := loadbalancer.Frontend{Address: addr, Protocol: proto, Scope: loadbalancer.Internal}
 	for _, b := range backends {
-		f.Backends = append(f.Backends, Backend{Address: b})
+		f.Backends = append(f.Backends, loadbalancer.Backend{Address: b})
 	}
 	return f
 }
 
 func TestApplyRejectsInvalidFrontends(t *testing.T) {
 	s := loaded(t)
-	for _, f := range []Frontend{
-		internal(netip.MustParseAddrPort("[fd00::1]:80"), TCP, netip.MustParseAddrPort("10.0.0.1:80")),
-		{Address: netip.MustParseAddrPort("[::ffff:10.96.0.1]:80"), Protocol: TCP},
+	for _, f := range []loadbalancer.Frontend{
+		internal(netip.MustParseAddrPort("[fd00::1]:80"), loadbalancer.TCP, netip.MustParseAddrPort("10.0.0.1:80")),
+		{Address: netip.MustParseAddrPort("[::ffff:10.96.0.1]:80"), Protocol: loadbalancer.TCP},
 	} {
-		if err := s.Apply([]Frontend{f}); err == nil {
+		if err := s.Apply([]loadbalancer.Frontend{f}); err == nil {
 			t.Errorf("Apply(%v) accepted it", f)
 		}
 	}
@@ -380,7 +379,7 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 	pins := filepath.Join(nstest.BPFFS(t), "node-a")
 	web := netip.MustParseAddrPort("10.96.0.10:80")
 	backend := netip.AddrPortFrom(top.backIP, 8080)
-	frontends := []Frontend{internal(web, TCP, backend)}
+	frontends := []loadbalancer.Frontend{internal(web, loadbalancer.TCP, backend)}
 
 	first, err := top.attachPinned(pins)
 	if err != nil {
@@ -419,11 +418,11 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	current = second
-	if len(second.ids) != 1 || second.ids[backendRef{backend, TCP}] == 0 {
+	if len(second.ids) != 1 || second.ids[backendRef{backend, loadbalancer.TCP}] == 0 {
 		t.Fatalf("adopted backend ids %v, want the one backend", second.ids)
 	}
 	dns := netip.MustParseAddrPort("10.96.0.53:53")
-	if err := second.Apply(append(frontends, internal(dns, UDP, backend))); err != nil {
+	if err := second.Apply(append(frontends, internal(dns, loadbalancer.UDP, backend))); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := io.WriteString(stdin, "go on\n"); err != nil {
@@ -459,16 +458,16 @@ func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	must(s.Update(internal(web, TCP, a, b)))
-	must(s.Update(internal(api, TCP, b, c)))
+	must(s.Update(internal(web, loadbalancer.TCP, a, b)))
+	must(s.Update(internal(api, loadbalancer.TCP, b, c)))
 	check("two frontends", 6, 0, 3)
-	must(s.Update(internal(web, TCP, b)))
+	must(s.Update(internal(web, loadbalancer.TCP, b)))
 	check("web shrinks to the shared backend", 5, 0, 2)
-	must(s.Delete(api, TCP, Internal))
+	must(s.Delete(api, loadbalancer.TCP, loadbalancer.Internal))
 	check("api deleted", 2, 0, 1)
-	must(s.Update(internal(v6, TCP, netip.MustParseAddrPort("[fd00::1]:80"))))
+	must(s.Update(internal(v6, loadbalancer.TCP, netip.MustParseAddrPort("[fd00::1]:80"))))
 	check("an IPv6 frontend beside", 2, 2, 2)
-	must(s.Apply([]Frontend{internal(api, UDP, a)}))
+	must(s.Apply([]loadbalancer.Frontend{internal(api, loadbalancer.UDP, a)}))
 	check("apply replaces everything", 2, 0, 1)
 	must(s.Apply(nil))
 	check("apply nothing", 0, 0, 0)
@@ -479,14 +478,14 @@ func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
 func TestApplyIntoEmptyMapsMatchesUpdates(t *testing.T) {
 	batched, oneByOne := loaded(t), loaded(t)
 	shared := netip.MustParseAddrPort("10.0.0.1:8080")
-	fs := []Frontend{
-		internal(netip.MustParseAddrPort("10.96.0.1:80"), TCP, shared, netip.MustParseAddrPort("10.0.0.2:8080")),
-		internal(netip.MustParseAddrPort("10.96.0.2:53"), UDP, shared),
-		internal(netip.MustParseAddrPort("[fd00::1]:80"), TCP, netip.MustParseAddrPort("[fd00::10]:8080")),
-		{Address: netip.MustParseAddrPort("203.0.113.1:443"), Protocol: TCP, Scope: External, Balancing: Maglev, Affinity: time.Minute,
+	fs := []loadbalancer.Frontend{
+		internal(netip.MustParseAddrPort("10.96.0.1:80"), loadbalancer.TCP, shared, netip.MustParseAddrPort("10.0.0.2:8080")),
+		internal(netip.MustParseAddrPort("10.96.0.2:53"), loadbalancer.UDP, shared),
+		internal(netip.MustParseAddrPort("[fd00::1]:80"), loadbalancer.TCP, netip.MustParseAddrPort("[fd00::10]:8080")),
+		{Address: netip.MustParseAddrPort("203.0.113.1:443"), Protocol: loadbalancer.TCP, Scope: loadbalancer.External, Balancing: loadbalancer.Maglev, Affinity: time.Minute,
 			SourceRanges: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")},
-			Backends:     []Backend{local(shared), {Address: netip.MustParseAddrPort("10.0.0.3:8080"), Terminating: true}}},
-		internal(netip.MustParseAddrPort("10.96.0.3:80"), TCP), // no backends
+			Backends:     []loadbalancer.Backend{local(shared), {Address: netip.MustParseAddrPort("10.0.0.3:8080"), Terminating: true}}},
+		internal(netip.MustParseAddrPort("10.96.0.3:80"), loadbalancer.TCP), // no backends
 	}
 	if err := batched.Apply(fs); err != nil {
 		t.Fatal(err)
@@ -507,10 +506,10 @@ func TestApplyIntoEmptyMapsMatchesUpdates(t *testing.T) {
 		}
 	}
 	// The mirror is right too: a change after the batched Apply writes only what changed.
-	if err := batched.Update(internal(netip.MustParseAddrPort("10.96.0.2:53"), UDP)); err != nil {
+	if err := batched.Update(internal(netip.MustParseAddrPort("10.96.0.2:53"), loadbalancer.UDP)); err != nil {
 		t.Fatal(err)
 	}
-	if err := oneByOne.Update(internal(netip.MustParseAddrPort("10.96.0.2:53"), UDP)); err != nil {
+	if err := oneByOne.Update(internal(netip.MustParseAddrPort("10.96.0.2:53"), loadbalancer.UDP)); err != nil {
 		t.Fatal(err)
 	}
 	if got, want := dump(t, batched.sock.PorticoSvc4), dump(t, oneByOne.sock.PorticoSvc4); !maps.Equal(got, want) {

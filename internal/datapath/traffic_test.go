@@ -11,7 +11,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // cluster is four network namespaces on veth pairs: a client outside, a node with the
@@ -33,9 +34,7 @@ type cluster struct {
 
 func newCluster(t testing.TB) *cluster {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces and BPF programs")
-	}
+	nstest.NeedRoot(t, "creates network namespaces and BPF programs")
 	id := fmt.Sprintf("%d", os.Getpid()%100000)
 	c := &cluster{t: t, client: "ptx-c" + id, node: "ptx-n" + id, pod: "ptx-p" + id, remote: "ptx-r" + id,
 		lb:       map[string]netip.Addr{"v4": netip.MustParseAddr("203.0.113.10"), "v6": netip.MustParseAddr("2001:db8:ffff::10")},
@@ -163,16 +162,16 @@ func TestPacketLayerCarriesTraffic(t *testing.T) {
 		snat := map[string]string{"v4": "172.16.0.1", "v6": "fd00:16::1"}[fam]
 		for _, tc := range []struct {
 			name     string
-			frontend Frontend
+			frontend loadbalancer.Frontend
 			backend  netip.AddrPort
 			seenFrom string // the client address the backend sees
 		}{
-			{"LoadBalancer IP, local backend, externalTrafficPolicy Local", external(netip.AddrPortFrom(c.lb[fam], 80), TCP, local(localPod)), localPod, client},
-			{"LoadBalancer IP, remote backend", external(netip.AddrPortFrom(c.lb[fam], 81), TCP, remote(remotePod)), remotePod, snat},
-			{"NodePort, remote backend", external(netip.AddrPortFrom(c.nodeIP[fam], 30081), TCP, remote(remotePod)), remotePod, snat},
-			{"NodePort, local backend", external(netip.AddrPortFrom(c.nodeIP[fam], 30080), TCP, local(localPod)), localPod, client},
+			{"LoadBalancer IP, local backend, externalTrafficPolicy Local", external(netip.AddrPortFrom(c.lb[fam], 80), loadbalancer.TCP, local(localPod)), localPod, client},
+			{"LoadBalancer IP, remote backend", external(netip.AddrPortFrom(c.lb[fam], 81), loadbalancer.TCP, remote(remotePod)), remotePod, snat},
+			{"NodePort, remote backend", external(netip.AddrPortFrom(c.nodeIP[fam], 30081), loadbalancer.TCP, remote(remotePod)), remotePod, snat},
+			{"NodePort, local backend", external(netip.AddrPortFrom(c.nodeIP[fam], 30080), loadbalancer.TCP, local(localPod)), localPod, client},
 		} {
-			for _, proto := range []Protocol{TCP, UDP} {
+			for _, proto := range []loadbalancer.Protocol{loadbalancer.TCP, loadbalancer.UDP} {
 				t.Run(fmt.Sprintf("%s/%s/%s", fam, protoName(proto), tc.name), func(t *testing.T) {
 					f := tc.frontend
 					f.Protocol = proto
@@ -189,7 +188,7 @@ func TestPacketLayerCarriesTraffic(t *testing.T) {
 		}
 		t.Run(fam+"/no backends: refused", func(t *testing.T) {
 			empty := netip.AddrPortFrom(c.lb[fam], 89)
-			if err := d.Update(external(empty, TCP)); err != nil {
+			if err := d.Update(external(empty, loadbalancer.TCP)); err != nil {
 				t.Fatal(err)
 			}
 			if got := c.dial("tcp", empty); !strings.Contains(got, "connection refused") {
@@ -215,7 +214,7 @@ func TestPacketLayerRestartKeepsFlows(t *testing.T) {
 	frontend := netip.AddrPortFrom(c.lb["v4"], 81)
 	backend := netip.AddrPortFrom(c.other["v4"], 8080)
 	first := c.attach(pins)
-	if err := first.Update(external(frontend, TCP, remote(backend))); err != nil {
+	if err := first.Update(external(frontend, loadbalancer.TCP, remote(backend))); err != nil {
 		t.Fatal(err)
 	}
 	stdin, lines := startClient(t, c.clientCmd("tcp-hold", frontend))

@@ -1,9 +1,9 @@
-// Package desired computes what a node's datapath should hold for one Service: its
+// The rules for reading a Service: what a node's datapath should hold for one Service, its
 // frontends (ClusterIPs, NodePorts on the node's addresses, externalIPs, load balancer
 // addresses; per port, family and scope) and their backends from the Service's
-// EndpointSlices, following kube-proxy's rules, topology hints included. It is pure:
-// objects in, frontends out.
-package desired
+// EndpointSlices, following kube-proxy's rules, topology hints included.
+
+package loadbalancer
 
 import (
 	"cmp"
@@ -14,8 +14,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
-
-	"github.com/portico-dev/portico/internal/datapath"
 )
 
 // ProxyNameLabel lets a Service choose another proxy (kube-proxy's and Cilium's label).
@@ -53,7 +51,7 @@ type Settings struct {
 	// Proxied sends a port's traffic of one family to the node's L7 proxy (an L7Policy)
 	// instead of the endpoints, from every frontend of the port.
 	Proxied   map[ProxyKey]netip.AddrPort
-	Balancing datapath.Balancing
+	Balancing Balancing
 	// SourceRanges, when not nil, replace the Service's loadBalancerSourceRanges.
 	SourceRanges []netip.Prefix
 	// Affinity, when not nil, replaces the Service's session affinity (0: none).
@@ -78,7 +76,7 @@ func Serves(svc *corev1.Service, proxyName string) bool {
 // EndpointSlices, sorted by address, protocol and scope. Problems lists what was left out
 // and why (an address of a family the Service does not have, a protocol the datapath does
 // not carry), for an Event.
-func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, settings Settings) (frontends []datapath.Frontend, problems []string) {
+func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, settings Settings) (frontends []Frontend, problems []string) {
 	families := map[bool]bool{} // is4 -> the Service has that family
 	var clusterIPs []netip.Addr
 	for _, s := range clusterIPStrings(svc) {
@@ -90,17 +88,11 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 		clusterIPs = append(clusterIPs, a)
 		families[a.Is4()] = true
 	}
-	external := addresses(svc.Spec.ExternalIPs, "externalIP", families, &problems)
-	var ingress []string
+	external := ofFamilies(parse(svc.Spec.ExternalIPs, "externalIP", &problems), "externalIP", families, &problems)
+	var lbIPs []netip.Addr
 	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
-		for _, in := range svc.Status.LoadBalancer.Ingress {
-			// With ipMode Proxy the load balancer forwards itself; its address is not ours to take.
-			if in.IP != "" && (in.IPMode == nil || *in.IPMode != corev1.LoadBalancerIPModeProxy) {
-				ingress = append(ingress, in.IP)
-			}
-		}
+		lbIPs = ofFamilies(IngressIPs(svc), "load balancer address", families, &problems)
 	}
-	lbIPs := addresses(ingress, "load balancer address", families, &problems)
 
 	ranges := settings.SourceRanges
 	if ranges == nil {
@@ -127,12 +119,12 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 	internalLocal := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
 
 	for _, port := range svc.Spec.Ports {
-		var proto datapath.Protocol
+		var proto Protocol
 		switch port.Protocol {
 		case corev1.ProtocolTCP, "":
-			proto = datapath.TCP
+			proto = TCP
 		case corev1.ProtocolUDP:
-			proto = datapath.UDP
+			proto = UDP
 		default:
 			problems = append(problems, fmt.Sprintf("port %s: protocol %s is not supported", PortName(port), port.Protocol))
 			continue
@@ -145,7 +137,7 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 			// endpoints).
 			var eps Endpoints
 			if listener, ok := settings.Proxied[ProxyKey{PortName(port), is4}]; ok {
-				eps.All = []datapath.Backend{{Address: listener, Local: true}}
+				eps.All = []Backend{{Address: listener, Local: true}}
 				eps.Cluster = eps.All
 			} else {
 				eps = PortEndpoints(node, svc, endpointSlices, is4, port)
@@ -153,8 +145,8 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 			// Traffic policy Local takes this node's endpoints whatever the hints say;
 			// Cluster takes those the hints leave this node (all of them without hints).
 			local, cluster := onlyLocal(eps.All), eps.Cluster
-			add := func(a netip.Addr, p int32, scope datapath.Scope, bs []datapath.Backend, sourceRanges []netip.Prefix) {
-				frontends = append(frontends, datapath.Frontend{
+			add := func(a netip.Addr, p int32, scope Scope, bs []Backend, sourceRanges []netip.Prefix) {
+				frontends = append(frontends, Frontend{
 					Address: netip.AddrPortFrom(a, uint16(p)), Protocol: proto, Scope: scope,
 					Backends: bs, Balancing: settings.Balancing, Affinity: affinity, SourceRanges: sourceRanges,
 				})
@@ -162,34 +154,34 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 			externalBackends := pick(externalLocal, local, cluster)
 			for _, a := range clusterIPs {
 				if a.Is4() == is4 {
-					add(a, port.Port, datapath.Internal, pick(internalLocal, local, cluster), nil)
+					add(a, port.Port, Internal, pick(internalLocal, local, cluster), nil)
 				}
 			}
 			if port.NodePort != 0 && svc.Spec.Type != corev1.ServiceTypeClusterIP {
 				for _, a := range node.Addresses {
 					if a.Is4() == is4 {
-						add(a, port.NodePort, datapath.External, externalBackends, nil)
+						add(a, port.NodePort, External, externalBackends, nil)
 						// Clients on the node reach the Cluster policy's backends whatever
 						// the external policy, as kube-proxy lets them.
-						add(a, port.NodePort, datapath.Internal, cluster, nil)
+						add(a, port.NodePort, Internal, cluster, nil)
 					}
 				}
 			}
 			for _, a := range external {
 				if a.Is4() == is4 {
-					add(a, port.Port, datapath.External, externalBackends, nil)
-					add(a, port.Port, datapath.Internal, cluster, nil)
+					add(a, port.Port, External, externalBackends, nil)
+					add(a, port.Port, Internal, cluster, nil)
 				}
 			}
 			for _, a := range lbIPs {
 				if a.Is4() == is4 {
-					add(a, port.Port, datapath.External, externalBackends, familyRanges(ranges, is4))
-					add(a, port.Port, datapath.Internal, cluster, nil)
+					add(a, port.Port, External, externalBackends, familyRanges(ranges, is4))
+					add(a, port.Port, Internal, cluster, nil)
 				}
 			}
 		}
 	}
-	slices.SortFunc(frontends, func(a, b datapath.Frontend) int {
+	slices.SortFunc(frontends, func(a, b Frontend) int {
 		return cmp.Or(a.Address.Compare(b.Address), cmp.Compare(a.Protocol, b.Protocol), cmp.Compare(a.Scope, b.Scope))
 	})
 	return frontends, problems
@@ -202,20 +194,48 @@ func clusterIPStrings(svc *corev1.Service) []string {
 	return []string{svc.Spec.ClusterIP}
 }
 
-// addresses parses IPs, leaving out (with a problem) those of a family the Service lacks:
-// there are no backends of that family to send them to.
-func addresses(in []string, what string, families map[bool]bool, problems *[]string) []netip.Addr {
+// IngressIPs returns the addresses of a Service's status.loadBalancer.ingress that are the
+// nodes' to take traffic for (and Portico's to hold), in order, IPv4-mapped ones unmapped.
+// An ingress with ipMode Proxy is left out: that load balancer forwards the traffic itself.
+// Every reader of a Service's load balancer addresses (operator, agents, announcer, CLI)
+// goes through here. It does not look at the Service's type: status outlives a type change.
+func IngressIPs(svc *corev1.Service) []netip.Addr {
+	var out []netip.Addr
+	for _, in := range svc.Status.LoadBalancer.Ingress {
+		if in.IPMode != nil && *in.IPMode == corev1.LoadBalancerIPModeProxy {
+			continue
+		}
+		if a, err := netip.ParseAddr(in.IP); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+// parse parses IPs, IPv4-mapped ones unmapped, leaving out (with a problem) what is not one.
+func parse(in []string, what string, problems *[]string) []netip.Addr {
 	var out []netip.Addr
 	for _, s := range in {
 		a, err := netip.ParseAddr(s)
-		switch {
-		case err != nil:
+		if err != nil {
 			*problems = append(*problems, fmt.Sprintf("%s %q is not an IP address", what, s))
-		case !families[a.Unmap().Is4()]:
-			*problems = append(*problems, fmt.Sprintf("%s %s is of a family the Service does not have", what, s))
-		default:
-			out = append(out, a.Unmap())
+			continue
 		}
+		out = append(out, a.Unmap())
+	}
+	return out
+}
+
+// ofFamilies leaves out (with a problem) the addresses of a family the Service lacks: there
+// are no backends of that family to send them to.
+func ofFamilies(in []netip.Addr, what string, families map[bool]bool, problems *[]string) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range in {
+		if !families[a.Is4()] {
+			*problems = append(*problems, fmt.Sprintf("%s %s is of a family the Service does not have", what, a))
+			continue
+		}
+		out = append(out, a)
 	}
 	return out
 }
@@ -243,15 +263,15 @@ func familyRanges(ranges []netip.Prefix, is4 bool) []netip.Prefix {
 	return out
 }
 
-func pick(onlyLocal bool, local, all []datapath.Backend) []datapath.Backend {
+func pick(onlyLocal bool, local, all []Backend) []Backend {
 	if onlyLocal {
 		return local
 	}
 	return all
 }
 
-func onlyLocal(bs []datapath.Backend) []datapath.Backend {
-	var out []datapath.Backend
+func onlyLocal(bs []Backend) []Backend {
+	var out []Backend
 	for _, b := range bs {
 		if b.Local {
 			out = append(out, b)
@@ -286,10 +306,10 @@ const (
 type Endpoints struct {
 	// All holds the ready endpoints and the serving terminating ones (marked Terminating).
 	// An address in several slices counts once, ready winning.
-	All []datapath.Backend
+	All []Backend
 	// Cluster is what traffic under a Cluster traffic policy goes to: All, or when
 	// Topology is set, the ready endpoints hinted for this node or its zone.
-	Cluster  []datapath.Backend
+	Cluster  []Backend
 	Topology Topology
 }
 
@@ -306,7 +326,7 @@ func PortEndpoints(node Node, svc *corev1.Service, endpointSlices []*discoveryv1
 	}
 	proto := cmp.Or(port.Protocol, corev1.ProtocolTCP)
 	type endpoint struct {
-		datapath.Backend
+		Backend
 		hints *discoveryv1.EndpointHints
 	}
 	found := map[netip.AddrPort]endpoint{}
@@ -339,7 +359,7 @@ func PortEndpoints(node Node, svc *corev1.Service, endpointSlices []*discoveryv1
 			if !ready && !(serving && terminating) {
 				continue
 			}
-			b := datapath.Backend{Address: netip.AddrPortFrom(a, uint16(target)), Local: derefOr(ep.NodeName, "") == node.Name, Terminating: !ready}
+			b := Backend{Address: netip.AddrPortFrom(a, uint16(target)), Local: derefOr(ep.NodeName, "") == node.Name, Terminating: !ready}
 			if old, ok := found[b.Address]; ok && !old.Terminating {
 				continue
 			}

@@ -1,4 +1,4 @@
-package desired
+package loadbalancer
 
 import (
 	"flag"
@@ -17,8 +17,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
-
-	"github.com/portico-dev/portico/internal/datapath"
 )
 
 var update = flag.Bool("update", false, "rewrite the .golden files from what the code computes")
@@ -107,13 +105,13 @@ func load(t *testing.T, file string) (Node, []*corev1.Service, map[string][]*dis
 }
 
 // format prints frontends one per line, backends indented below.
-func format(fs []datapath.Frontend) string {
+func format(fs []Frontend) string {
 	var b strings.Builder
 	for _, f := range fs {
-		proto := map[datapath.Protocol]string{datapath.TCP: "TCP", datapath.UDP: "UDP"}[f.Protocol]
-		scope := map[datapath.Scope]string{datapath.External: "external", datapath.Internal: "internal"}[f.Scope]
+		proto := map[Protocol]string{TCP: "TCP", UDP: "UDP"}[f.Protocol]
+		scope := map[Scope]string{External: "external", Internal: "internal"}[f.Scope]
 		fmt.Fprintf(&b, "%s %s %s", f.Address, proto, scope)
-		if f.Balancing == datapath.Maglev {
+		if f.Balancing == Maglev {
 			b.WriteString(" maglev")
 		}
 		if f.Affinity > 0 {
@@ -149,16 +147,16 @@ func TestSettingsOverrideTheService(t *testing.T) {
 	}, Status: corev1.ServiceStatus{LoadBalancer: corev1.LoadBalancerStatus{Ingress: []corev1.LoadBalancerIngress{{IP: "203.0.113.1"}}}}}
 	none := time.Duration(0)
 	ranges := []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}
-	fs, problems := Frontends(Node{Name: "n1"}, svc, nil, Settings{Balancing: datapath.Maglev, Affinity: &none, SourceRanges: ranges})
+	fs, problems := Frontends(Node{Name: "n1"}, svc, nil, Settings{Balancing: Maglev, Affinity: &none, SourceRanges: ranges})
 	if len(problems) > 0 {
 		t.Fatal(problems)
 	}
 	for _, f := range fs {
-		if f.Balancing != datapath.Maglev || f.Affinity != 0 {
+		if f.Balancing != Maglev || f.Affinity != 0 {
 			t.Errorf("%s: balancing %d affinity %s, want Maglev without affinity", f.Address, f.Balancing, f.Affinity)
 		}
 		var want []netip.Prefix // only the load balancer address, from outside
-		if f.Address.Addr() == netip.MustParseAddr("203.0.113.1") && f.Scope == datapath.External {
+		if f.Address.Addr() == netip.MustParseAddr("203.0.113.1") && f.Scope == External {
 			want = ranges
 		}
 		if !slices.Equal(f.SourceRanges, want) {
@@ -197,5 +195,33 @@ func TestProxiedPortsGoToTheProxy(t *testing.T) {
 	}
 	if proxied != 3 { // the IPv4 cluster IP, and the node port in both scopes
 		t.Errorf("%d frontends go to the proxy, want 3", proxied)
+	}
+}
+
+// IngressIPs is every reader's view of a Service's load balancer addresses: an ingress with
+// ipMode Proxy is the load balancer's own, a hostname is no address, a mapped IPv4 address
+// is the IPv4 one.
+func TestIngressIPs(t *testing.T) {
+	proxy, vip := corev1.LoadBalancerIPModeProxy, corev1.LoadBalancerIPModeVIP
+	for _, tc := range []struct {
+		name    string
+		ingress []corev1.LoadBalancerIngress
+		want    []string
+	}{
+		{"IPv4 and IPv6, in order", []corev1.LoadBalancerIngress{{IP: "2001:db8::10"}, {IP: "192.0.2.10", IPMode: &vip}}, []string{"2001:db8::10", "192.0.2.10"}},
+		{"ipMode Proxy left out", []corev1.LoadBalancerIngress{{IP: "192.0.2.10", IPMode: &proxy}, {IP: "2001:db8::10", IPMode: &proxy}, {IP: "192.0.2.11"}}, []string{"192.0.2.11"}},
+		{"hostname only", []corev1.LoadBalancerIngress{{Hostname: "lb.example"}}, nil},
+		{"IPv4-mapped", []corev1.LoadBalancerIngress{{IP: "::ffff:192.0.2.10"}}, []string{"192.0.2.10"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			svc := &corev1.Service{Status: corev1.ServiceStatus{LoadBalancer: corev1.LoadBalancerStatus{Ingress: tc.ingress}}}
+			var got []string
+			for _, a := range IngressIPs(svc) {
+				got = append(got, a.String())
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("IngressIPs = %v, want %v", got, tc.want)
+			}
+		})
 	}
 }

@@ -1,6 +1,4 @@
-// Package agent runs on every node: it watches Services, EndpointSlices and its Node, and
-// keeps the node's datapath equal to what they ask for (docs/agent.md).
-package agent
+package loadbalancer
 
 import (
 	"cmp"
@@ -13,28 +11,26 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
-
-	"github.com/portico-dev/portico/internal/datapath"
 )
 
-// Programmer is what the agent needs of the datapath (*datapath.Datapath).
+// Programmer is what the agent needs of the datapath (*Datapath).
 type Programmer interface {
-	Apply([]datapath.Frontend) error
-	Update(datapath.Frontend) error
-	Delete(addr netip.AddrPort, proto datapath.Protocol, scope datapath.Scope) error
+	Apply([]Frontend) error
+	Update(Frontend) error
+	Delete(addr netip.AddrPort, proto Protocol, scope Scope) error
 }
 
 // slot is one frontend entry of the datapath: two Services cannot both have it.
 type slot struct {
 	addr  netip.AddrPort
-	proto datapath.Protocol
-	scope datapath.Scope
+	proto Protocol
+	scope Scope
 }
 
-func slotOf(f datapath.Frontend) slot { return slot{f.Address, f.Protocol, f.Scope} }
+func slotOf(f Frontend) slot { return slot{f.Address, f.Protocol, f.Scope} }
 
 func (s slot) String() string {
-	return fmt.Sprintf("%s/%s", s.addr, map[datapath.Protocol]string{datapath.TCP: "TCP", datapath.UDP: "UDP"}[s.proto])
+	return fmt.Sprintf("%s/%s", s.addr, map[Protocol]string{TCP: "TCP", UDP: "UDP"}[s.proto])
 }
 
 // Claim is what one Service asks for: its frontends, and its age, which settles conflicts
@@ -43,7 +39,7 @@ func (s slot) String() string {
 type Claim struct {
 	Service   types.NamespacedName
 	Created   time.Time
-	Frontends []datapath.Frontend
+	Frontends []Frontend
 }
 
 func older(a, b Claim) bool {
@@ -63,7 +59,7 @@ type Syncer struct {
 	claimants map[slot][]claimant
 	// owner says which Service each programmed slot belongs to; programmed is what it holds.
 	owner      map[slot]types.NamespacedName
-	programmed map[slot]datapath.Frontend
+	programmed map[slot]Frontend
 	// slots counts the programmed slots of each Service.
 	slots map[types.NamespacedName]int
 }
@@ -71,7 +67,7 @@ type Syncer struct {
 // NewSyncer returns a Syncer that programs dp.
 func NewSyncer(dp Programmer) *Syncer {
 	return &Syncer{dp: dp, claims: map[types.NamespacedName]Claim{}, claimants: map[slot][]claimant{},
-		owner: map[slot]types.NamespacedName{}, programmed: map[slot]datapath.Frontend{}, slots: map[types.NamespacedName]int{}}
+		owner: map[slot]types.NamespacedName{}, programmed: map[slot]Frontend{}, slots: map[types.NamespacedName]int{}}
 }
 
 // own gives slot k to svc ({} for nobody), keeping the counts.
@@ -119,8 +115,8 @@ func (s *Syncer) Resync(claims []Claim) error {
 	for _, c := range claims {
 		s.record(c)
 	}
-	owner, programmed, slots := map[slot]types.NamespacedName{}, map[slot]datapath.Frontend{}, map[types.NamespacedName]int{}
-	all := make([]datapath.Frontend, 0, len(s.claimants))
+	owner, programmed, slots := map[slot]types.NamespacedName{}, map[slot]Frontend{}, map[types.NamespacedName]int{}
+	all := make([]Frontend, 0, len(s.claimants))
 	for k := range s.claimants {
 		winner, f, _ := s.winner(k)
 		owner[k], programmed[k] = winner, f
@@ -193,13 +189,13 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 // claimant is a Service asking for a slot, and its frontend there.
 type claimant struct {
 	service  types.NamespacedName
-	frontend datapath.Frontend
+	frontend Frontend
 }
 
 // winner returns which Service gets a slot, and its frontend there.
-func (s *Syncer) winner(k slot) (types.NamespacedName, datapath.Frontend, bool) {
+func (s *Syncer) winner(k slot) (types.NamespacedName, Frontend, bool) {
 	var best Claim
-	var front datapath.Frontend
+	var front Frontend
 	found := false
 	for _, o := range s.claimants[k] {
 		if c := s.claims[o.service]; !found || older(c, best) {

@@ -3,6 +3,7 @@ package operator_test
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"slices"
@@ -24,13 +25,18 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
 	"github.com/portico-dev/portico/internal/operator"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 var env *testenv.Env
 
 func TestMain(m *testing.M) {
-	if testenv.Assets() == "" {
+	flag.Parse()
+	switch {
+	case testing.Short():
+		fmt.Println("SKIP: -short: the envtest suites need kube-apiserver and etcd")
+		os.Exit(0)
+	case testenv.Assets() == "":
 		fmt.Println("SKIP: envtest suites need kube-apiserver and etcd: run `make test` (it provisions them) or set KUBEBUILDER_ASSETS")
 		os.Exit(0)
 	}

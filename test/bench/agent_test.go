@@ -25,8 +25,8 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/portico-dev/portico/internal/controller/agentds"
-	"github.com/portico-dev/portico/test/kubeproxy"
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/test/harness/kubeproxy"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // The waiting clients are this test binary run again in a namespace and cgroup.

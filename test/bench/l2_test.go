@@ -24,9 +24,10 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/announce"
-	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/test/nstest"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/nstest"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // failoverKills is how many node deaths BenchmarkL2Failover measures per family.
@@ -47,9 +48,7 @@ type heard struct {
 // the address that gets an answer. Then the node comes back, takes its address back, and the
 // next kill follows. Run it as root with -benchtime 1x.
 func BenchmarkL2Failover(b *testing.B) {
-	if os.Geteuid() != 0 {
-		b.Skip("needs root: creates network namespaces and BPF programs")
-	}
+	nstest.NeedRoot(b, "creates network namespaces and BPF programs")
 	env := startAPI(b)
 	ctx := context.Background()
 	dir := b.TempDir()
@@ -109,7 +108,7 @@ func BenchmarkL2Failover(b *testing.B) {
 		if env.Client.Get(ctx, client.ObjectKey{Namespace: "default", Name: "failover"}, &svc) != nil {
 			return false
 		}
-		for _, a := range lab.LoadBalancerIPs(&svc) {
+		for _, a := range loadbalancer.IngressIPs(&svc) {
 			addrs[map[bool]int{true: 0, false: 1}[a.Is4()]] = a
 		}
 		return addrs[0].IsValid() && addrs[1].IsValid()

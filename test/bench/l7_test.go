@@ -23,7 +23,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/portico-dev/portico/internal/l7/proxy"
-	"github.com/portico-dev/portico/test/greeter"
+	"github.com/portico-dev/portico/test/harness/greeter"
 )
 
 // The L7 benchmark's processes are this test binary run again in a role.

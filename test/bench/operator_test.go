@@ -25,7 +25,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // services is how many Services the benchmark creates; BENCH_SERVICES overrides it.
@@ -172,9 +172,7 @@ func BenchmarkCreationToIP(b *testing.B) {
 // benchmark without kube-apiserver.
 func startAPI(b *testing.B) *testenv.Env {
 	b.Helper()
-	if testenv.Assets() == "" {
-		b.Skip("needs kube-apiserver and etcd: run `make bench`")
-	}
+	testenv.NeedAPI(b)
 	env, err := testenv.Start()
 	if err != nil {
 		b.Fatal(err)

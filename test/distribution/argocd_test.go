@@ -14,7 +14,7 @@ import (
 	lua "github.com/yuin/gopher-lua"
 	"sigs.k8s.io/yaml"
 
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 var argocd = filepath.Join(testenv.Root(), "config", "argocd")

@@ -10,7 +10,7 @@ import (
 	"github.com/operator-framework/api/pkg/validation"
 	interfaces "github.com/operator-framework/api/pkg/validation/interfaces"
 
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // The OLM bundle (make bundle) passes operator-framework/api's default bundle validators and

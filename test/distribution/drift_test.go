@@ -14,8 +14,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // CRDs come in a sync wave before the custom resources; the samples' custom resources skip

@@ -10,15 +10,13 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/portico-dev/portico/internal/yamldocs"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // dist/install.yaml is accepted by a real API server: every object, applied server-side as a
 // dry run (the namespace is created first, as the real apply would have by then).
 func TestInstallManifestApplies(t *testing.T) {
-	if testenv.Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
+	testenv.NeedAPI(t)
 	objs, err := yamldocs.ReadFile(filepath.Join(testenv.Root(), "dist", "install.yaml"))
 	if err != nil {
 		t.Fatal(err)

@@ -14,7 +14,7 @@ import (
 
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/internal/yamldocs"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // config/prometheus finds what it monitors: the ServiceMonitor selects the operator's metrics

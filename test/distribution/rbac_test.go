@@ -3,7 +3,6 @@ package distribution
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"path/filepath"
 	"testing"
 	"time"
@@ -25,18 +24,11 @@ import (
 	"github.com/portico-dev/portico/internal/agent"
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
-	"github.com/portico-dev/portico/internal/datapath"
+	"github.com/portico-dev/portico/internal/loadbalancer/lbtest"
 	"github.com/portico-dev/portico/internal/operator"
 	"github.com/portico-dev/portico/internal/yamldocs"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
-
-// noDatapath takes whatever the agent programs.
-type noDatapath struct{}
-
-func (noDatapath) Apply([]datapath.Frontend) error                                { return nil }
-func (noDatapath) Update(datapath.Frontend) error                                 { return nil }
-func (noDatapath) Delete(netip.AddrPort, datapath.Protocol, datapath.Scope) error { return nil }
 
 // The RBAC dist/install.yaml grants is enough for what Portico does: the operator and an
 // agent run as their ServiceAccounts (impersonated) against a real API server with the
@@ -45,9 +37,7 @@ func (noDatapath) Delete(netip.AddrPort, datapath.Protocol, datapath.Scope) erro
 // policy Programmed from it. (The test suites otherwise run as an administrator, where a
 // missing verb would go unnoticed.)
 func TestInstalledRBACIsEnough(t *testing.T) {
-	if testenv.Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
+	testenv.NeedAPI(t)
 	objs, err := yamldocs.ReadFile(filepath.Join(testenv.Root(), "dist", "install.yaml"))
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +80,7 @@ func TestInstalledRBACIsEnough(t *testing.T) {
 		Class: servicelb.Class{Name: lbv1.LoadBalancerClass, ClaimClassless: true}, AgentNamespace: ns,
 		LeaderElect: true, LeaderNamespace: ns, LeaseDuration: 4 * time.Second, RenewDeadline: 3 * time.Second, LeaderRetryPeriod: time.Second,
 		Agents: &agentds.Config{Namespace: ns, Name: "portico-agent", Image: "portico-agent:test", Version: "test", ServiceAccount: "portico-agent"}}))
-	run(agent.NewManager(as("portico-agent"), noDatapath{}, agent.Options{NodeName: "node-1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
+	run(agent.NewManager(as("portico-agent"), &lbtest.Recorder{}, agent.Options{NodeName: "node-1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
 		Registry: prometheus.NewRegistry(), LeaseNamespace: ns, Version: "test"}))
 
 	// What users create, as an administrator.

@@ -1,5 +1,5 @@
 // Package e2e runs Portico as users do, on a real API server and simulated nodes
-// (internal/lab), and checks it with real traffic. The scenarios follow what Kubernetes' own
+// (test/harness/lab), and checks it with real traffic. The scenarios follow what Kubernetes' own
 // Service e2e tests ask of a kube-proxy replacement; each runs for IPv4 and IPv6.
 package e2e
 
@@ -19,7 +19,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/harness/lab"
 )
 
 // Three agents, each in its own node namespace, turn Services and EndpointSlices into

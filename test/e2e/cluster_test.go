@@ -27,15 +27,15 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/test/nstest"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/nstest"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // families are the rows of every scenario: index 0 is IPv4, 1 is IPv6, as in lab addresses.
 var families = []string{"v4", "v6"}
 
-// cluster is a lab cluster (internal/lab): a real API server, kube-controller-manager,
+// cluster is a lab cluster (test/harness/lab): a real API server, kube-controller-manager,
 // kube-scheduler, the operator (allocating LoadBalancer addresses from an LBPool on the
 // segment) and three simulated nodes, each with its kubelet and cmd/agent; node-1 and node-2
 // are in zone-a, node-3 in zone-b. Pods web-1,
@@ -56,12 +56,8 @@ type cluster struct {
 
 func start(t *testing.T) *cluster {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces, cgroups and BPF programs")
-	}
-	if testenv.Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
+	nstest.NeedRoot(t, "creates network namespaces, cgroups and BPF programs")
+	testenv.NeedAPI(t)
 	dir := t.TempDir()
 	bins, err := testenv.Build(dir, "operator", "agent")
 	if err != nil {

@@ -15,7 +15,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/nodeagent"
-	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
 // l2 checks announcement as a router on the segment sees it: arping and ndisc6 get the
@@ -101,7 +101,7 @@ func (c *cluster) addresses(t *testing.T, svc *corev1.Service) []netip.Addr {
 		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(svc), svc); err != nil {
 			return err
 		}
-		for _, a := range lab.LoadBalancerIPs(svc) {
+		for _, a := range loadbalancer.IngressIPs(svc) {
 			addrs[map[bool]int{true: 0, false: 1}[a.Is4()]] = a
 		}
 		if !addrs[0].IsValid() || !addrs[1].IsValid() {

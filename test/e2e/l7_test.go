@@ -23,9 +23,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/test/greeter"
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/test/harness/greeter"
+	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // l7 checks per-request balancing: curl in a pod on node-1 sends 30 HTTP/1.1 requests over

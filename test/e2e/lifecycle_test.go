@@ -20,7 +20,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/harness/lab"
 )
 
 // gate is the readiness gate of the scenario's Deployment: a pod is ready only once the

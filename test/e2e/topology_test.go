@@ -8,7 +8,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/utils/ptr"
 
-	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/harness/lab"
 )
 
 // topology: the EndpointSlice controller hints endpoints for trafficDistribution, and every

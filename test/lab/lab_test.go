@@ -12,7 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/nstest"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // The lab as the README runs it: up, first results printed (every web pod answers curl on
@@ -20,12 +21,8 @@ import (
 // next start and removed by `lab down` (its cgroups, which hold every process it started,
 // cannot be removed while one still runs).
 func TestLabUpAndDown(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the lab creates network namespaces, cgroups and BPF programs")
-	}
-	if testenv.Assets() == "" {
-		t.Skip("needs the Kubernetes binaries: run `make test`")
-	}
+	nstest.NeedRoot(t, "the lab creates network namespaces, cgroups and BPF programs")
+	testenv.NeedAPI(t)
 	if left := leftovers(); len(left) > 0 {
 		t.Skipf("a lab is running or was left behind here (%s); this test needs the lab's names", strings.Join(left, ", "))
 	}

@@ -34,9 +34,10 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/test/greeter"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/greeter"
+	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // name prefixes the lab's namespaces and cgroups; state holds its files while it runs;
@@ -152,7 +153,7 @@ func up(nodes, zones, port int, bin string) error {
 	}
 	fmt.Printf("\nUp with first results in %.1f s. Try:\n", time.Since(began).Seconds())
 	fmt.Printf("  export KUBECONFIG=%s\n  kubectl get lbpools,svc,pods -o wide\n", c.Kubeconfig)
-	for _, a := range lab.LoadBalancerIPs(svc) {
+	for _, a := range loadbalancer.IngressIPs(svc) {
 		fmt.Printf("  ip netns exec %s curl -s '%s'\n", c.Client, url(a))
 	}
 	fmt.Printf("  kubectl scale deployment web --replicas 5\n")
@@ -351,7 +352,7 @@ func show(ctx context.Context, c client.Client, lc *lab.Cluster, svc *corev1.Ser
 		fmt.Printf("  pod %-22s on %s  %s\n", p.Name, p.Spec.NodeName, strings.Join(ips, ", "))
 	}
 	fmt.Printf("\nFrom the client namespace %s (no route out of the machine):\n", lc.Client)
-	for _, a := range lab.LoadBalancerIPs(svc) {
+	for _, a := range loadbalancer.IngressIPs(svc) {
 		fmt.Printf("  %s is announced (ARP/NDP) by %s\n", a, announced[a.String()])
 		counts := map[string]int{}
 		// Random balancing: 30 connections miss one of three pods once in 60,000 runs.
@@ -395,7 +396,7 @@ func showGRPC(ctx context.Context, c client.Client, lc *lab.Cluster) error {
 	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
 		err := errors.Join(c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "greeter"}, &svc),
 			c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "greeter"}, &pol))
-		if ips := lab.LoadBalancerIPs(&svc); err == nil && len(ips) > 0 && meta.IsStatusConditionTrue(pol.Status.Conditions, lbv1.ConditionProgrammed) {
+		if ips := loadbalancer.IngressIPs(&svc); err == nil && len(ips) > 0 && meta.IsStatusConditionTrue(pol.Status.Conditions, lbv1.ConditionProgrammed) {
 			addr = ips[0]
 			break
 		}

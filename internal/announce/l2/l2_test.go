@@ -13,7 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // segment is two nodes and a router on one bridge, each node with an announcer.
@@ -26,9 +27,7 @@ type segment struct {
 
 func newSegment(t *testing.T) *segment {
 	t.Helper()
-	if os.Getuid() != 0 {
-		t.Skip("needs root: builds network namespaces and opens raw sockets")
-	}
+	nstest.NeedRoot(t, "builds network namespaces and opens raw sockets")
 	for _, tool := range []string{"arping", "ndisc6"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("%s is missing: make test-peers installs it", tool)

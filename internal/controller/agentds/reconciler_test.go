@@ -17,7 +17,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/portico-dev/portico/internal/controller/agentds"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 var key = types.NamespacedName{Namespace: "default", Name: "portico-agent"}
@@ -60,9 +60,7 @@ func await(t *testing.T, c client.Client, what string, ok func(*appsv1.DaemonSet
 }
 
 func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
-	if testenv.Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
+	testenv.NeedAPI(t)
 	env, err := testenv.Start()
 	if err != nil {
 		t.Fatal(err)

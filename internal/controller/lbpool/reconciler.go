@@ -30,6 +30,7 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/allocator"
 	"github.com/portico-dev/portico/internal/controller/statuspatch"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
@@ -189,9 +190,8 @@ func counts(st *poolconfig.State, svcs []corev1.Service) (v4, v6 *lbv1.AddressCo
 	capV4, capV6 := allocator.Capacity(st.Addresses, st.AvoidBuggyIPs)
 	used := map[netip.Addr]struct{}{}
 	for i := range svcs {
-		for _, in := range svcs[i].Status.LoadBalancer.Ingress {
-			ip, err := netip.ParseAddr(in.IP)
-			if err == nil && st.Addresses.Contains(ip) {
+		for _, ip := range loadbalancer.IngressIPs(&svcs[i]) {
+			if st.Addresses.Contains(ip) {
 				used[ip] = struct{}{}
 			}
 		}

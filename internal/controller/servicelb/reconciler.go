@@ -35,6 +35,7 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/allocator"
 	"github.com/portico-dev/portico/internal/controller/statuspatch"
+	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
@@ -149,7 +150,7 @@ func (r *Reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	r.mu.Lock()
 	var got allocator.Assignment
 	var allocErr error
-	held := len(r.alloc.Claim(request, statusIPs(&svc)))
+	held := len(r.alloc.Claim(request, loadbalancer.IngressIPs(&svc)))
 	if parseErr != nil {
 		// Keep what the Service has; a typo must not cost it its address.
 		got = r.alloc.Assigned(request.Key)
@@ -215,7 +216,7 @@ func (r *Reconciler) prepare(ctx context.Context) error {
 	restored := 0
 	for i := range svcs.Items {
 		svc := &svcs.Items[i]
-		ips := statusIPs(svc)
+		ips := loadbalancer.IngressIPs(svc)
 		if !r.Class.Serves(svc) || len(ips) == 0 {
 			continue
 		}
@@ -313,7 +314,7 @@ func (r *Reconciler) retryWaiting(ctx context.Context) {
 
 // writeStatus writes addresses and condition, and tells what changed in Events.
 func (r *Reconciler) writeStatus(ctx context.Context, svc *corev1.Service, ips []netip.Addr, cond metav1.Condition, got allocator.Assignment) (ctrl.Result, error) {
-	before := statusIPs(svc)
+	before := loadbalancer.IngressIPs(svc)
 	orig := svc.DeepCopy()
 	prevCond := meta.FindStatusCondition(orig.Status.Conditions, cond.Type)
 	ingress := make([]corev1.LoadBalancerIngress, 0, len(ips))
@@ -360,17 +361,6 @@ func equalStatus(a, b *corev1.Service) bool {
 
 func hasOurCondition(svc *corev1.Service) bool {
 	return meta.FindStatusCondition(svc.Status.Conditions, lbv1.ServiceConditionIPAllocated) != nil
-}
-
-// statusIPs returns the addresses in a Service's status.
-func statusIPs(svc *corev1.Service) []netip.Addr {
-	var out []netip.Addr
-	for _, in := range svc.Status.LoadBalancer.Ingress {
-		if ip, err := netip.ParseAddr(in.IP); err == nil {
-			out = append(out, ip)
-		}
-	}
-	return out
 }
 
 func reasonOf(err error) string {

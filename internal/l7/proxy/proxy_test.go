@@ -33,8 +33,8 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/portico-dev/portico/internal/l7/proxy"
-	"github.com/portico-dev/portico/test/greeter"
-	"github.com/portico-dev/portico/test/nstest"
+	"github.com/portico-dev/portico/test/harness/greeter"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 // backend is a greeter serving on loopback.
@@ -918,9 +918,7 @@ func TestRapidResetIsCutOff(t *testing.T) {
 // behind a veth pair whose far end the test takes down.
 func TestSilentBackendIsGivenUp(t *testing.T) {
 	t.Parallel()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: puts a backend in a network namespace and cuts its link")
-	}
+	nstest.NeedRoot(t, "puts a backend in a network namespace and cuts its link")
 	id := os.Getpid() % 100000
 	ns, link := fmt.Sprintf("pds%d", id), fmt.Sprintf("pdv%d", id)
 	// A /30 of 198.18.0.0/15 (RFC 2544's) of this process's own.

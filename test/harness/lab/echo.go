@@ -13,7 +13,7 @@ import (
 
 	"google.golang.org/grpc"
 
-	"github.com/portico-dev/portico/test/greeter"
+	"github.com/portico-dev/portico/test/harness/greeter"
 )
 
 // EchoImage is the lab's built-in echo workload: on each container port (TCP and UDP 8080

@@ -20,8 +20,8 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
-	"github.com/portico-dev/portico/internal/lab"
 	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/test/harness/lab"
 )
 
 // Env is a running API server.
@@ -34,7 +34,7 @@ type Env struct {
 // Root returns the repository root.
 func Root() string {
 	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "..")
+	return filepath.Join(filepath.Dir(file), "..", "..", "..")
 }
 
 // Build compiles cmd/<name> for each name into dir, in one go build, and returns the
@@ -65,6 +65,18 @@ func Assets() string {
 		return ""
 	}
 	return dir
+}
+
+// NeedAPI skips a test that needs kube-apiserver and etcd when they are not provided
+// (KUBEBUILDER_ASSETS, which make test sets) or with -short (make test-unit).
+func NeedAPI(t testing.TB) {
+	t.Helper()
+	switch {
+	case testing.Short():
+		t.Skip("-short: skips what needs kube-apiserver and etcd")
+	case Assets() == "":
+		t.Skip("needs kube-apiserver and etcd: run `make test`, or set KUBEBUILDER_ASSETS to a directory with both")
+	}
 }
 
 // Start starts etcd and kube-apiserver (on a free port) and installs the CRDs.
@@ -156,9 +168,7 @@ func (e *Env) Stop() error { return e.env.Stop() }
 // server's binaries the test is skipped.
 func WithOperator(t testing.TB) *Env {
 	t.Helper()
-	if Assets() == "" {
-		t.Skip("needs kube-apiserver and etcd: run `make test`")
-	}
+	NeedAPI(t)
 	env, err := Start()
 	if err != nil {
 		t.Fatal(err)

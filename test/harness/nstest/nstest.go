@@ -20,8 +20,20 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/portico-dev/portico/internal/lab"
+	"github.com/portico-dev/portico/test/harness/lab"
 )
+
+// NeedRoot skips a test that needs root (network namespaces, BPF, cgroups, raw sockets),
+// saying why, when it runs without root or with -short (make test-unit).
+func NeedRoot(t testing.TB, why string) {
+	t.Helper()
+	switch {
+	case testing.Short():
+		t.Skip("-short: skips what needs root (" + why + ")")
+	case os.Geteuid() != 0:
+		t.Skip("needs root: " + why)
+	}
+}
 
 // Enter starts a thread inside a network namespace and returns a function that runs
 // code on it, for what acts on the calling thread's namespace (test runs' FIB lookups,
@@ -189,9 +201,7 @@ type Pair struct {
 // is skipped.
 func NewPair(t testing.TB, prefix string, port uint16, subnets ...netip.Prefix) *Pair {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces, a cgroup and BPF programs")
-	}
+	NeedRoot(t, "creates network namespaces, a cgroup and BPF programs")
 	root := "/sys/fs/cgroup/unified"
 	if _, err := os.Stat(filepath.Join(root, "cgroup.procs")); err != nil {
 		t.Skipf("needs cgroup v2 at %s: %v", root, err)

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/portico-dev/portico/internal/lab"
-	"github.com/portico-dev/portico/test/testenv"
+	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // Binary returns the kube-proxy beside kube-apiserver in KUBEBUILDER_ASSETS, or why there is
