@@ -92,6 +92,10 @@ test-peers: ## Install arping and ndisc6 from Debian when missing: the L2 tests'
 test: verify-generated vet envtest test-peers $(H2SPEC) ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root), HTTP/2 conformance.
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) H2SPEC=$(H2SPEC) $(GO) test ./... -count=1
 
+.PHONY: test-unit
+test-unit: ## Run the tests that need neither root nor an API server (go test -short): a minute or two, for the edit loop.
+	$(GO) test -short ./...
+
 .PHONY: test-oldest
 test-oldest: test-peers $(H2SPEC) ## Run every test (envtest suites and e2e included) against the oldest supported Kubernetes, K8S_OLDEST (not in CI: builds its control plane once, ~6 min).
 	@test/tools/k8s-binaries.sh $(K8S_OLDEST) $(CACHE)/k8s-$(K8S_OLDEST) kube-controller-manager kube-scheduler >/dev/null
