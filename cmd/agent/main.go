@@ -17,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/portico-dev/portico/internal/agent"
+	"github.com/portico-dev/portico/internal/announce/speaker"
 	"github.com/portico-dev/portico/internal/datapath"
 	"github.com/portico-dev/portico/internal/version"
 )
@@ -31,7 +32,7 @@ func main() {
 	flag.StringVar(&o.ProxyName, "service-proxy-name", "", "Serve only Services labelled service.kubernetes.io/service-proxy-name with this value (empty: only Services without the label).")
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":9090", "Address of the Prometheus metrics endpoint; 0 turns it off.")
 	flag.BoolVar(&o.Profiling, "profiling", false, "Serve Go's /debug/pprof/ on the metrics endpoint.")
-	l2 := agent.L2Options{}
+	l2 := speaker.Options{}
 	announceL2 := flag.Bool("l2-announce", true, "Answer ARP and NDP for the LoadBalancer addresses this node wins (docs/l2.md).")
 	l2Port := flag.Uint("l2-port", 7947, "UDP port of the agents' heartbeats, the same on every node; it must be open between nodes.")
 	flag.DurationVar(&l2.Interval, "l2-heartbeat-interval", 100*time.Millisecond, "How often agents heartbeat each other.")

@@ -44,6 +44,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/announce/speaker"
 	"github.com/portico-dev/portico/internal/l7/proxy"
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/maglev"
@@ -75,7 +76,7 @@ type Options struct {
 	// (a port freed, an older Service gone); 0: every minute.
 	Recheck time.Duration
 	// L2, when set, announces the LoadBalancer addresses this node wins with ARP and NDP.
-	L2 *L2Options
+	L2 *speaker.Options
 	// L7, when set, runs the node's L7 proxy for Service ports with an L7Policy.
 	L7 *L7Options
 	// LeaseNamespace, when set, is where the agent renews its Lease (lbv1.AgentLeasePrefix +
@@ -178,7 +179,8 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 		}
 	}
 	if o.L2 != nil {
-		sp, err := newSpeaker(mgr, o, r.report, r.ready, reg)
+		sp, err := speaker.New(mgr, speaker.Config{Options: *o.L2, Node: o.NodeName, ProxyName: o.ProxyName,
+			SliceIndex: serviceNameIndex, Ready: r.ready, Report: r.report.setL2, Registry: reg})
 		if err != nil {
 			return nil, fmt.Errorf("set up L2 announcement: %w", err)
 		}

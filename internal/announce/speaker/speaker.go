@@ -1,4 +1,8 @@
-package agent
+// Package speaker is the L2 announcement loop of a node's agent (docs/l2.md): it follows the
+// API server's Services, EndpointSlices, Nodes and LBPools and its peers' heartbeats, runs
+// the node decision of package announce, and answers ARP and NDP for the addresses this node
+// wins.
+package speaker
 
 import (
 	"cmp"
@@ -32,8 +36,8 @@ import (
 
 // +kubebuilder:rbac:groups=lb.portico.dev,resources=lbpools,verbs=get;list;watch
 
-// L2Options turn on L2 announcement (docs/l2.md).
-type L2Options struct {
+// Options turn on L2 announcement (docs/l2.md).
+type Options struct {
 	// Port is the heartbeat port, the same on every node.
 	Port uint16
 	// Interval is how often heartbeats go out; DeadAfter how long a silent peer stays alive.
@@ -43,19 +47,30 @@ type L2Options struct {
 	Key, Next []byte
 }
 
-// speaker announces the LoadBalancer addresses this node wins (docs/l2.md): it follows the
-// API server's Services, EndpointSlices, Nodes and LBPools and its peers' heartbeats, and
-// answers ARP and NDP for its addresses on the right interfaces.
-type speaker struct {
+// Config is what the speaker needs from the agent that runs it.
+type Config struct {
+	Options
+	// Node is this node's name; ProxyName the agents' service-proxy-name.
+	Node, ProxyName string
+	// SliceIndex is the cache's field index of EndpointSlices by Service name.
+	SliceIndex string
+	// Ready is closed when the datapath's first sync is done: no address is announced
+	// before the node can serve it.
+	Ready <-chan struct{}
+	// Report takes the addresses announced and the live peers after each sync (the NodeAgent).
+	Report func(announced []lbv1.AnnouncedAddress, livePeers []string)
+	// Registry takes the speaker's metrics.
+	Registry prometheus.Registerer
+}
+
+// Speaker announces the LoadBalancer addresses this node wins; it is a manager Runnable.
+type Speaker struct {
+	Config
 	client    client.Client
 	cache     cache.Cache
 	recorder  record.EventRecorder
-	node      string
-	proxyName string
 	members   *members.Members
 	announcer *l2.Announcer
-	report    *reporter
-	ready     <-chan struct{} // the datapath's first sync is done
 	changed   chan struct{}
 
 	// announced is what the last sync set up: address -> Service; told, the last problem
@@ -64,32 +79,33 @@ type speaker struct {
 	told      map[types.NamespacedName]string
 }
 
-func newSpeaker(mgr ctrl.Manager, o Options, report *reporter, ready <-chan struct{}, reg prometheus.Registerer) (*speaker, error) {
+// New returns a speaker reading mgr's cache; add it to mgr to run it.
+func New(mgr ctrl.Manager, c Config) (*Speaker, error) {
 	rejected := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portico_l2_heartbeats_rejected_total",
 		Help: "Heartbeats from a peer's address refused: unauthenticated (not signed), forged (signed with another key) or stale (replayed)."},
 		[]string{"reason"})
-	if err := reg.Register(rejected); err != nil {
+	if err := c.Registry.Register(rejected); err != nil {
 		return nil, fmt.Errorf("register heartbeat metrics: %w", err)
 	}
 	refused := &refusals{log: ctrl.Log.WithName("heartbeats"), last: map[[2]string]time.Time{}}
-	m, err := members.New(members.Config{Self: o.NodeName, Port: o.L2.Port, Interval: o.L2.Interval, DeadAfter: o.L2.DeadAfter,
-		Key: o.L2.Key, Next: o.L2.Next, Rejected: func(peer, why string) {
+	m, err := members.New(members.Config{Self: c.Node, Port: c.Port, Interval: c.Interval, DeadAfter: c.DeadAfter,
+		Key: c.Key, Next: c.Next, Rejected: func(peer, why string) {
 			rejected.WithLabelValues(why).Inc()
 			refused.tell(peer, why)
 		}})
 	if err != nil {
 		return nil, err
 	}
-	metrics, err := l2.NewMetrics(reg)
+	metrics, err := l2.NewMetrics(c.Registry)
 	if err != nil {
 		return nil, err
 	}
-	return &speaker{client: mgr.GetClient(), cache: mgr.GetCache(), recorder: mgr.GetEventRecorderFor("portico-agent"),
-		node: o.NodeName, proxyName: o.ProxyName, members: m, announcer: l2.NewAnnouncer(metrics), report: report,
-		ready: ready, changed: make(chan struct{}, 1), announced: map[netip.Addr]types.NamespacedName{}, told: map[types.NamespacedName]string{}}, nil
+	return &Speaker{Config: c, client: mgr.GetClient(), cache: mgr.GetCache(), recorder: mgr.GetEventRecorderFor("portico-agent"),
+		members: m, announcer: l2.NewAnnouncer(metrics), changed: make(chan struct{}, 1),
+		announced: map[netip.Addr]types.NamespacedName{}, told: map[types.NamespacedName]string{}}, nil
 }
 
-func (s *speaker) poke() {
+func (s *Speaker) poke() {
 	select {
 	case s.changed <- struct{}{}:
 	default:
@@ -98,7 +114,7 @@ func (s *speaker) poke() {
 
 // Start announces until ctx ends (a manager Runnable); then it stops answering first and
 // tells its peers it is leaving second, so that they take over at once.
-func (s *speaker) Start(ctx context.Context) error {
+func (s *Speaker) Start(ctx context.Context) error {
 	for _, obj := range []client.Object{&corev1.Service{}, &discoveryv1.EndpointSlice{}, &corev1.Node{}, &lbv1.LBPool{}} {
 		inf, err := s.cache.GetInformer(ctx, obj)
 		if err != nil {
@@ -118,7 +134,7 @@ func (s *speaker) Start(ctx context.Context) error {
 		return <-done
 	}
 	select {
-	case <-s.ready:
+	case <-s.Ready:
 	case <-ctx.Done():
 		return stop()
 	case err := <-done:
@@ -145,7 +161,7 @@ func (s *speaker) Start(ctx context.Context) error {
 }
 
 // sync works out the addresses this node announces and sets them up.
-func (s *speaker) sync(ctx context.Context) error {
+func (s *Speaker) sync(ctx context.Context) error {
 	in, err := s.inputs(ctx)
 	if err != nil {
 		return err
@@ -153,7 +169,7 @@ func (s *speaker) sync(ctx context.Context) error {
 	peers := map[string][]netip.Addr{}
 	var self *corev1.Node
 	for _, n := range in.Nodes {
-		if n.Name == s.node {
+		if n.Name == s.Node {
 			self = n
 		}
 		peers[n.Name] = nodeIPs(n)
@@ -161,7 +177,7 @@ func (s *speaker) sync(ctx context.Context) error {
 	s.members.SetPeers(peers)
 	ready := s.members.WarmedUp()
 	live := s.members.Live()
-	var links []link
+	var links []announce.Link
 	if self != nil {
 		links, err = localLinks(nodeIPs(self))
 		if err != nil {
@@ -169,114 +185,37 @@ func (s *speaker) sync(ctx context.Context) error {
 		}
 	}
 	addresses := announce.Addresses(in)
-	ifaces, noInterface := poolInterfaces(links, addresses)
-	held, problems := view{self: s.node, ready: ready, live: live, ifaces: ifaces}.decide(addresses)
+	ifaces, noInterface := announce.PoolInterfaces(links, addresses)
+	held, problems := announce.View{Self: s.Node, Ready: ready, Live: live, Ifaces: ifaces}.Decide(addresses)
 	byIface := map[string][]netip.Addr{}
 	mine := make([]netip.Addr, 0, len(held))
 	report := make([]lbv1.AnnouncedAddress, 0, len(held))
 	for _, h := range held {
 		mine = append(mine, h.IP)
-		for _, i := range h.ifaces {
+		for _, i := range h.Interfaces {
 			byIface[i] = append(byIface[i], h.IP)
 		}
-		report = append(report, lbv1.AnnouncedAddress{Address: h.IP.String(), Service: h.Service.String(), Interfaces: h.ifaces})
+		report = append(report, lbv1.AnnouncedAddress{Address: h.IP.String(), Service: h.Service.String(), Interfaces: h.Interfaces})
 	}
 	hears := slices.Sorted(maps.Keys(live))
-	if len(held) != len(s.announced) || slices.ContainsFunc(held, func(h holding) bool { _, ok := s.announced[h.IP]; return !ok }) {
+	if len(held) != len(s.announced) || slices.ContainsFunc(held, func(h announce.Holding) bool { _, ok := s.announced[h.IP]; return !ok }) {
 		ctrl.LoggerFrom(ctx).Info("Announcing", "addresses", mine, "livePeers", hears, "warmedUp", ready)
 	}
 	err = s.announcer.Set(byIface)
 	s.members.SetSelf(ready, members.Peer{Claims: mine, NoInterface: noInterface})
-	s.report.setL2(report, hears)
+	s.Report(report, hears)
 	s.tell(ctx, held, problems)
 	return err
 }
 
-// holding is an address this node announces, and on which interfaces.
-type holding struct {
-	announce.Address
-	ifaces []string
-}
-
-// poolInterfaces returns, per pool of the addresses, the interfaces this node announces its
-// addresses on, and the pools it has none for (sorted).
-func poolInterfaces(links []link, addresses []announce.Address) (map[string][]string, []string) {
-	ifaces := map[string][]string{}
-	var none []string
-	for _, a := range addresses {
-		if _, seen := ifaces[a.Pool]; !seen {
-			ifaces[a.Pool] = matching(links, a)
-			if len(ifaces[a.Pool]) == 0 {
-				none = append(none, a.Pool)
-			}
-		}
-	}
-	slices.Sort(none)
-	return ifaces, none
-}
-
-// view is what one agent knows when it decides: itself, whether it has warmed up, its live
-// peers (with their claims and the pools they have no interface for) and its own interfaces
-// per pool.
-type view struct {
-	self   string
-	ready  bool
-	live   map[string]members.Peer
-	ifaces map[string][]string
-}
-
-// decide returns the addresses this node announces, and the problems it should tell: an
-// address is this node's when it ranks first among the eligible, live nodes with an interface
-// for its pool, and no live peer ranked higher claims it.
-func (v view) decide(addresses []announce.Address) ([]holding, map[types.NamespacedName][]string) {
-	var held []holding
-	problems := map[types.NamespacedName][]string{}
-	var buf []string
-	for _, a := range addresses {
-		buf = v.candidates(buf[:0], a, true)
-		switch chosen := announce.Choose(a.IP, buf); {
-		case chosen == v.self && !v.outranked(a.IP):
-			held = append(held, holding{a, v.ifaces[a.Pool]})
-		case chosen == "" && announce.Choose(a.IP, v.candidates(buf[:0], a, false)) == v.self:
-			// Nobody can: the node that would have been chosen says so.
-			problems[a.Service] = append(problems[a.Service],
-				fmt.Sprintf("no node with an interface of pool %s can announce %s (node %s has none)", a.Pool, a.IP, v.self))
-		}
-	}
-	return held, problems
-}
-
-// candidates appends to out the eligible nodes that are live (this one: warmed up) and,
-// when able is set, have an interface for the address's pool.
-func (v view) candidates(out []string, a announce.Address, able bool) []string {
-	for _, n := range a.Eligible {
-		if p, ok := v.live[n]; ok && (!able || !slices.Contains(p.NoInterface, a.Pool)) ||
-			n == v.self && v.ready && (!able || len(v.ifaces[a.Pool]) > 0) {
-			out = append(out, n)
-		}
-	}
-	return out
-}
-
-// outranked says whether a live peer that comes before this node for ip announces it: two
-// agents whose views differ both think they win, and the lower one yields within a heartbeat.
-func (v view) outranked(ip netip.Addr) bool {
-	for name, peer := range v.live {
-		if slices.Contains(peer.Claims, ip) && announce.Outranks(ip, name, v.self) {
-			return true
-		}
-	}
-	return false
-}
-
 // tell writes an Event on each Service whose address this node has just taken over, and on
 // each Service with a new problem.
-func (s *speaker) tell(ctx context.Context, held []holding, problems map[types.NamespacedName][]string) {
+func (s *Speaker) tell(ctx context.Context, held []announce.Holding, problems map[types.NamespacedName][]string) {
 	now := map[netip.Addr]types.NamespacedName{}
 	for _, h := range held {
 		now[h.IP] = h.Service
 		if s.announced[h.IP] != h.Service {
-			s.event(ctx, h.Service, corev1.EventTypeNormal, "Announced", fmt.Sprintf("Node %s announces %s on %s", s.node, h.IP, strings.Join(h.ifaces, ",")))
+			s.event(ctx, h.Service, corev1.EventTypeNormal, "Announced", fmt.Sprintf("Node %s announces %s on %s", s.Node, h.IP, strings.Join(h.Interfaces, ",")))
 		}
 	}
 	s.announced = now
@@ -293,7 +232,7 @@ func (s *speaker) tell(ctx context.Context, held []holding, problems map[types.N
 	}
 }
 
-func (s *speaker) event(ctx context.Context, name types.NamespacedName, kind, reason, msg string) {
+func (s *Speaker) event(ctx context.Context, name types.NamespacedName, kind, reason, msg string) {
 	var svc corev1.Service
 	if err := s.client.Get(ctx, name, &svc); err != nil {
 		return // gone: nobody to tell
@@ -302,7 +241,7 @@ func (s *speaker) event(ctx context.Context, name types.NamespacedName, kind, re
 }
 
 // inputs reads what the decision needs from the cache.
-func (s *speaker) inputs(ctx context.Context) (announce.Inputs, error) {
+func (s *Speaker) inputs(ctx context.Context) (announce.Inputs, error) {
 	var pools lbv1.LBPoolList
 	var services corev1.ServiceList
 	var nodes corev1.NodeList
@@ -311,7 +250,7 @@ func (s *speaker) inputs(ctx context.Context) (announce.Inputs, error) {
 			return announce.Inputs{}, fmt.Errorf("list for L2 announcement: %w", err)
 		}
 	}
-	in := announce.Inputs{Pools: poolconfig.Parse(pools.Items), ProxyName: s.proxyName,
+	in := announce.Inputs{Pools: poolconfig.Parse(pools.Items), ProxyName: s.ProxyName,
 		Slices: map[types.NamespacedName][]*discoveryv1.EndpointSlice{}}
 	for i := range services.Items {
 		svc := &services.Items[i]
@@ -320,7 +259,7 @@ func (s *speaker) inputs(ctx context.Context) (announce.Inputs, error) {
 			continue
 		}
 		var es discoveryv1.EndpointSliceList
-		if err := s.client.List(ctx, &es, client.InNamespace(svc.Namespace), client.MatchingFields{serviceNameIndex: svc.Name}); err != nil {
+		if err := s.client.List(ctx, &es, client.InNamespace(svc.Namespace), client.MatchingFields{s.SliceIndex: svc.Name}); err != nil {
 			return announce.Inputs{}, fmt.Errorf("list EndpointSlices: %w", err)
 		}
 		name := types.NamespacedName{Namespace: svc.Namespace, Name: svc.Name}
@@ -365,50 +304,28 @@ func nodeIPs(n *corev1.Node) []netip.Addr {
 	return out
 }
 
-// link is one of the node's interfaces that can announce: up, Ethernet, not loopback.
-type link struct {
-	name string
-	// own says whether it carries one of the node's InternalIP addresses.
-	own bool
-}
-
-func localLinks(nodeIPs []netip.Addr) ([]link, error) {
+// localLinks lists the node's interfaces that can announce: up, Ethernet, not loopback.
+func localLinks(nodeIPs []netip.Addr) ([]announce.Link, error) {
 	ifaces, err := net.Interfaces()
 	if err != nil {
 		return nil, fmt.Errorf("list interfaces: %w", err)
 	}
-	var out []link
+	var out []announce.Link
 	for _, ifi := range ifaces {
 		if ifi.Flags&net.FlagUp == 0 || ifi.Flags&net.FlagLoopback != 0 || len(ifi.HardwareAddr) != 6 {
 			continue
 		}
-		l := link{name: ifi.Name}
+		l := announce.Link{Name: ifi.Name}
 		addrs, err := ifi.Addrs()
 		if err != nil {
 			return nil, fmt.Errorf("addresses of %s: %w", ifi.Name, err)
 		}
 		for _, a := range addrs {
 			if p, err := netip.ParsePrefix(a.String()); err == nil && slices.Contains(nodeIPs, p.Addr()) {
-				l.own = true
+				l.Own = true
 			}
 		}
 		out = append(out, l)
 	}
 	return out, nil
-}
-
-// matching are the interfaces an address is announced on: those its pool's patterns match,
-// or the node's own.
-func matching(links []link, a announce.Address) []string {
-	var out []string
-	for _, l := range links {
-		ok := l.own && len(a.Interfaces) == 0
-		for _, re := range a.Interfaces {
-			ok = ok || re.MatchString(l.name)
-		}
-		if ok {
-			out = append(out, l.name)
-		}
-	}
-	return out
 }
