@@ -19,6 +19,7 @@ import (
 	"github.com/portico-dev/portico/internal/agent"
 	"github.com/portico-dev/portico/internal/announce/speaker"
 	"github.com/portico-dev/portico/internal/datapath"
+	"github.com/portico-dev/portico/internal/l7"
 	"github.com/portico-dev/portico/internal/version"
 )
 
@@ -85,11 +86,11 @@ func main() {
 		o.L2 = &l2
 	}
 	if *l7Ports != "" {
-		var l7 agent.L7Options
-		if _, err := fmt.Sscanf(*l7Ports, "%d-%d", &l7.FirstPort, &l7.LastPort); err != nil || l7.FirstPort == 0 || l7.LastPort < l7.FirstPort {
+		var ports l7.Options
+		if _, err := fmt.Sscanf(*l7Ports, "%d-%d", &ports.FirstPort, &ports.LastPort); err != nil || ports.FirstPort == 0 || ports.LastPort < ports.FirstPort {
 			fail(fmt.Errorf("--l7-ports %q: want first-last, such as 14000-14999", *l7Ports), "Bad flag")
 		}
-		o.L7 = &l7
+		o.L7 = &ports
 	}
 	o.Version = version.Get()
 	mgr, err := agent.NewManager(ctrl.GetConfigOrDie(), dp, o)

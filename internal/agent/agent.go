@@ -45,6 +45,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/announce/speaker"
+	"github.com/portico-dev/portico/internal/l7"
 	"github.com/portico-dev/portico/internal/l7/proxy"
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/maglev"
@@ -78,7 +79,7 @@ type Options struct {
 	// L2, when set, announces the LoadBalancer addresses this node wins with ARP and NDP.
 	L2 *speaker.Options
 	// L7, when set, runs the node's L7 proxy for Service ports with an L7Policy.
-	L7 *L7Options
+	L7 *l7.Options
 	// LeaseNamespace, when set, is where the agent renews its Lease (lbv1.AgentLeasePrefix +
 	// node), which the operator reads to mark the NodeAgents of dead agents; it must be the
 	// operator's --agent-namespace. LeaseDuration is the Lease's duration (0: 40 s; at least 1 s).
@@ -162,7 +163,7 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 		if err != nil {
 			return nil, err
 		}
-		r.l7 = newL7(p, *o.L7)
+		r.l7 = l7.NewListeners(p, *o.L7)
 		// The proxy stops with the agent; requests in flight are reset.
 		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error { <-ctx.Done(); p.Close(); return nil })); err != nil {
 			return nil, fmt.Errorf("add the L7 proxy: %w", err)
@@ -270,7 +271,7 @@ type reconciler struct {
 	opts     Options
 	metrics  *metrics
 	health   *healthChecks
-	l7       *l7 // nil: no L7 proxy on this node
+	l7       *l7.Listeners // nil: no L7 proxy on this node
 	report   *reporter
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
@@ -437,10 +438,10 @@ func (r *reconciler) claim(ctx context.Context, node loadbalancer.Node, svc *cor
 		if err != nil {
 			return c, nil, nil, err
 		}
-		want, wrong := l7Listeners(node, svc, ptrs, won)
-		set.Proxied, more = r.l7.set(c.Service, want)
+		want, wrong := l7.Want(node, svc, ptrs, won)
+		set.Proxied, more = r.l7.Set(c.Service, want)
 		problems = append(append(problems, wrong...), more...)
-		pols = append(pols, l7Programmed(svc, won, want, set.Proxied)...)
+		pols = append(pols, l7.Programmed(svc, won, want, set.Proxied)...)
 	}
 	c.Frontends, more = loadbalancer.Frontends(node, svc, ptrs, set)
 	problems = append(problems, more...)
@@ -489,7 +490,7 @@ func (r *reconciler) policy(ctx context.Context, svc *corev1.Service) (loadbalan
 // setL7 removes or sets a Service's L7 listeners, when the node runs the proxy.
 func (r *reconciler) setL7(svc types.NamespacedName, want map[loadbalancer.ProxyKey]proxy.Config) {
 	if r.l7 != nil {
-		r.l7.set(svc, want)
+		r.l7.Set(svc, want)
 	}
 }
 

@@ -1,4 +1,4 @@
-package agent
+package l7
 
 import (
 	"net/netip"
@@ -28,7 +28,7 @@ func TestL7Listeners(t *testing.T) {
 	pol := &lbv1.L7Policy{Spec: lbv1.L7PolicySpec{Protocol: "GRPC", Algorithm: "LeastRequest", RequestTimeout: "1m30s", DrainTimeout: "10s", IdleTimeout: "1h",
 		Retries: &lbv1.Retries{Attempts: 2, BudgetPercent: 20}}}
 	pol.Name = "p"
-	got, problems := l7Listeners(node, svc, []*discoveryv1.EndpointSlice{slice}, map[string]*lbv1.L7Policy{"": pol, "dns": pol})
+	got, problems := Want(node, svc, []*discoveryv1.EndpointSlice{slice}, map[string]*lbv1.L7Policy{"": pol, "dns": pol})
 	cfg, ok := got[loadbalancer.ProxyKey{Port: "80", IPv4: true}]
 	switch {
 	case len(got) != 1 || !ok:
@@ -43,7 +43,7 @@ func TestL7Listeners(t *testing.T) {
 		t.Errorf("problems %v; want the UDP port's", problems)
 	}
 	pol.Spec.RequestTimeout = "soon"
-	if got, problems := l7Listeners(node, svc, nil, map[string]*lbv1.L7Policy{"": pol}); len(got) != 0 || len(problems) != 1 {
+	if got, problems := Want(node, svc, nil, map[string]*lbv1.L7Policy{"": pol}); len(got) != 0 || len(problems) != 1 {
 		t.Errorf("a bad duration: listeners %v, problems %v", got, problems)
 	}
 }

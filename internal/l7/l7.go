@@ -1,4 +1,8 @@
-package agent
+// Package l7 turns L7Policies into the node's L7 proxy listeners (docs/l7.md): which Service
+// ports and families get one, with what settings and backends (Want, ProxyConfig), the port
+// each listener keeps (Listeners), and which policies are in force (Programmed). The proxy
+// itself is package proxy.
+package l7
 
 import (
 	"cmp"
@@ -18,32 +22,33 @@ import (
 	"github.com/portico-dev/portico/internal/loadbalancer"
 )
 
-// L7Options configure the node's L7 proxy (docs/l7.md).
-type L7Options struct {
+// Options configure the node's L7 proxy (docs/l7.md).
+type Options struct {
 	// FirstPort and LastPort bound the ports its listeners take on the node's addresses.
 	FirstPort, LastPort uint16
 }
 
-// l7 runs the node's L7 proxy: a listener per Service port and family with an L7Policy, on
-// the node's address of the family, at a port of the agent's range that the listener keeps
-// while it exists.
-type l7 struct {
+// Listeners runs the node's L7 proxy: a listener per Service port and family with an
+// L7Policy, on the node's address of the family, at a port of the agent's range that the
+// listener keeps while it exists. It is safe for concurrent use.
+type Listeners struct {
 	proxy *proxy.Proxy
-	opts  L7Options
+	opts  Options
 
 	mu        sync.Mutex
 	listeners map[string]proxy.Config // by listener name: namespace/service/port/family
 	ports     map[string]uint16       // the port each listener name holds
 }
 
-func newL7(p *proxy.Proxy, o L7Options) *l7 {
-	return &l7{proxy: p, opts: o, listeners: map[string]proxy.Config{}, ports: map[string]uint16{}}
+// NewListeners returns the listeners of p, with ports from o's range.
+func NewListeners(p *proxy.Proxy, o Options) *Listeners {
+	return &Listeners{proxy: p, opts: o, listeners: map[string]proxy.Config{}, ports: map[string]uint16{}}
 }
 
-// set makes the listeners of one Service these (by port and family; none: the Service has
+// Set makes the listeners of one Service these (by port and family; none: the Service has
 // no L7Policy here), and returns where each that listens is. What cannot listen is a
 // problem: that port keeps its connection balancing.
-func (l *l7) set(svc types.NamespacedName, want map[loadbalancer.ProxyKey]proxy.Config) (map[loadbalancer.ProxyKey]netip.AddrPort, []string) {
+func (l *Listeners) Set(svc types.NamespacedName, want map[loadbalancer.ProxyKey]proxy.Config) (map[loadbalancer.ProxyKey]netip.AddrPort, []string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	prefix := svc.String() + "/"
@@ -85,7 +90,7 @@ func (l *l7) set(svc types.NamespacedName, want map[loadbalancer.ProxyKey]proxy.
 }
 
 // port returns the port a listener holds, or a free one of the range.
-func (l *l7) port(name string) (uint16, bool) {
+func (l *Listeners) port(name string) (uint16, bool) {
 	if p, ok := l.ports[name]; ok {
 		return p, true
 	}
@@ -102,11 +107,11 @@ func (l *l7) port(name string) (uint16, bool) {
 	return 0, false
 }
 
-// l7Listeners turns the L7Policy that won each port of svc (by port name, "" for an unnamed
+// Want turns the L7Policy that won each port of svc (by port name, "" for an unnamed
 // one, as the operator resolves them) into the proxy's
 // listeners on this node: one per family the Service has and the node has an address of, with
 // the port's ready endpoints as backends (terminating ones drain).
-func l7Listeners(node loadbalancer.Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, won map[string]*lbv1.L7Policy) (map[loadbalancer.ProxyKey]proxy.Config, []string) {
+func Want(node loadbalancer.Node, svc *corev1.Service, endpointSlices []*discoveryv1.EndpointSlice, won map[string]*lbv1.L7Policy) (map[loadbalancer.ProxyKey]proxy.Config, []string) {
 	out := map[loadbalancer.ProxyKey]proxy.Config{}
 	var problems []string
 	for _, port := range svc.Spec.Ports {
@@ -118,7 +123,7 @@ func l7Listeners(node loadbalancer.Node, svc *corev1.Service, endpointSlices []*
 			problems = append(problems, fmt.Sprintf("L7Policy %s: port %s is %s; the L7 proxy takes TCP only", p.Name, loadbalancer.PortName(port), port.Protocol))
 			continue
 		}
-		cfg, err := l7Config(&p.Spec)
+		cfg, err := ProxyConfig(&p.Spec)
 		if err != nil {
 			problems = append(problems, fmt.Sprintf("L7Policy %s: %v", p.Name, err))
 			continue
@@ -143,9 +148,9 @@ func l7Listeners(node loadbalancer.Node, svc *corev1.Service, endpointSlices []*
 	return out, problems
 }
 
-// l7Config is the proxy's side of an L7Policy. The API server fills in the CRD's defaults;
+// ProxyConfig is the proxy's side of an L7Policy. The API server fills in the CRD's defaults;
 // retryOn has none there (empty means every safe failure).
-func l7Config(s *lbv1.L7PolicySpec) (proxy.Config, error) {
+func ProxyConfig(s *lbv1.L7PolicySpec) (proxy.Config, error) {
 	c := proxy.Config{Protocol: proxy.Protocol(s.Protocol), Algorithm: proxy.Algorithm(cmp.Or(s.Algorithm, string(proxy.RoundRobin)))}
 	var err error
 	d := func(v lbv1.Duration, def time.Duration) time.Duration {
@@ -177,9 +182,9 @@ func l7Config(s *lbv1.L7PolicySpec) (proxy.Config, error) {
 	return c, err
 }
 
-// l7Programmed lists the L7Policies programmed for svc: those with a listener for each of
+// Programmed lists the L7Policies programmed for svc: those with a listener for each of
 // their ports, every one open.
-func l7Programmed(svc *corev1.Service, won map[string]*lbv1.L7Policy, want map[loadbalancer.ProxyKey]proxy.Config, open map[loadbalancer.ProxyKey]netip.AddrPort) []lbv1.ProgrammedPolicy {
+func Programmed(svc *corev1.Service, won map[string]*lbv1.L7Policy, want map[loadbalancer.ProxyKey]proxy.Config, open map[loadbalancer.ProxyKey]netip.AddrPort) []lbv1.ProgrammedPolicy {
 	ok := map[*lbv1.L7Policy]bool{}
 	for _, port := range svc.Spec.Ports {
 		p := won[port.Name]
