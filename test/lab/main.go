@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -280,19 +281,31 @@ func leaveCgroup(dir string) error {
 	return lab.RemoveCgroup(dir)
 }
 
-// waitWeb waits until the web Service has its addresses, every web pod is ready and a node
+// waitWeb waits until the web Service has its addresses, every web pod is ready and listed
+// ready in the Service's EndpointSlices of each family (a pod is ready a moment before the
+// EndpointSlice controller says so, and only then do the agents balance over it), and a node
 // announces each address; it returns the Service and who announces what.
 func waitWeb(ctx context.Context, c client.Client, lc *lab.Cluster) (*corev1.Service, map[string]string, error) {
 	var svc corev1.Service
 	var dep appsv1.Deployment
 	var agents lbv1.NodeAgentList
+	var slices discoveryv1.EndpointSliceList
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		errSvc := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "web"}, &svc)
 		errDep := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "web"}, &dep)
 		errAgents := c.List(ctx, &agents)
-		if err := errors.Join(errSvc, errDep, errAgents); err != nil {
+		errSlices := c.List(ctx, &slices, client.InNamespace("default"), client.MatchingLabels{discoveryv1.LabelServiceName: "web"})
+		if err := errors.Join(errSvc, errDep, errAgents, errSlices); err != nil {
 			return nil, nil, err
+		}
+		listed := map[discoveryv1.AddressType]int32{}
+		for _, es := range slices.Items {
+			for _, e := range es.Endpoints {
+				if e.Conditions.Ready == nil || *e.Conditions.Ready {
+					listed[es.AddressType]++
+				}
+			}
 		}
 		announced := map[string]string{}
 		for _, a := range agents.Items {
@@ -303,6 +316,9 @@ func waitWeb(ctx context.Context, c client.Client, lc *lab.Cluster) (*corev1.Ser
 		all := len(svc.Status.LoadBalancer.Ingress) > 0
 		for _, in := range svc.Status.LoadBalancer.Ingress {
 			all = all && announced[in.IP] != ""
+		}
+		for _, f := range svc.Spec.IPFamilies {
+			all = all && listed[discoveryv1.AddressType(f)] == *dep.Spec.Replicas
 		}
 		if all && dep.Status.ReadyReplicas == *dep.Spec.Replicas {
 			return &svc, announced, nil
@@ -315,8 +331,8 @@ func waitWeb(ctx context.Context, c client.Client, lc *lab.Cluster) (*corev1.Ser
 		case <-time.After(200 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			return nil, nil, fmt.Errorf("after 60 s the web Service has addresses %v (announced: %v) and %d of %d pods are ready; see the logs in %s",
-				svc.Status.LoadBalancer.Ingress, announced, dep.Status.ReadyReplicas, *dep.Spec.Replicas, logs)
+			return nil, nil, fmt.Errorf("after 60 s the web Service has addresses %v (announced: %v), %d of %d pods are ready, and its EndpointSlices list %v ready; see the logs in %s",
+				svc.Status.LoadBalancer.Ingress, announced, dep.Status.ReadyReplicas, *dep.Spec.Replicas, listed, logs)
 		}
 	}
 }
