@@ -102,17 +102,6 @@ func run(t *testing.T, mgr manager.Manager) (stop func()) {
 	return stop
 }
 
-// startAPI starts an API server for the test.
-func startAPI(t *testing.T) *testenv.Env {
-	testenv.NeedAPI(t)
-	env, err := testenv.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = env.Stop() })
-	return env
-}
-
 // startAgent loads the datapath (pinned under pins when set), attaches it to the node's
 // cgroup and runs an agent for node n1 on it, with its metrics in reg. stop ends the agent
 // and closes the datapath; pins stay.
@@ -183,7 +172,7 @@ func (n *node) web(vip netip.AddrPort) (*corev1.Service, *discoveryv1.EndpointSl
 
 func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 	n := newNode(t)
-	env := startAPI(t)
+	env := testenv.StartFor(t)
 	_, reg := n.startAgent(env, "")
 	ctx, c := context.Background(), env.Client
 	vip := netip.MustParseAddrPort("10.96.7.7:80")
@@ -230,7 +219,7 @@ func TestAgentProgramsServicesFromTheAPI(t *testing.T) {
 // and follows the API again; the connection lives through it all.
 func TestAgentRestartKeepsServing(t *testing.T) {
 	n := newNode(t)
-	env := startAPI(t)
+	env := testenv.StartFor(t)
 	pins := filepath.Join(nstest.BPFFS(t), "n1")
 	stop, _ := n.startAgent(env, pins)
 	ctx, c := context.Background(), env.Client
@@ -291,7 +280,7 @@ func (n *node) hold(to netip.AddrPort) (say func(), replies func() string) {
 // Service: 200 with a ready endpoint on this node, 503 without, gone with the Service.
 func TestAgentHealthCheckNodePort(t *testing.T) {
 	n := newNode(t)
-	env := startAPI(t)
+	env := testenv.StartFor(t)
 	n.startAgent(env, "")
 	ctx, c := context.Background(), env.Client
 	svc, slice := n.web(netip.MustParseAddrPort("10.96.7.9:80"))
@@ -340,7 +329,7 @@ func TestAgentHealthCheckNodePort(t *testing.T) {
 // to a Service sets its frontends, that what the node cannot do becomes an Event, and that
 // removing the policy restores the Service's own settings.
 func TestAgentAppliesServicePolicies(t *testing.T) {
-	env := startAPI(t)
+	env := testenv.StartFor(t)
 	rec := &lbtest.Recorder{}
 	mgr, err := NewManager(env.Config, rec, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
 		Registry: prometheus.NewRegistry(), Recheck: 100 * time.Millisecond})
@@ -414,7 +403,7 @@ func TestAgentAppliesServicePolicies(t *testing.T) {
 // The agent keeps a Lease the operator reads to tell it is alive: renewed four times per
 // duration, owned by nobody else, gone when the agent stops cleanly.
 func TestAgentKeepsItsLease(t *testing.T) {
-	env := startAPI(t)
+	env := testenv.StartFor(t)
 	mgr, err := NewManager(env.Config, &lbtest.Recorder{}, Options{NodeName: "n1", MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
 		Registry: prometheus.NewRegistry(), LeaseNamespace: "default", LeaseDuration: time.Second})
 	if err != nil {

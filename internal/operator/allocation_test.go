@@ -16,6 +16,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 func TestServiceGetsAnAddressAndReleasesItOnDelete(t *testing.T) {
@@ -58,7 +59,7 @@ func TestTypeChangeAwayFromLoadBalancerReleasesTheAddress(t *testing.T) {
 	f.service("web", nil)
 	ip := f.waitAllocated("web", 1)[0]
 	f.update("web", toClusterIP)
-	eventually(t, func() error {
+	wait.For(t, "", func() error {
 		s := f.get("web")
 		if len(s.Status.LoadBalancer.Ingress) > 0 || meta.FindStatusCondition(s.Status.Conditions, lbv1.ServiceConditionIPAllocated) != nil {
 			return fmt.Errorf("status still has %v / %v", ingress(s), s.Status.Conditions)
@@ -221,7 +222,7 @@ func TestPoolEditsMoveOnlyAffectedServicesAndOverlapsConflict(t *testing.T) {
 	f.waitIPs("on-b", "192.0.2.72")
 
 	// Shrink pool a past its first address: on-a moves, on-b does not.
-	eventually(t, func() error {
+	wait.For(t, "", func() error {
 		var p lbv1.LBPool
 		if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(a), &p); err != nil {
 			return err
@@ -295,7 +296,7 @@ func TestRestartKeepsEveryAddress(t *testing.T) {
 
 func waitPool(t *testing.T, name string, check func(*lbv1.LBPool) error) {
 	t.Helper()
-	eventually(t, func() error {
+	wait.For(t, "", func() error {
 		var p lbv1.LBPool
 		if err := env.Client.Get(context.Background(), client.ObjectKey{Name: name}, &p); err != nil {
 			return err

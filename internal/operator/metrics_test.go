@@ -13,6 +13,7 @@ import (
 
 	"github.com/portico-dev/portico/internal/allocator"
 	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // The operator's metrics follow what it does: a pool's allocated and available addresses
@@ -52,7 +53,7 @@ func TestOperatorMetrics(t *testing.T) {
 	}
 	want := func(name string, labels map[string]string, v string) {
 		t.Helper()
-		eventually(t, func() error {
+		wait.For(t, "", func() error {
 			if got := value(name, labels); got != v {
 				return fmt.Errorf("%s%v = %q; want %q", name, labels, got, v)
 			}

@@ -16,6 +16,7 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/nodeagent"
 	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // A NodeAgent says what its agent last did; once the agent's Lease lapses (or it never had
@@ -62,7 +63,7 @@ func TestLostAgentsAreMarked(t *testing.T) {
 	}
 	lost := func(node string) {
 		t.Helper()
-		eventually(t, func() error {
+		wait.For(t, "", func() error {
 			if s, r, n := state(node); s != metav1.ConditionUnknown || r != nodeagent.ReasonLost || n != 0 {
 				return fmt.Errorf("%s: Ready=%s (%s), %d announcements and peers", node, s, r, n)
 			}

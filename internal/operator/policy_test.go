@@ -14,6 +14,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 func TestPolicyStatusSaysWhatApplies(t *testing.T) {
@@ -43,7 +44,7 @@ func TestPolicyStatusSaysWhatApplies(t *testing.T) {
 
 	waitPolicy := func(obj client.Object, status func() *lbv1.PolicyStatus, accepted metav1.ConditionStatus, reason, conflict, text string, attached int32) {
 		t.Helper()
-		eventually(t, func() error {
+		wait.For(t, "", func() error {
 			if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(obj), obj); err != nil {
 				return err
 			}
@@ -100,9 +101,9 @@ func TestPolicyProgrammedFollowsNodeAgents(t *testing.T) {
 		}
 		writeNodeAgent(t, node, st)
 	}
-	wait := func(want metav1.ConditionStatus, reason, text string, nodes int32) {
+	expect := func(want metav1.ConditionStatus, reason, text string, nodes int32) {
 		t.Helper()
-		eventually(t, func() error {
+		wait.For(t, "", func() error {
 			if err := env.Client.Get(ctx, client.ObjectKeyFromObject(pol), pol); err != nil {
 				return err
 			}
@@ -118,19 +119,19 @@ func TestPolicyProgrammedFollowsNodeAgents(t *testing.T) {
 	report(name("a"), true, 1)
 	report(name("b"), true)
 	report(name("down"), false)
-	wait(metav1.ConditionFalse, "Pending", "programmed on 1 of 2 nodes with a ready agent; not yet on "+name("b"), 1)
+	expect(metav1.ConditionFalse, "Pending", "programmed on 1 of 2 nodes with a ready agent; not yet on "+name("b"), 1)
 	report(name("b"), true, 1)
-	wait(metav1.ConditionTrue, "Programmed", "programmed on all 2 nodes", 2)
+	expect(metav1.ConditionTrue, "Programmed", "programmed on all 2 nodes", 2)
 
 	// A new generation is programmed nowhere until the agents say so.
 	pol.Spec.SourceRanges = []string{"192.0.2.0/24"}
 	if err := env.Client.Update(ctx, pol); err != nil {
 		t.Fatal(err)
 	}
-	wait(metav1.ConditionFalse, "Pending", "programmed on 0 of 2", 0)
+	expect(metav1.ConditionFalse, "Pending", "programmed on 0 of 2", 0)
 	report(name("a"), true, 2)
 	report(name("b"), true, 2)
-	wait(metav1.ConditionTrue, "Programmed", "programmed on all 2 nodes", 2)
+	expect(metav1.ConditionTrue, "Programmed", "programmed on all 2 nodes", 2)
 }
 
 // An L7Policy is Programmed once every node with a ready agent reports it as an L7Policy: a
@@ -151,9 +152,9 @@ func TestL7PolicyProgrammedFollowsNodeAgents(t *testing.T) {
 		writeNodeAgent(t, node, lbv1.NodeAgentStatus{Conditions: []metav1.Condition{{Type: lbv1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Test", LastTransitionTime: metav1.Now()}},
 			Policies: []lbv1.ProgrammedPolicy{{Kind: kind, Namespace: f.ns, Name: "spread", Generation: 1}}})
 	}
-	wait := func(want metav1.ConditionStatus, text string) {
+	expect := func(want metav1.ConditionStatus, text string) {
 		t.Helper()
-		eventually(t, func() error {
+		wait.For(t, "", func() error {
 			if err := env.Client.Get(ctx, client.ObjectKeyFromObject(pol), pol); err != nil {
 				return err
 			}
@@ -165,7 +166,7 @@ func TestL7PolicyProgrammedFollowsNodeAgents(t *testing.T) {
 		})
 	}
 	report("ServicePolicy")
-	wait(metav1.ConditionFalse, "not yet on "+node)
+	expect(metav1.ConditionFalse, "not yet on "+node)
 	report("L7Policy")
-	wait(metav1.ConditionTrue, "programmed on all")
+	expect(metav1.ConditionTrue, "programmed on all")
 }

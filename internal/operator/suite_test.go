@@ -26,6 +26,7 @@ import (
 	"github.com/portico-dev/portico/internal/controller/servicelb"
 	"github.com/portico-dev/portico/internal/operator"
 	"github.com/portico-dev/portico/test/harness/testenv"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 var env *testenv.Env
@@ -160,7 +161,7 @@ func (f *fixture) get(name string) *corev1.Service {
 // update re-reads a Service and applies a change, retrying on conflicts.
 func (f *fixture) update(name string, mutate func(*corev1.Service)) {
 	f.t.Helper()
-	eventually(f.t, func() error {
+	wait.For(f.t, "", func() error {
 		s := f.get(name)
 		mutate(s)
 		return env.Client.Update(context.Background(), s)
@@ -185,7 +186,7 @@ func ingress(s *corev1.Service) []string {
 // waitIPs waits until a Service's status lists exactly these addresses.
 func (f *fixture) waitIPs(name string, want ...string) {
 	f.t.Helper()
-	eventually(f.t, func() error {
+	wait.For(f.t, "", func() error {
 		if got := ingress(f.get(name)); !slices.Equal(got, want) {
 			return fmt.Errorf("%s has %v, want %v", name, got, want)
 		}
@@ -197,7 +198,7 @@ func (f *fixture) waitIPs(name string, want ...string) {
 func (f *fixture) waitAllocated(name string, n int) []string {
 	f.t.Helper()
 	var got []string
-	eventually(f.t, func() error {
+	wait.For(f.t, "", func() error {
 		if got = ingress(f.get(name)); len(got) != n {
 			return fmt.Errorf("%s has %v, want %d addresses", name, got, n)
 		}
@@ -210,7 +211,7 @@ func (f *fixture) waitAllocated(name string, n int) []string {
 func (f *fixture) waitCondition(name string, status metav1.ConditionStatus, reason string) *metav1.Condition {
 	f.t.Helper()
 	var c *metav1.Condition
-	eventually(f.t, func() error {
+	wait.For(f.t, "", func() error {
 		c = meta.FindStatusCondition(f.get(name).Status.Conditions, lbv1.ServiceConditionIPAllocated)
 		if c == nil || c.Status != status || c.Reason != reason {
 			return fmt.Errorf("condition of %s is %+v, want %s/%s", name, c, status, reason)
@@ -223,7 +224,7 @@ func (f *fixture) waitCondition(name string, status metav1.ConditionStatus, reas
 // waitEvent waits for an Event on an object with this reason whose message contains text.
 func (f *fixture) waitEvent(ns, object, reason, text string) {
 	f.t.Helper()
-	eventually(f.t, func() error {
+	wait.For(f.t, "", func() error {
 		var evs corev1.EventList
 		if err := env.Client.List(context.Background(), &evs, client.InNamespace(ns)); err != nil {
 			return err
@@ -237,21 +238,6 @@ func (f *fixture) waitEvent(ns, object, reason, text string) {
 		}
 		return fmt.Errorf("no Event %s %q on %s; have %v", reason, text, object, seen)
 	})
-}
-
-func eventually(t *testing.T, check func() error) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		err := check()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // never checks for a while that something does not happen.

@@ -30,11 +30,7 @@ func TestInstallManifestApplies(t *testing.T) {
 			t.Errorf("no %s in dist/install.yaml (%v)", want, kinds)
 		}
 	}
-	env, err := testenv.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = env.Stop() })
+	env := testenv.StartFor(t)
 	ctx := context.Background()
 	for _, u := range objs {
 		if u.GetKind() == "Namespace" {

@@ -20,6 +20,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // Three agents, each in its own node namespace, turn Services and EndpointSlices into
@@ -62,13 +63,13 @@ func (c *cluster) clusterIP(t *testing.T) {
 	}
 	for f, fam := range families {
 		t.Run(fam, func(t *testing.T) {
-			eventually(t, "reach the ClusterIP", func() error { return answered(f, vip(f, 80), 1, c.web[1], c.web[2]) })
+			wait.For(t, "reach the ClusterIP", func() error { return answered(f, vip(f, 80), 1, c.web[1], c.web[2]) })
 		})
 	}
 	c.endpoints(t, "cip", c.web[2])
 	for f, fam := range families {
 		t.Run(fam+"/scaled down", func(t *testing.T) {
-			eventually(t, "only web-3 answers", func() error { return answered(f, vip(f, 80), 5, c.web[2]) })
+			wait.For(t, "only web-3 answers", func() error { return answered(f, vip(f, 80), 5, c.web[2]) })
 		})
 	}
 	c.endpoints(t, "cip", c.web[0], c.web[1], c.web[2])
@@ -78,8 +79,8 @@ func (c *cluster) clusterIP(t *testing.T) {
 	c.update(t, svc, func(s *corev1.Service) { s.Spec.Ports[0].Port = 90 })
 	for f, fam := range families {
 		t.Run(fam+"/port changed", func(t *testing.T) {
-			eventually(t, "port 90 answers", func() error { return answered(f, vip(f, 90), 1, c.web...) })
-			eventually(t, "port 80 is gone", func() error {
+			wait.For(t, "port 90 answers", func() error { return answered(f, vip(f, 90), 1, c.web...) })
+			wait.For(t, "port 80 is gone", func() error {
 				if got := c.dialFromProbe(t, vip(f, 80)); isEcho(got) {
 					return fmt.Errorf("port 80 still answers: %q", got)
 				}
@@ -92,7 +93,7 @@ func (c *cluster) clusterIP(t *testing.T) {
 	}
 	for f, fam := range families {
 		t.Run(fam+"/deleted", func(t *testing.T) {
-			eventually(t, "the ClusterIP is gone", func() error {
+			wait.For(t, "the ClusterIP is gone", func() error {
 				if got := c.dialFromProbe(t, vip(f, 90)); isEcho(got) {
 					return fmt.Errorf("still answers: %q", got)
 				}
@@ -110,7 +111,7 @@ func (c *cluster) nodePort(t *testing.T) {
 		t.Run(fam, func(t *testing.T) {
 			for i, node := range c.net.Nodes {
 				to := netip.AddrPortFrom(node.IPs[f], port)
-				eventually(t, "reach "+to.String(), func() error {
+				wait.For(t, "reach "+to.String(), func() error {
 					answer, err := c.dial(netip.AddrPort{}, to)
 					if err != nil {
 						return err
@@ -139,7 +140,7 @@ func (c *cluster) nodePort(t *testing.T) {
 	for f, fam := range families {
 		t.Run(fam+"/back to ClusterIP", func(t *testing.T) {
 			to := netip.AddrPortFrom(c.net.Nodes[2].IPs[f], port)
-			eventually(t, "the NodePort is released", func() error {
+			wait.For(t, "the NodePort is released", func() error {
 				if _, err := c.dial(netip.AddrPort{}, to); !refused(err) {
 					return fmt.Errorf("dial %s: %v, want connection refused", to, err)
 				}
@@ -189,7 +190,7 @@ func (c *cluster) loadBalancer(t *testing.T) {
 				}
 				return nil
 			}
-			eventually(t, "one pod answers every connection", same)
+			wait.For(t, "one pod answers every connection", same)
 		})
 	}
 	if err := c.c.Delete(context.Background(), svc); err != nil {
@@ -197,7 +198,7 @@ func (c *cluster) loadBalancer(t *testing.T) {
 	}
 	for f, fam := range families {
 		t.Run(fam+"/deleted", func(t *testing.T) {
-			eventually(t, "the addresses are gone", func() error {
+			wait.For(t, "the addresses are gone", func() error {
 				for _, a := range []netip.Addr{lbIPs[f], netip.MustParseAddr(external[f])} {
 					if answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(a, 80)); err == nil {
 						return fmt.Errorf("%s still answers: %q", a, answer)
@@ -226,7 +227,7 @@ func (c *cluster) externalLocal(t *testing.T) {
 		}
 		for _, a := range c.net.Nodes[node].IPs {
 			url := fmt.Sprintf("http://%s/", netip.AddrPortFrom(a, uint16(svc.Spec.HealthCheckNodePort)))
-			eventually(t, "GET "+url, func() error {
+			wait.For(t, "GET "+url, func() error {
 				code, got, err := c.get(url)
 				if err != nil || code != want || !strings.Contains(got, body) {
 					return fmt.Errorf("got %d %q (%v), want %d with %s", code, got, err, want, body)
@@ -238,7 +239,7 @@ func (c *cluster) externalLocal(t *testing.T) {
 			t.Run(fam, func(t *testing.T) {
 				c.routeVia(t, lbIPs[f], node)
 				to := netip.AddrPortFrom(lbIPs[f], 80)
-				eventually(t, "traffic through "+c.net.Nodes[node].Name, func() error {
+				wait.For(t, "traffic through "+c.net.Nodes[node].Name, func() error {
 					answer, err := c.dial(netip.AddrPort{}, to)
 					if local == nil {
 						if err == nil {
@@ -279,7 +280,7 @@ func (c *cluster) sourceRanges(t *testing.T) {
 	allowed := func(t *testing.T, f int, ok, not netip.Addr) {
 		t.Helper()
 		to := netip.AddrPortFrom(lbIPs[f], 80)
-		eventually(t, fmt.Sprintf("only %s gets through", ok), func() error {
+		wait.For(t, fmt.Sprintf("only %s gets through", ok), func() error {
 			if answer, err := c.dial(netip.AddrPortFrom(not, 0), to); err == nil {
 				return fmt.Errorf("from %s: answered %q", not, answer)
 			}
@@ -332,7 +333,7 @@ func (c *cluster) maglev(t *testing.T) {
 	t.Run("every NodeAgent reports the policy, and the policy says so", func(t *testing.T) {
 		want := lbv1.ProgrammedPolicy{Kind: "ServicePolicy", Namespace: "default", Name: "maglev", Generation: policy.Generation}
 		for _, node := range c.net.Nodes {
-			eventually(t, node.Name+"'s NodeAgent", func() error {
+			wait.For(t, node.Name+"'s NodeAgent", func() error {
 				var na lbv1.NodeAgent
 				if err := c.c.Get(context.Background(), client.ObjectKey{Name: node.Name}, &na); err != nil {
 					return err
@@ -344,7 +345,7 @@ func (c *cluster) maglev(t *testing.T) {
 				return nil
 			})
 		}
-		eventually(t, "the policy's Programmed condition", func() error {
+		wait.For(t, "the policy's Programmed condition", func() error {
 			if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(policy), policy); err != nil {
 				return err
 			}
@@ -361,7 +362,7 @@ func (c *cluster) maglev(t *testing.T) {
 			// The same flows (client address and port), sent once through node-1 and once
 			// through node-2, reach the same pods. At random, 12 flows would agree once in
 			// 500,000 rounds. Each round uses new ports: the nodes remember old flows.
-			eventually(t, "node-1 and node-2 pick alike", func() error {
+			wait.For(t, "node-1 and node-2 pick alike", func() error {
 				round++
 				picks := [2][]string{}
 				for i, node := range []int{0, 1} {
@@ -412,7 +413,7 @@ func (c *cluster) restart(t *testing.T) {
 	conns := make([]*net.TCPConn, len(families))
 	for f := range families {
 		to := netip.AddrPortFrom(lbIPs[f], 80)
-		eventually(t, "connect to "+to.String(), func() error {
+		wait.For(t, "connect to "+to.String(), func() error {
 			conn, err := c.connect(netip.AddrPort{}, to)
 			if err != nil {
 				return err
@@ -487,7 +488,7 @@ func (c *cluster) apiDown(t *testing.T) {
 	// itself (it SNATs to its own address, web-2 being on node-2), so that its state is the
 	// one the row looks at.
 	for f := range families {
-		eventually(t, "node-1 to translate "+lbIPs[f].String()+" itself", func() error {
+		wait.For(t, "node-1 to translate "+lbIPs[f].String()+" itself", func() error {
 			answer, err := c.dial(netip.AddrPort{}, netip.AddrPortFrom(lbIPs[f], 80))
 			if err != nil {
 				return err

@@ -30,6 +30,7 @@ import (
 	"github.com/portico-dev/portico/test/harness/lab"
 	"github.com/portico-dev/portico/test/harness/nstest"
 	"github.com/portico-dev/portico/test/harness/testenv"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // families are the rows of every scenario: index 0 is IPv4, 1 is IPv6, as in lab addresses.
@@ -64,11 +65,7 @@ func start(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	bpffs := nstest.BPFFS(t)
-	env, err := testenv.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = env.Stop() })
+	env := testenv.StartFor(t)
 	logs := filepath.Join(dir, "logs")
 	if err := os.Mkdir(logs, 0o755); err != nil {
 		t.Fatal(err)
@@ -125,7 +122,7 @@ func (c *cluster) pod(t *testing.T, name string, node int, edit func(*corev1.Pod
 		t.Fatal(err)
 	}
 	var p *lab.Pod
-	eventually(t, "pod "+name+" running", func() error {
+	wait.For(t, "pod "+name+" running", func() error {
 		if p = c.lab.Kubelets[node].Pod("default", name); p == nil {
 			var events corev1.EventList
 			_ = c.c.List(context.Background(), &events, client.InNamespace("default"), client.MatchingFields{"involvedObject.name": name})
@@ -301,24 +298,12 @@ func (c *cluster) get(to string) (int, string, error) {
 	return resp.StatusCode, strings.TrimSpace(string(b)), err
 }
 
-// eventually calls check until it returns nil, for up to 15 seconds.
-func eventually(t *testing.T, what string, check func() error) {
-	t.Helper()
-	var err error
-	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if err = check(); err == nil {
-			return
-		}
-	}
-	t.Fatalf("%s: %v", what, err)
-}
-
 // everyPodAnswers dials (through dial) until each of pods has answered, family f, failing
 // on an answer from any other pod.
 func everyPodAnswers(t *testing.T, f int, dial func() (string, error), pods ...*lab.Pod) {
 	t.Helper()
 	seen := map[string]bool{}
-	eventually(t, "answers from "+names(pods), func() error {
+	wait.For(t, "answers from "+names(pods), func() error {
 		answer, err := dial()
 		if err != nil {
 			return err

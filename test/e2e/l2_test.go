@@ -16,6 +16,7 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/nodeagent"
 	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // l2 checks announcement as a router on the segment sees it: arping and ndisc6 get the
@@ -61,7 +62,7 @@ func (c *cluster) l2(t *testing.T) {
 				t.Fatal(err)
 			}
 			took := time.Now()
-			eventually(t, "the client's entry for "+addrs[f].String()+" to move", func() error {
+			wait.For(t, "the client's entry for "+addrs[f].String()+" to move", func() error {
 				if got := c.neighbour(t, addrs[f]); got == macs[dead] || got == "" {
 					return fmt.Errorf("still %q", got)
 				}
@@ -82,7 +83,7 @@ func (c *cluster) l2(t *testing.T) {
 			if err := c.lab.StartAgent(dead); err != nil {
 				t.Fatal(err)
 			}
-			eventually(t, "node-"+fmt.Sprint(dead+1)+" to take "+addrs[f].String()+" back", func() error {
+			wait.For(t, "node-"+fmt.Sprint(dead+1)+" to take "+addrs[f].String()+" back", func() error {
 				if got := c.neighbour(t, addrs[f]); got != macs[dead] {
 					return fmt.Errorf("the client's entry is %q", got)
 				}
@@ -97,7 +98,7 @@ func (c *cluster) l2(t *testing.T) {
 func (c *cluster) addresses(t *testing.T, svc *corev1.Service) []netip.Addr {
 	t.Helper()
 	addrs := make([]netip.Addr, len(families))
-	eventually(t, "addresses for "+svc.Name, func() error {
+	wait.For(t, "addresses for "+svc.Name, func() error {
 		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(svc), svc); err != nil {
 			return err
 		}
@@ -116,7 +117,7 @@ func (c *cluster) addresses(t *testing.T, svc *corev1.Service) []netip.Addr {
 func (c *cluster) announcer(t *testing.T, a netip.Addr) int {
 	t.Helper()
 	found := -1
-	eventually(t, "a node to announce "+a.String(), func() error {
+	wait.For(t, "a node to announce "+a.String(), func() error {
 		found = -1
 		for i, n := range c.net.Nodes {
 			var agent lbv1.NodeAgent
@@ -149,7 +150,7 @@ func (c *cluster) hears(t *testing.T, i int, want ...int) {
 		names = append(names, c.net.Nodes[j].Name)
 	}
 	slices.Sort(names)
-	eventually(t, fmt.Sprintf("%s to hear %v", c.net.Nodes[i].Name, names), func() error {
+	wait.For(t, fmt.Sprintf("%s to hear %v", c.net.Nodes[i].Name, names), func() error {
 		var agent lbv1.NodeAgent
 		if err := c.c.Get(context.Background(), client.ObjectKey{Name: c.net.Nodes[i].Name}, &agent); err != nil {
 			return err
@@ -176,7 +177,7 @@ func others(n int, but ...int) []int {
 // Ready=Unknown, announcing nothing.
 func (c *cluster) lost(t *testing.T, i int) {
 	t.Helper()
-	eventually(t, c.net.Nodes[i].Name+"'s NodeAgent to be marked lost", func() error {
+	wait.For(t, c.net.Nodes[i].Name+"'s NodeAgent to be marked lost", func() error {
 		var agent lbv1.NodeAgent
 		if err := c.c.Get(context.Background(), client.ObjectKey{Name: c.net.Nodes[i].Name}, &agent); err != nil {
 			return err

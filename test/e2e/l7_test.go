@@ -26,6 +26,7 @@ import (
 	"github.com/portico-dev/portico/test/harness/greeter"
 	"github.com/portico-dev/portico/test/harness/lab"
 	"github.com/portico-dev/portico/test/harness/nstest"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // l7 checks per-request balancing: curl in a pod on node-1 sends 30 HTTP/1.1 requests over
@@ -76,7 +77,7 @@ func (c *cluster) curlSpread(t *testing.T, f int, to netip.AddrPort, what string
 		urls[i] = "http://" + to.String() + "/"
 	}
 	var got map[string]int
-	eventually(t, what, func() error {
+	wait.For(t, what, func() error {
 		var out []byte
 		var err error
 		if to.Addr().IsPrivate() { // a cluster IP: from the probe pod, through node-1's socket layer
@@ -200,7 +201,7 @@ func (c *cluster) grpcSeed(t *testing.T) {
 	calls := func(what string, ok func(map[string]int) bool) map[string]int {
 		t.Helper()
 		var got map[string]int
-		eventually(t, what, func() error {
+		wait.For(t, what, func() error {
 			cmd, cg := nstest.CommandIn(t, c.probe.NS, c.net.Nodes[0].Cgroup, os.Args[0])
 			cmd.Env = append(os.Environ(), grpcClientEnv+"="+vip.String())
 			out, err := cmd.Output()
@@ -247,7 +248,7 @@ func (c *cluster) grpcSeed(t *testing.T) {
 		return sum == 300 && lo > 0 && float64(hi) <= 1.2*float64(lo)
 	})
 	t.Logf("with the L7Policy: %v", got)
-	eventually(t, "the L7Policy Programmed on the 3 nodes", func() error {
+	wait.For(t, "the L7Policy Programmed on the 3 nodes", func() error {
 		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(pol), pol); err != nil {
 			return err
 		}

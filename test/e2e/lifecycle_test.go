@@ -21,6 +21,7 @@ import (
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // gate is the readiness gate of the scenario's Deployment: a pod is ready only once the
@@ -120,7 +121,7 @@ func (c *cluster) typeChanges(t *testing.T) {
 	vips := slices.Clone(svc.Spec.ClusterIPs)
 	for f, fam := range families {
 		t.Run(fam+"/ExternalName to ClusterIP", func(t *testing.T) {
-			eventually(t, "the new ClusterIP answers", func() error {
+			wait.For(t, "the new ClusterIP answers", func() error {
 				_, err := answeredBy(c.dialFromProbe(t, netip.AddrPortFrom(netip.MustParseAddr(vips[f]), 80)), f, c.web[1])
 				return err
 			})
@@ -131,7 +132,7 @@ func (c *cluster) typeChanges(t *testing.T) {
 	})
 	for f, fam := range families {
 		t.Run(fam+"/ClusterIP to ExternalName", func(t *testing.T) {
-			eventually(t, "the old ClusterIP is gone", func() error {
+			wait.For(t, "the old ClusterIP is gone", func() error {
 				if got := c.dialFromProbe(t, netip.AddrPortFrom(netip.MustParseAddr(vips[f]), 80)); isEcho(got) {
 					return fmt.Errorf("still answers: %q", got)
 				}
@@ -181,7 +182,7 @@ func (c *cluster) poolLifecycle(t *testing.T) {
 	setDisabled(true)
 	for f, fam := range families {
 		t.Run(fam+"/withdrawn", func(t *testing.T) {
-			eventually(t, "the address is withdrawn and carries nothing", func() error {
+			wait.For(t, "the address is withdrawn and carries nothing", func() error {
 				if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(svc), svc); err != nil {
 					return err
 				}
@@ -212,7 +213,7 @@ func (c *cluster) unknownImage(t *testing.T) {
 	if err := c.c.Create(context.Background(), pod); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "Pending with an Event", func() error {
+	wait.For(t, "Pending with an Event", func() error {
 		if err := c.c.Get(context.Background(), client.ObjectKeyFromObject(pod), pod); err != nil {
 			return err
 		}
@@ -243,7 +244,7 @@ func (c *cluster) unknownImage(t *testing.T) {
 func (c *cluster) running(t *testing.T, app string, n int) []*lab.Pod {
 	t.Helper()
 	var out []*lab.Pod
-	eventually(t, fmt.Sprintf("%d pods of %s running", n, app), func() error {
+	wait.For(t, fmt.Sprintf("%d pods of %s running", n, app), func() error {
 		var pods corev1.PodList
 		if err := c.c.List(context.Background(), &pods, client.InNamespace("default"), client.MatchingLabels{"app": app}); err != nil {
 			return err
@@ -294,7 +295,7 @@ func (c *cluster) scale(t *testing.T, name string, replicas int32) {
 // (TcpExtLockDroppedIcmps) until the retransmitted SYN is refused (docs/datapath.md).
 func (c *cluster) rejects(t *testing.T, to netip.AddrPort) {
 	t.Helper()
-	eventually(t, "connections to "+to.String()+" are refused", func() error {
+	wait.For(t, "connections to "+to.String()+" are refused", func() error {
 		conn, err := c.connectWithin(netip.AddrPort{}, to, 3*time.Second)
 		if err == nil {
 			conn.Close()
@@ -309,7 +310,7 @@ func (c *cluster) rejects(t *testing.T, to netip.AddrPort) {
 // onlyFrom checks that, eventually, ten connections in a row from the client reach only pods.
 func (c *cluster) onlyFrom(t *testing.T, f int, to netip.AddrPort, pods ...*lab.Pod) {
 	t.Helper()
-	eventually(t, "only "+names(pods)+" answer", func() error {
+	wait.For(t, "only "+names(pods)+" answer", func() error {
 		for range 10 {
 			answer, err := c.dial(netip.AddrPort{}, to)
 			if err == nil {

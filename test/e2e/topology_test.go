@@ -9,6 +9,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // topology: the EndpointSlice controller hints endpoints for trafficDistribution, and every
@@ -75,7 +76,7 @@ func (c *cluster) topology(t *testing.T) {
 // answering (an old spread over more pods gives that by chance once in a million rounds).
 func onlyFrom(t *testing.T, f int, what string, dial func() (string, error), pods ...*lab.Pod) {
 	t.Helper()
-	eventually(t, what+": answers from "+names(pods)+" alone", func() error {
+	wait.For(t, what+": answers from "+names(pods)+" alone", func() error {
 		seen := map[*lab.Pod]bool{}
 		for range 20 {
 			answer, err := dial()

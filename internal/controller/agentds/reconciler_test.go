@@ -60,12 +60,7 @@ func await(t *testing.T, c client.Client, what string, ok func(*appsv1.DaemonSet
 }
 
 func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
-	testenv.NeedAPI(t)
-	env, err := testenv.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() { _ = env.Stop() }()
+	env := testenv.StartFor(t)
 	ctx, c := context.Background(), env.Client
 	stop := start(t, env, "v1")
 

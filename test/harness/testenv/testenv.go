@@ -79,6 +79,19 @@ func NeedAPI(t testing.TB) {
 	}
 }
 
+// StartFor starts an API server for a test or benchmark and stops it at its end; without
+// kube-apiserver (or with -short) it skips, as NeedAPI.
+func StartFor(t testing.TB) *Env {
+	t.Helper()
+	NeedAPI(t)
+	env, err := Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Stop() })
+	return env
+}
+
 // Start starts etcd and kube-apiserver (on a free port) and installs the CRDs.
 func Start() (*Env, error) { return StartOn(0) }
 
