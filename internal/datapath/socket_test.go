@@ -46,12 +46,6 @@ func client(target string) {
 	case "tcp-hold":
 		hold(addr)
 		return
-	case "tcp-blocks":
-		connectBlocks()
-		return
-	case "tcp-wait":
-		nstest.WaitConnect(addr)
-		return
 	}
 	conn, err := net.DialTimeout(proto, addr, 2*time.Second)
 	if err != nil {
@@ -161,7 +155,6 @@ type topology struct {
 	t                       testing.TB
 	client, backend, cgroup string
 	backIP, backIP6         netip.Addr
-	clientCPU               string // for taskset; empty: any
 }
 
 func newTopology(t testing.TB) *topology {
@@ -170,26 +163,10 @@ func newTopology(t testing.TB) *topology {
 	return &topology{t: t, client: p.Client, backend: p.BackendNS, cgroup: p.Cgroup, backIP: p.Backends[0].Addr(), backIP6: p.Backends[1].Addr()}
 }
 
-func (top *topology) run(args ...string) {
-	top.t.Helper()
-	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-		top.t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-}
-
 // command prepares a client process in the client namespace, outside the test's cgroup (no
-// Portico), on the CPU clientCPU names when set.
+// Portico).
 func (top *topology) command(proto string, addr netip.AddrPort) *exec.Cmd {
-	return top.commandIn(top.client, proto, addr)
-}
-
-// commandIn is command in another namespace.
-func (top *topology) commandIn(netns, proto string, addr netip.AddrPort) *exec.Cmd {
-	args := []string{"ip", "netns", "exec", netns, os.Args[0]}
-	if top.clientCPU != "" {
-		args = append([]string{"taskset", "-c", top.clientCPU}, args...)
-	}
-	cmd := exec.Command(args[0], args[1:]...)
+	cmd := exec.Command("ip", "netns", "exec", top.client, os.Args[0])
 	cmd.Env = append(os.Environ(), helperEnv+"="+proto+" "+addr.String())
 	return cmd
 }
@@ -298,7 +275,7 @@ func entries(t *testing.T, m *ebpf.Map) int {
 	return n
 }
 
-// startClient starts a client that takes orders on stdin ("tcp-hold", "tcp-blocks") and
+// startClient starts a client that takes orders on stdin ("tcp-hold") and
 // returns its stdin and its output lines; the process ends with the test.
 func startClient(t testing.TB, client *exec.Cmd) (io.Writer, *bufio.Scanner) {
 	t.Helper()

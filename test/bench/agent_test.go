@@ -27,6 +27,7 @@ import (
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/test/harness/kubeproxy"
 	"github.com/portico-dev/portico/test/harness/nstest"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // The waiting clients are this test binary run again in a namespace and cgroup.
@@ -35,6 +36,10 @@ const clientEnv = "PORTICO_BENCH_WAIT_CONNECT"
 func TestMain(m *testing.M) {
 	if addr := os.Getenv(clientEnv); addr != "" {
 		nstest.WaitConnect(addr)
+		return
+	}
+	if os.Getenv(blocksEnv) != "" {
+		connectBlocks()
 		return
 	}
 	if r := os.Getenv(roleEnv); r != "" {
@@ -61,7 +66,7 @@ var (
 // gets the same kind of changes in the same run: its first sync and change to traffic.
 // Run it as root with -benchtime 1x.
 func BenchmarkAgentSync(b *testing.B) {
-	env := startAPI(b)
+	env := testenv.StartFor(b)
 	ctx := context.Background()
 	cs := kubernetes.NewForConfigOrDie(env.Config)
 	pair := nstest.NewPair(b, "ptb", 8080, netip.MustParsePrefix("10.253.0.0/30"))

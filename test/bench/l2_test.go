@@ -49,7 +49,7 @@ type heard struct {
 // next kill follows. Run it as root with -benchtime 1x.
 func BenchmarkL2Failover(b *testing.B) {
 	nstest.NeedRoot(b, "creates network namespaces and BPF programs")
-	env := startAPI(b)
+	env := testenv.StartFor(b)
 	ctx := context.Background()
 	dir := b.TempDir()
 	bins, err := testenv.Build(dir, "operator", "agent")
@@ -250,22 +250,12 @@ func BenchmarkL2Failover(b *testing.B) {
 			what string
 			d    []time.Duration
 		}{{"the first ARP/NA from the new node", announced[g]}, {"the first TCP connection through it", connected[g]}} {
-			p50, p99, max := percentiles(row.d)
+			p50, p99, max := pct(row.d, 50).Round(time.Millisecond), pct(row.d, 99).Round(time.Millisecond), pct(row.d, 100).Round(time.Millisecond)
 			fmt.Printf("  %-6s %-40s %9s %9s %9s\n", fam, row.what, p50, p99, max)
 			b.ReportMetric(float64(p50.Milliseconds()), strings.ToLower(fam)+"-"+map[bool]string{true: "announce", false: "connect"}[strings.Contains(row.what, "ARP")]+"-p50-ms")
 		}
 	}
 	fmt.Println("  anchors (published): MetalLB L2 \"a few seconds\" (users report 35 s+); Cilium L2 announcements 10-20 s with default leases; PureLB 2.4-3.8 s")
-}
-
-func percentiles(d []time.Duration) (p50, p99, max time.Duration) {
-	if len(d) == 0 {
-		return 0, 0, 0
-	}
-	s := slices.Clone(d)
-	slices.Sort(s)
-	at := func(q float64) time.Duration { return s[min(len(s)-1, int(q*float64(len(s))))].Round(time.Millisecond) }
-	return at(0.5), at(0.99), s[len(s)-1].Round(time.Millisecond)
 }
 
 // listen reports every ARP packet and neighbour advertisement the router namespace ns

@@ -45,7 +45,7 @@ func envInt(name string, def int) int {
 // them (16 writers) while the operator runs as its own process, and reports how long each
 // waited for its address. The baseline is the API server's own round trip for the create.
 func BenchmarkCreationToIP(b *testing.B) {
-	env := startAPI(b)
+	env := testenv.StartFor(b)
 	ctx := context.Background()
 
 	operatorBin, kubeconfig := build(b, env, "operator")
@@ -168,19 +168,6 @@ func BenchmarkCreationToIP(b *testing.B) {
 		createdAll.Round(time.Millisecond), float64(services)/createdAll.Seconds(), total.Round(time.Millisecond), rss)
 }
 
-// startAPI starts an API server for a benchmark (stopped at its end), or skips the
-// benchmark without kube-apiserver.
-func startAPI(b *testing.B) *testenv.Env {
-	b.Helper()
-	testenv.NeedAPI(b)
-	env, err := testenv.Start()
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = env.Stop() })
-	return env
-}
-
 // build compiles cmd/<name> and writes a kubeconfig for env beside it: what a benchmark
 // needs to run a Portico binary as its own process.
 func build(b *testing.B, env *testenv.Env, name string) (bin, kubeconfig string) {
@@ -198,13 +185,15 @@ func build(b *testing.B, env *testenv.Env, name string) (bin, kubeconfig string)
 	return bin, kubeconfig
 }
 
+// pct is the p-th percentile of d (nearest rank: the smallest sample at or above p percent
+// of them); 0 without samples.
 func pct(d []time.Duration, p int) time.Duration {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	if len(s) == 0 {
+	if len(d) == 0 {
 		return 0
 	}
-	return s[min(len(s)-1, len(s)*p/100)]
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[max(0, (len(s)*p+99)/100-1)]
 }
 
 func rssMiB(pid int) float64 {

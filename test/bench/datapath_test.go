@@ -1,7 +1,9 @@
-package datapath
+package bench
 
 import (
 	"bufio"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -9,17 +11,21 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
 
+	"github.com/portico-dev/portico/internal/datapath"
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/test/harness/kubeproxy"
 	"github.com/portico-dev/portico/test/harness/nstest"
+	"github.com/portico-dev/portico/test/harness/testenv"
 )
 
 // Connection measurements interleave the paths they compare: long-lived client processes
@@ -30,7 +36,10 @@ const (
 	perBlock = 200
 )
 
-// connectBlocks serves the "tcp-blocks" client: for each line "addr count" on stdin it opens
+// blocksEnv turns this test binary into a "tcp-blocks" client (TestMain).
+const blocksEnv = "PORTICO_BENCH_CONNECT_BLOCKS"
+
+// connectBlocks is the "tcp-blocks" client: for each line "addr count" on stdin it opens
 // count connections one after another (connect, one request line, reset) and prints the
 // block's duration and each connect's latency, in nanoseconds, on one line.
 func connectBlocks() {
@@ -65,18 +74,106 @@ type blockClient struct {
 	lines  *bufio.Scanner
 }
 
-// startBlocks starts a "tcp-blocks" client in a namespace, or in the client namespace and
-// Portico's cgroup when netns is empty.
-func (top *topology) startBlocks(netns string) *blockClient {
+// topology is the datapath benchmark's: a client and a backend namespace (nstest.Pair,
+// echo on 10.250.0.2:8080), Portico's socket programs on the client's cgroup, and the CPU
+// the clients run on.
+type topology struct {
+	t         testing.TB
+	pair      *nstest.Pair
+	backIP    netip.Addr
+	clientCPU string // for taskset; empty: any
+}
+
+func newTopology(t testing.TB) *topology {
+	t.Helper()
+	p := nstest.NewPair(t, "ptc", 8080, netip.MustParsePrefix("10.250.0.0/30"))
+	return &topology{t: t, pair: p, backIP: p.Backends[0].Addr()}
+}
+
+func (top *topology) run(args ...string) {
 	top.t.Helper()
-	if netns != "" {
-		orders, lines := startClient(top.t, top.commandIn(netns, "tcp-blocks", netip.AddrPort{}))
-		return &blockClient{orders, lines}
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		top.t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-	cmd, cg := top.clientCmd("tcp-blocks", netip.AddrPort{})
-	defer cg.Close()
-	orders, lines := startClient(top.t, cmd)
-	return &blockClient{orders, lines}
+}
+
+// attach loads Portico's datapath and attaches it to the client's cgroup, until the end.
+func (top *topology) attach() *datapath.Datapath {
+	top.t.Helper()
+	d, err := datapath.Load(datapath.Options{})
+	if err != nil {
+		top.t.Fatal(err)
+	}
+	top.t.Cleanup(func() { _ = d.Close() })
+	if err := d.AttachCgroup(top.pair.Cgroup); err != nil {
+		top.t.Fatal(err)
+	}
+	return d
+}
+
+// command prepares this binary as a client process in netns (in Portico's cgroup when
+// cgroup is set), on the CPU clientCPU names, with env set; the caller closes the returned
+// file, if any, once the process has started.
+func (top *topology) command(netns string, cgroup bool, env string) (*exec.Cmd, *os.File) {
+	top.t.Helper()
+	args := []string{"ip", "netns", "exec", netns, os.Args[0]}
+	if top.clientCPU != "" {
+		args = append([]string{"taskset", "-c", top.clientCPU}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Env = append(os.Environ(), env)
+	if !cgroup {
+		return cmd, nil
+	}
+	cg, err := os.Open(top.pair.Cgroup)
+	if err != nil {
+		top.t.Fatal(err)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	return cmd, cg
+}
+
+// timeToConnect is nstest.TimeToConnect for a client in netns (and Portico's cgroup).
+func (top *topology) timeToConnect(netns string, cgroup bool, to netip.AddrPort, change func()) (time.Duration, error) {
+	cmd, cg := top.command(netns, cgroup, clientEnv+"="+to.String())
+	if cg != nil {
+		defer cg.Close()
+	}
+	return nstest.TimeToConnect(top.t, cmd, change)
+}
+
+// startBlocks starts a "tcp-blocks" client in netns, in Portico's cgroup when cgroup is set.
+func (top *topology) startBlocks(netns string, cgroup bool) *blockClient {
+	top.t.Helper()
+	cmd, cg := top.command(netns, cgroup, blocksEnv+"=1")
+	if cg != nil {
+		defer cg.Close()
+	}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		top.t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		top.t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		top.t.Fatal(err)
+	}
+	top.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return &blockClient{stdin, bufio.NewScanner(stdout)}
+}
+
+// refused says whether a connection from netns to addr is refused: nothing translates it.
+func (top *topology) refused(netns string, addr netip.AddrPort) bool {
+	var err error
+	nstest.Enter(top.t, netns)(func() {
+		var c net.Conn
+		if c, err = net.DialTimeout("tcp", addr.String(), 2*time.Second); err == nil {
+			c.Close()
+		}
+	})
+	return errors.Is(err, syscall.ECONNREFUSED)
 }
 
 // path is one way to reach the backend, and what was measured on it. Blocks go to each of
@@ -143,8 +240,8 @@ func (p *path) rateSince(m mark) float64 {
 // connection to a Service address nobody translates is refused at once, and stays inside
 // the test's namespaces.
 func (top *topology) routeServiceRanges() {
-	top.run("ip", "-n", top.client, "route", "add", "10.96.0.0/12", "via", top.backIP.String())
-	top.run("ip", "-n", top.backend, "route", "add", "local", "10.96.0.0/12", "dev", "lo")
+	top.run("ip", "-n", top.pair.Client, "route", "add", "10.96.0.0/12", "via", top.backIP.String())
+	top.run("ip", "-n", top.pair.BackendNS, "route", "add", "local", "10.96.0.0/12", "dev", "lo")
 }
 
 // kubeProxyNode adds a second client namespace, on its own veth pair to the backend, for
@@ -156,12 +253,12 @@ func (top *topology) kubeProxyNode() (string, netip.Addr) {
 	netns, addr, peer := "ptc-k"+id, netip.MustParseAddr("10.250.1.1"), netip.MustParseAddr("10.250.1.2")
 	top.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", netns).Run() })
 	top.run("ip", "netns", "add", netns)
-	top.run("ip", "link", "add", "ptc-kv"+id, "netns", netns, "type", "veth", "peer", "name", "ptc-kp"+id, "netns", top.backend)
+	top.run("ip", "link", "add", "ptc-kv"+id, "netns", netns, "type", "veth", "peer", "name", "ptc-kp"+id, "netns", top.pair.BackendNS)
 	top.run("ip", "-n", netns, "addr", "add", addr.String()+"/30", "dev", "ptc-kv"+id)
-	top.run("ip", "-n", top.backend, "addr", "add", peer.String()+"/30", "dev", "ptc-kp"+id)
+	top.run("ip", "-n", top.pair.BackendNS, "addr", "add", peer.String()+"/30", "dev", "ptc-kp"+id)
 	top.run("ip", "-n", netns, "link", "set", "lo", "up")
 	top.run("ip", "-n", netns, "link", "set", "ptc-kv"+id, "up")
-	top.run("ip", "-n", top.backend, "link", "set", "ptc-kp"+id, "up")
+	top.run("ip", "-n", top.pair.BackendNS, "link", "set", "ptc-kp"+id, "up")
 	top.run("ip", "-n", netns, "route", "add", top.backIP.String(), "via", peer.String())
 	top.run("ip", "-n", netns, "route", "add", "10.96.0.0/12", "via", peer.String())
 	return netns, addr
@@ -182,25 +279,21 @@ func (top *topology) pinTo(cpu int) {
 	})
 }
 
-func percentiles(xs []time.Duration) (p50, p99 time.Duration) {
-	xs = slices.Clone(xs)
-	slices.Sort(xs)
-	return xs[len(xs)/2], xs[(len(xs)*99+99)/100-1]
-}
-
 // BenchmarkClusterIPConnect measures new connections to a backend namespace through a
 // ClusterIP with 1, 1,000 and 10,000 Services, in one run: directly to the backend (the
 // limit), through Portico (socket layer), and through kube-proxy in iptables and nftables
 // mode reading the same Services from an API server; then how long a new Service takes to
 // carry its first connection with 10,000 there. Run it with -benchtime 1x; it prints a
-// table. Without kube-proxy (see test/kubeproxy) it compares Portico and direct.
+// table. Without kube-proxy (see test/harness/kubeproxy) it compares Portico and direct.
 func BenchmarkClusterIPConnect(b *testing.B) {
+	ctx := context.Background()
 	top := newTopology(b)
 	top.routeServiceRanges()
 	lb := top.attach()
 	backend := netip.AddrPortFrom(top.backIP, 8080)
 	bin, whyNot := kubeproxy.Binary()
-	var api *clusterAPI
+	var cs *kubernetes.Clientset
+	var env *testenv.Env
 	var kpNode string
 	modes := []string{"iptables", "nftables"}
 	if whyNot != nil {
@@ -209,17 +302,17 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 	} else {
 		var nodeIP netip.Addr
 		kpNode, nodeIP = top.kubeProxyNode()
-		api = startClusterAPI(b, nodeIP)
+		env, cs = startClusterAPI(b, nodeIP)
 	}
 	// The backend's server (this process) on one CPU, the clients on the other.
 	top.pinTo(1)
 	if top.clientCPU != "" {
 		top.clientCPU = "0"
 	}
-	plain, inCgroup := top.startBlocks(top.client), top.startBlocks("")
+	plain, inCgroup := top.startBlocks(top.pair.Client, false), top.startBlocks(top.pair.Client, true)
 	var proxiedClient *blockClient
 	if kpNode != "" {
-		proxiedClient = top.startBlocks(kpNode)
+		proxiedClient = top.startBlocks(kpNode, false)
 	}
 	// Portico's frontends and kube-proxy's Services are different addresses, so neither
 	// sees the other's.
@@ -265,12 +358,11 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 		if err := lb.Delete(porticoVIP(n), loadbalancer.TCP, loadbalancer.Internal); err != nil {
 			b.Fatal(err)
 		}
-		if api != nil {
-			var vips []netip.AddrPort
-			for ; created < n; created++ {
-				vips = append(vips, serviceVIP(created))
-			}
-			api.createServices(b, vips, backend)
+		if cs != nil {
+			parallel(b, n-created, func(i int) error {
+				return createService(ctx, cs, created+i, serviceVIP(created+i), []netip.AddrPort{backend})
+			})
+			created = n
 		}
 
 		direct := &path{name: "direct to backend", client: plain, to: []netip.AddrPort{backend}}
@@ -279,8 +371,8 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 		measured := []*path{direct, portico}
 		baseline := map[*path]float64{}
 		for _, mode := range modes {
-			kp := kubeproxy.Start(b, api.env, bin, kpNode, mode, api.node)
-			synced, err := nstest.TimeToConnect(top.t, top.commandIn(kpNode, "tcp-wait", serviceVIP(n-1)), func() {})
+			kp := kubeproxy.Start(b, env, bin, kpNode, mode, kubeProxyNode)
+			synced, err := top.timeToConnect(kpNode, false, serviceVIP(n-1), func() {})
 			if err != nil {
 				b.Fatalf("kube-proxy %s never served %s: %v\n%s", mode, serviceVIP(n-1), err, kp.Tail())
 			}
@@ -293,11 +385,11 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 			if n == 10000 {
 				var took []time.Duration
 				for range kubeProxySamples {
-					vip := serviceVIP(created)
+					i, vip := created, serviceVIP(created)
 					created++
 					time.Sleep(time.Second) // past kube-proxy's minimum sync period: each change waits for nothing else
-					d, err := nstest.TimeToConnect(top.t, top.commandIn(kpNode, "tcp-wait", vip), func() {
-						if err := api.createService(vip, backend); err != nil {
+					d, err := top.timeToConnect(kpNode, false, vip, func() {
+						if err := createService(ctx, cs, i, vip, []netip.AddrPort{backend}); err != nil {
 							b.Fatal(err)
 						}
 					})
@@ -309,15 +401,15 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 				first = append(first, firstConnection{proxied.name, fmtPercentiles(took), fmt.Sprintf("%d Services and EndpointSlices created", kubeProxySamples)})
 			}
 			kp.Stop()
-			if got, _ := top.commandIn(kpNode, "tcp", serviceVIP(n-1)).CombinedOutput(); !strings.Contains(string(got), "refused") {
-				b.Fatalf("kube-proxy %s left its rules behind: %s", mode, got)
+			if !top.refused(kpNode, serviceVIP(n-1)) {
+				b.Fatalf("kube-proxy %s left its rules behind: %s is not refused", mode, serviceVIP(n-1))
 			}
 		}
 		if len(modes) == 0 {
 			interleave(b, direct, portico)
 		}
 		for _, p := range measured {
-			p50, p99 := percentiles(p.latency)
+			p50, p99 := pct(p.latency, 50), pct(p.latency, 99)
 			against, ok := baseline[p]
 			if !ok {
 				against = direct.rate()
@@ -329,13 +421,11 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 			var took []time.Duration
 			for i := range porticoSamples {
 				vip := porticoVIP(n + 1 + i)
-				cmd, cg := top.clientCmd("tcp-wait", vip)
-				d, err := nstest.TimeToConnect(top.t, cmd, func() {
+				d, err := top.timeToConnect(top.pair.Client, true, vip, func() {
 					if err := lb.Update(internal(vip, loadbalancer.TCP, backend)); err != nil {
 						b.Fatal(err)
 					}
 				})
-				cg.Close()
 				if err != nil {
 					b.Fatalf("Portico: new frontend %s: %v", vip, err)
 				}
@@ -353,46 +443,36 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 }
 
 func fmtPercentiles(xs []time.Duration) string {
-	p50, p99 := percentiles(xs)
+	p50, p99 := pct(xs, 50), pct(xs, 99)
 	return fmt.Sprintf("%9s %9s", p50.Round(time.Microsecond), p99.Round(time.Microsecond))
 }
 
-// BenchmarkPacketLayer measures the packet programs per packet with BPF_PROG_TEST_RUN: a
-// packet of an established flow (conntrack hit, DNAT, FIB lookup, redirect) and a packet for
-// the node itself that no frontend matches (the cost every other packet pays), with 1 and
-// 10,000 frontends programmed. Run it with -benchtime 1x; it prints a table.
-func BenchmarkPacketLayer(b *testing.B) {
-	n := newNode(b)
-	const repeat = 200000
-	perPacket := func(in []byte) time.Duration {
-		var took time.Duration
-		var err error
-		n.exec(func() {
-			opts := ebpf.RunOptions{Data: in, Repeat: repeat, Context: skbContext{IngressIfindex: n.ext, Ifindex: n.ext}}
-			t0 := time.Now()
-			_, err = n.d.np.PorticoNodeportIngress.Run(&opts)
-			took = time.Since(t0)
-		})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return took / repeat
+// internal is a frontend for clients on the node.
+func internal(addr netip.AddrPort, proto loadbalancer.Protocol, backend netip.AddrPort) loadbalancer.Frontend {
+	return loadbalancer.Frontend{Address: addr, Protocol: proto, Scope: loadbalancer.Internal,
+		Backends: []loadbalancer.Backend{{Address: backend}}}
+}
+
+// kubeProxyNode is the Node kube-proxy runs as in BenchmarkClusterIPConnect.
+const kubeProxyNode = "portico-bench"
+
+// startClusterAPI starts the API server kube-proxy reads, with its Node at nodeIP (kube-proxy
+// takes its node addresses from the Node object).
+func startClusterAPI(b *testing.B, nodeIP netip.Addr) (*testenv.Env, *kubernetes.Clientset) {
+	b.Helper()
+	env := testenv.StartFor(b)
+	cs, err := kubernetes.NewForConfig(env.Config)
+	if err != nil {
+		b.Fatal(err)
 	}
-	client := netip.MustParseAddrPort("198.51.100.7:40000")
-	backend := local(netip.MustParseAddrPort("10.244.1.10:8080"))
-	fmt.Printf("\nper packet at TC ingress, %d runs each (BPF_PROG_TEST_RUN, one CPU)\n", repeat)
-	fmt.Printf("%-9s %-34s %10s\n", "services", "packet", "time")
-	for _, count := range []int{1, 10000} {
-		for i := range count {
-			addr := netip.AddrPortFrom(netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), 80)
-			if err := n.d.Update(external(addr, loadbalancer.TCP, backend)); err != nil {
-				b.Fatal(err)
-			}
-		}
-		flow := pkt{src: client, dst: netip.MustParseAddrPort("203.0.0.0:80"), proto: loadbalancer.TCP, tcpFlags: tcpACK}.bytes()
-		other := pkt{src: client, dst: netip.MustParseAddrPort("192.0.2.1:22"), proto: loadbalancer.TCP, tcpFlags: tcpACK}.bytes()
-		fmt.Printf("%-9d %-34s %10s\n", count, "established flow (DNAT, redirect)", perPacket(flow))
-		fmt.Printf("%-9d %-34s %10s\n", count, "no frontend (passed on)", perPacket(other))
+	ctx := context.Background()
+	node, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: kubeProxyNode}}, metav1.CreateOptions{})
+	if err != nil {
+		b.Fatal(err)
 	}
-	fmt.Println()
+	node.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: nodeIP.String()}}
+	if _, err := cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{}); err != nil {
+		b.Fatal(err)
+	}
+	return env, cs
 }
