@@ -14,7 +14,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/portico-dev/portico/internal/cli"
-	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/internal/scheme"
 )
 
 const usage = `porticoctl shows what Portico did and why.
@@ -42,11 +42,11 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
-	scheme, err := operator.Scheme()
+	s, err := scheme.New()
 	if err != nil {
 		fail(err)
 	}
-	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	c, err := client.New(cfg, client.Options{Scheme: s})
 	if err != nil {
 		fail(err)
 	}

@@ -21,9 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/ptr"
@@ -50,6 +48,7 @@ import (
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/maglev"
 	"github.com/portico-dev/portico/internal/policy"
+	"github.com/portico-dev/portico/internal/scheme"
 )
 
 // Options configure one agent.
@@ -110,15 +109,12 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 	if o.LeaseDuration < time.Second {
 		return nil, fmt.Errorf("lease duration %v is under the 1 s a Lease can say", o.LeaseDuration)
 	}
-	scheme := runtime.NewScheme()
-	if err := clientgoscheme.AddToScheme(scheme); err != nil {
-		return nil, fmt.Errorf("build scheme: %w", err)
-	}
-	if err := lbv1.AddToScheme(scheme); err != nil {
-		return nil, fmt.Errorf("build scheme: %w", err)
+	s, err := scheme.New()
+	if err != nil {
+		return nil, err
 	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme: scheme,
+		Scheme: s,
 		Cache: cache.Options{
 			// The cache keeps only what the translation reads, and hands out its objects
 			// without copying them: nothing here modifies what it reads.

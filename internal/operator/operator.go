@@ -8,8 +8,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	coordinationv1 "k8s.io/api/coordination/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
@@ -19,12 +17,12 @@ import (
 	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
-	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/internal/controller/lbpool"
 	"github.com/portico-dev/portico/internal/controller/nodeagent"
 	"github.com/portico-dev/portico/internal/controller/policystatus"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
+	"github.com/portico-dev/portico/internal/scheme"
 )
 
 // Options configure the operator.
@@ -58,21 +56,9 @@ type Options struct {
 	LeaderRetryPeriod time.Duration
 }
 
-// Scheme returns a scheme with the built-in types and Portico's.
-func Scheme() (*runtime.Scheme, error) {
-	s := runtime.NewScheme()
-	if err := clientgoscheme.AddToScheme(s); err != nil {
-		return nil, fmt.Errorf("add client-go types: %w", err)
-	}
-	if err := lbv1.AddToScheme(s); err != nil {
-		return nil, fmt.Errorf("add lb.portico.dev types: %w", err)
-	}
-	return s, nil
-}
-
 // NewManager builds the manager with every reconciler registered.
 func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
-	scheme, err := Scheme()
+	s, err := scheme.New()
 	if err != nil {
 		return nil, err
 	}
@@ -81,7 +67,7 @@ func NewManager(cfg *rest.Config, o Options) (ctrl.Manager, error) {
 		cfg.QPS, cfg.Burst = o.QPS, o.Burst
 	}
 	opts := ctrl.Options{
-		Scheme: scheme,
+		Scheme: s,
 		// managedFields are most of a Service's size and nothing here reads them.
 		Cache:                   cache.Options{DefaultTransform: cache.TransformStripManagedFields()},
 		Metrics:                 metricsserver.Options{BindAddress: o.MetricsAddr},

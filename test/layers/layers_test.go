@@ -1,6 +1,6 @@
 // Package layers checks the rules that keep the house readable (docs/testing.md): the pure
-// cores link no Kubernetes client and no BPF library, porticoctl links no BPF library, and
-// nothing in internal/ stands on the test harness.
+// cores link no Kubernetes client and no BPF library, porticoctl links no BPF library and no
+// controller, and nothing in internal/ stands on the test harness.
 package layers
 
 import (
@@ -80,9 +80,14 @@ func TestPureCoresLinkNoClient(t *testing.T) {
 	}
 }
 
-func TestPorticoctlLinksNoBPF(t *testing.T) {
+// porticoctl reads the API server: it links neither the BPF library nor the programs that
+// write (operator, controllers, agent, datapath).
+func TestPorticoctlLinksNoBPFAndNoController(t *testing.T) {
+	writers := []string{module + "/internal/operator", module + "/internal/controller/", module + "/internal/agent", module + "/internal/datapath"}
 	for _, p := range list(t, "./cmd/porticoctl") {
-		if i := slices.IndexFunc(p.Deps, func(d string) bool { return strings.HasPrefix(d, "github.com/cilium/ebpf") }); i >= 0 {
+		if i := slices.IndexFunc(p.Deps, func(d string) bool {
+			return strings.HasPrefix(d, "github.com/cilium/ebpf") || slices.ContainsFunc(writers, func(w string) bool { return strings.HasPrefix(d, w) })
+		}); i >= 0 {
 			t.Errorf("%s links %s: porticoctl reads the API server only", p.ImportPath, p.Deps[i])
 		}
 	}

@@ -21,6 +21,7 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/controller/servicelb"
 	"github.com/portico-dev/portico/internal/operator"
+	"github.com/portico-dev/portico/internal/scheme"
 	"github.com/portico-dev/portico/test/harness/lab"
 )
 
@@ -121,12 +122,12 @@ func StartOn(port int) (*Env, error) {
 		return nil, fmt.Errorf("start envtest: %w", err)
 	}
 	cfg.QPS, cfg.Burst = 1000, 2000
-	scheme, err := operator.Scheme()
+	s, err := scheme.New()
 	if err != nil {
 		_ = e.Stop()
 		return nil, err
 	}
-	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	c, err := client.New(cfg, client.Options{Scheme: s})
 	if err != nil {
 		_ = e.Stop()
 		return nil, fmt.Errorf("create client: %w", err)
@@ -150,11 +151,11 @@ func Samples() ([]client.Object, error) {
 	if err != nil || len(files) == 0 {
 		return nil, fmt.Errorf("find samples: none found (%v)", err)
 	}
-	scheme, err := operator.Scheme()
+	s, err := scheme.New()
 	if err != nil {
 		return nil, err
 	}
-	decode := serializer.NewCodecFactory(scheme).UniversalDeserializer().Decode
+	decode := serializer.NewCodecFactory(s).UniversalDeserializer().Decode
 	var out []client.Object
 	for _, f := range files {
 		if filepath.Base(f) == "kustomization.yaml" {
