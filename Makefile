@@ -22,7 +22,7 @@ H2SPEC ?= $(LOCALBIN)/h2spec-$(H2SPEC_VERSION)
 
 .PHONY: help
 help: ## Show this help.
-	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z_-]+:.*##/ {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*##"} /^[a-zA-Z0-9_-]+:.*##/ {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 ##@ Development
 
@@ -95,6 +95,18 @@ test: verify-generated vet envtest test-peers $(H2SPEC) ## Run every test: unit,
 .PHONY: test-unit
 test-unit: ## Run the tests that need neither root nor an API server (go test -short): a minute or two, for the edit loop.
 	$(GO) test -short ./...
+
+.PHONY: test-envtest
+test-envtest: envtest ## Run the tests against a real API server that need no root: operator, controllers, porticoctl, install (about a minute).
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./internal/operator ./internal/controller/... ./internal/cli ./test/distribution -count=1
+
+.PHONY: test-root
+test-root: envtest test-peers $(H2SPEC) ## Run the tests on the kernel (root): datapath, L2 responders, the agent, the proxy's sockets.
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) H2SPEC=$(H2SPEC) $(GO) test ./internal/datapath ./internal/announce/... ./internal/agent ./internal/l7/... -count=1
+
+.PHONY: test-e2e
+test-e2e: envtest test-peers ## Run the end-to-end suite and the lab's own test: real agents on simulated nodes (root).
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/e2e ./test/lab ./test/harness/... -count=1
 
 .PHONY: test-oldest
 test-oldest: test-peers $(H2SPEC) ## Run every test (envtest suites and e2e included) against the oldest supported Kubernetes, K8S_OLDEST (not in CI: builds its control plane once, ~6 min).
