@@ -11,7 +11,6 @@ import (
 	"net/http/pprof"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -47,6 +46,7 @@ import (
 	"github.com/portico-dev/portico/internal/l7/proxy"
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/maglev"
+	"github.com/portico-dev/portico/internal/notice"
 	"github.com/portico-dev/portico/internal/policy"
 	"github.com/portico-dev/portico/internal/scheme"
 )
@@ -149,8 +149,7 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 		return nil, err
 	}
 	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: loadbalancer.NewSyncer(dp), opts: o,
-		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: make(chan event.GenericEvent),
-		told: map[types.NamespacedName]string{}}
+		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
 	if err := mgr.Add(r.health); err != nil {
 		return nil, fmt.Errorf("add the health checks: %w", err)
 	}
@@ -272,8 +271,7 @@ type reconciler struct {
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
 	requeue chan event.GenericEvent
-	toldMu  sync.Mutex
-	told    map[types.NamespacedName]string // the last NotProgrammed message of each Service
+	told    notice.Last[types.NamespacedName] // the last NotProgrammed message of each Service
 }
 
 // resync waits for the caches, programs every Service at once, and then lets the
@@ -375,29 +373,13 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	if len(problems)+len(lost) > 0 && svc.UID != "" {
 		// Said once, not at every recheck: a thousand nodes repeating a permanent problem
 		// every minute would be load on the API server and noise for the user.
-		if msg := strings.Join(append(problems, lost...), "; "); r.tell(c.Service, msg) {
+		if msg := strings.Join(append(problems, lost...), "; "); r.told.Changed(c.Service, msg) {
 			r.recorder.Eventf(&svc, corev1.EventTypeWarning, "NotProgrammed", "Node %s: %s", r.opts.NodeName, msg)
 		}
 		return ctrl.Result{RequeueAfter: cmp.Or(r.opts.Recheck, time.Minute)}, nil
 	}
-	r.tell(c.Service, "")
+	r.told.Changed(c.Service, "")
 	return ctrl.Result{}, nil
-}
-
-// tell records what the last NotProgrammed Event of a Service said ("": nothing is wrong),
-// and reports whether msg is news.
-func (r *reconciler) tell(svc types.NamespacedName, msg string) bool {
-	r.toldMu.Lock()
-	defer r.toldMu.Unlock()
-	if r.told[svc] == msg {
-		return false
-	}
-	if msg == "" {
-		delete(r.told, svc)
-	} else {
-		r.told[svc] = msg
-	}
-	return true
 }
 
 // claim computes what a Service asks of this node and which policies it programs for it

@@ -19,7 +19,7 @@ const module = "github.com/portico-dev/portico"
 
 // The pure cores: objects or values in, decisions out.
 var pure = []string{"internal/loadbalancer", "internal/allocator", "internal/maglev", "internal/announce",
-	"internal/l7", "internal/l7/proxy", "internal/poolconfig", "internal/policy"}
+	"internal/l7", "internal/l7/proxy", "internal/poolconfig", "internal/policy", "internal/notice"}
 
 // client says whether a package is a Kubernetes client or the BPF library. The API types
 // (apis/lb/v1alpha1) register with controller-runtime's scheme builder: that one is allowed.

@@ -31,6 +31,7 @@ import (
 	"github.com/portico-dev/portico/internal/announce"
 	"github.com/portico-dev/portico/internal/announce/l2"
 	"github.com/portico-dev/portico/internal/announce/members"
+	"github.com/portico-dev/portico/internal/notice"
 	"github.com/portico-dev/portico/internal/poolconfig"
 )
 
@@ -76,7 +77,7 @@ type Speaker struct {
 	// announced is what the last sync set up: address -> Service; told, the last problem
 	// Event of each Service.
 	announced map[netip.Addr]types.NamespacedName
-	told      map[types.NamespacedName]string
+	told      notice.Last[types.NamespacedName]
 }
 
 // New returns a speaker reading mgr's cache; add it to mgr to run it.
@@ -102,7 +103,7 @@ func New(mgr ctrl.Manager, c Config) (*Speaker, error) {
 	}
 	return &Speaker{Config: c, client: mgr.GetClient(), cache: mgr.GetCache(), recorder: mgr.GetEventRecorderFor("portico-agent"),
 		members: m, announcer: l2.NewAnnouncer(metrics), changed: make(chan struct{}, 1),
-		announced: map[netip.Addr]types.NamespacedName{}, told: map[types.NamespacedName]string{}}, nil
+		announced: map[netip.Addr]types.NamespacedName{}}, nil
 }
 
 func (s *Speaker) poke() {
@@ -220,16 +221,11 @@ func (s *Speaker) tell(ctx context.Context, held []announce.Holding, problems ma
 	}
 	s.announced = now
 	for svc, msgs := range problems {
-		if msg := strings.Join(msgs, "; "); s.told[svc] != msg {
-			s.told[svc] = msg
+		if msg := strings.Join(msgs, "; "); s.told.Changed(svc, msg) {
 			s.event(ctx, svc, corev1.EventTypeWarning, "NotAnnounced", msg)
 		}
 	}
-	for svc := range s.told {
-		if _, ok := problems[svc]; !ok {
-			delete(s.told, svc)
-		}
-	}
+	s.told.Keep(func(svc types.NamespacedName) bool { _, ok := problems[svc]; return ok })
 }
 
 func (s *Speaker) event(ctx context.Context, name types.NamespacedName, kind, reason, msg string) {
