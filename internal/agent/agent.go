@@ -38,10 +38,10 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
-	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/announce/speaker"
+	"github.com/portico-dev/portico/internal/controller/requeue"
 	"github.com/portico-dev/portico/internal/l7"
 	"github.com/portico-dev/portico/internal/l7/proxy"
 	"github.com/portico-dev/portico/internal/loadbalancer"
@@ -149,7 +149,7 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 		return nil, err
 	}
 	r := &reconciler{client: mgr.GetClient(), recorder: mgr.GetEventRecorderFor("portico-agent"), syncer: loadbalancer.NewSyncer(dp), opts: o,
-		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: make(chan event.GenericEvent)}
+		metrics: m, health: newHealthChecks(o.HealthCheckAddr), ready: make(chan struct{}), requeue: requeue.New()}
 	if err := mgr.Add(r.health); err != nil {
 		return nil, fmt.Errorf("add the health checks: %w", err)
 	}
@@ -197,7 +197,7 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 			}
 			return []reconcile.Request{{NamespacedName: types.NamespacedName{Namespace: obj.GetNamespace(), Name: name}}}
 		})).
-		WatchesRawSource(source.Channel(r.requeue, &handler.EnqueueRequestForObject{})).
+		WatchesRawSource(r.requeue.Source()).
 		Watches(&lbv1.ServicePolicy{}, handler.EnqueueRequestsFromMapFunc(r.servicesOf)).
 		Watches(&lbv1.L7Policy{}, handler.EnqueueRequestsFromMapFunc(r.servicesOf)).
 		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.everyService), builder.WithPredicates(
@@ -270,7 +270,7 @@ type reconciler struct {
 	report   *reporter
 	ready    chan struct{}
 	// requeue takes Services whose frontends another Service's change moved.
-	requeue chan event.GenericEvent
+	requeue *requeue.Services
 	told    notice.Last[types.NamespacedName] // the last NotProgrammed message of each Service
 }
 
@@ -354,15 +354,8 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	}
 	r.metrics.sync.WithLabelValues("service").Observe(time.Since(t0).Seconds())
 	r.metrics.programmed(r.syncer)
-	for _, o := range affected {
-		// Synced again, they learn (and say in an Event) what they hold now.
-		go func() {
-			select {
-			case r.requeue <- event.GenericEvent{Object: &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: o.Namespace, Name: o.Name}}}:
-			case <-ctx.Done():
-			}
-		}()
-	}
+	// Synced again, they learn (and say in an Event) what they hold now.
+	r.requeue.Add(ctx, affected...)
 	if err != nil {
 		r.metrics.errors.Inc()
 		if svc.UID != "" {

@@ -25,15 +25,14 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
-	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
-	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/allocator"
+	"github.com/portico-dev/portico/internal/controller/requeue"
 	"github.com/portico-dev/portico/internal/controller/statuspatch"
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/poolconfig"
@@ -56,7 +55,7 @@ type Reconciler struct {
 	// waiting holds the Services that lack an address they want; when another Service gives
 	// addresses back they are re-queued through retry.
 	waiting map[types.NamespacedName]struct{}
-	retry   chan event.GenericEvent
+	retry   *requeue.Services
 }
 
 // Metrics are the allocator's: portico_services_waiting (LoadBalancer Services without an
@@ -94,11 +93,11 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 	r.alloc = allocator.New()
 	r.waiting = map[types.NamespacedName]struct{}{}
-	r.retry = make(chan event.GenericEvent, 1024)
+	r.retry = requeue.New()
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("servicelb").
 		For(&corev1.Service{}).
-		WatchesRawSource(source.Channel(r.retry, &handler.EnqueueRequestForObject{})).
+		WatchesRawSource(r.retry.Source()).
 		Watches(&lbv1.LBPool{}, handler.EnqueueRequestsFromMapFunc(r.servicesIn("")), builder.WithPredicates(predicate.GenerationChangedPredicate{})).
 		Watches(&corev1.Namespace{}, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
 			return r.servicesIn(o.GetName())(ctx, o)
@@ -303,13 +302,7 @@ func (r *Reconciler) retryWaiting(ctx context.Context) {
 		names = append(names, n)
 	}
 	r.mu.Unlock()
-	for _, n := range names {
-		select {
-		case r.retry <- event.GenericEvent{Object: &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: n.Namespace, Name: n.Name}}}:
-		case <-ctx.Done():
-			return
-		}
-	}
+	r.retry.Add(ctx, names...)
 }
 
 // writeStatus writes addresses and condition, and tells what changed in Events.
