@@ -74,8 +74,8 @@ func newNode(t testing.TB) *node {
 	t.Helper()
 	d := loaded(t)
 	n := &node{t: t, name: fmt.Sprintf("ptn-%d", os.Getpid()%100000), d: d}
+	nstest.Netns(t, n.name)
 	cmds := [][]string{
-		{"ip", "netns", "add", n.name},
 		{"ip", "-n", n.name, "link", "add", "ext0", "address", net.HardwareAddr(nodeMAC).String(), "type", "veth", "peer", "name", "ext1"},
 		{"ip", "-n", n.name, "link", "add", "pod0", "type", "veth", "peer", "name", "pod1"},
 		{"ip", "-n", n.name, "addr", "add", "192.0.2.1/24", "dev", "ext0"},
@@ -98,7 +98,6 @@ func newNode(t testing.TB) *node {
 		{"ip", "-n", n.name, "neigh", "add", "fd00:244:1::10", "lladdr", podMAC, "dev", "pod0"},
 		{"ip", "netns", "exec", n.name, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1", "net.ipv6.conf.all.forwarding=1"},
 	}
-	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", n.name).Run() })
 	for _, c := range cmds {
 		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
 			t.Fatalf("%v: %v\n%s", c, err, out)

@@ -42,16 +42,10 @@ func newCluster(t testing.TB) *cluster {
 		localPod: map[string]netip.Addr{"v4": netip.MustParseAddr("10.244.1.10"), "v6": netip.MustParseAddr("fd00:244:1::10")},
 		other:    map[string]netip.Addr{"v4": netip.MustParseAddr("10.244.2.10"), "v6": netip.MustParseAddr("fd00:244:2::10")},
 	}
-	t.Cleanup(func() {
-		for _, ns := range []string{c.client, c.node, c.pod, c.remote} {
-			_ = exec.Command("ip", "netns", "del", ns).Run()
-		}
-	})
+	nstest.Netns(t, c.client, c.node, c.pod, c.remote)
 	ext, pod, rem := "pxe"+id, "pxp"+id, "pxr"+id
 	ip := func(ns string, args ...string) []string { return append([]string{"ip", "-n", ns}, args...) }
-	cmds := [][]string{
-		{"ip", "netns", "add", c.client}, {"ip", "netns", "add", c.node}, {"ip", "netns", "add", c.pod}, {"ip", "netns", "add", c.remote},
-	}
+	var cmds [][]string
 	// No duplicate address detection: link-local addresses are usable at once, so the first
 	// neighbour discovery does not wait for them.
 	for _, ns := range []string{c.client, c.node, c.pod, c.remote} {

@@ -251,8 +251,7 @@ func (top *topology) routeServiceRanges() {
 func (top *topology) kubeProxyNode() (string, netip.Addr) {
 	id := fmt.Sprintf("%d", os.Getpid()%100000)
 	netns, addr, peer := "ptc-k"+id, netip.MustParseAddr("10.250.1.1"), netip.MustParseAddr("10.250.1.2")
-	top.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", netns).Run() })
-	top.run("ip", "netns", "add", netns)
+	nstest.Netns(top.t, netns)
 	top.run("ip", "link", "add", "ptc-kv"+id, "netns", netns, "type", "veth", "peer", "name", "ptc-kp"+id, "netns", top.pair.BackendNS)
 	top.run("ip", "-n", netns, "addr", "add", addr.String()+"/30", "dev", "ptc-kv"+id)
 	top.run("ip", "-n", top.pair.BackendNS, "addr", "add", peer.String()+"/30", "dev", "ptc-kp"+id)

@@ -93,6 +93,18 @@ func TestPorticoctlLinksNoBPFAndNoController(t *testing.T) {
 	}
 }
 
+// The datapath knows the model (loadbalancer.Frontend), not Kubernetes: it imports no
+// Kubernetes package itself.
+func TestDatapathKnowsNoKubernetes(t *testing.T) {
+	for _, p := range list(t, "./internal/datapath") {
+		if i := slices.IndexFunc(p.Imports, func(d string) bool {
+			return strings.HasPrefix(d, "k8s.io/") || strings.HasPrefix(d, "sigs.k8s.io/")
+		}); i >= 0 {
+			t.Errorf("%s imports %s: the datapath takes frontends from the model", p.ImportPath, p.Imports[i])
+		}
+	}
+}
+
 func TestInternalStandsNotOnTheHarness(t *testing.T) {
 	for _, p := range list(t, "./internal/...", "./cmd/...", "./apis/...") {
 		if i := slices.IndexFunc(p.Imports, func(d string) bool { return strings.HasPrefix(d, module+"/test/") }); i >= 0 {

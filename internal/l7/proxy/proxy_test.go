@@ -924,17 +924,9 @@ func TestSilentBackendIsGivenUp(t *testing.T) {
 	// A /30 of 198.18.0.0/15 (RFC 2544's) of this process's own.
 	near := netip.AddrFrom4([4]byte{198, 18 + byte(id>>14&1), byte(id >> 6), byte(id<<2) + 1})
 	farAddr := near.Next()
-	ip := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-	t.Cleanup(func() {
-		_ = exec.Command("ip", "link", "del", link).Run()
-		_ = exec.Command("ip", "netns", "del", ns).Run()
-	})
-	ip("netns", "add", ns)
+	ip := func(args ...string) { t.Helper(); nstest.IP(t, args...) }
+	nstest.Netns(t, ns)
+	t.Cleanup(func() { _ = exec.Command("ip", "link", "del", link).Run() })
 	ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
 	ip("addr", "add", near.String()+"/30", "dev", link)
 	ip("link", "set", link, "up")

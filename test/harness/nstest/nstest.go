@@ -35,6 +35,23 @@ func NeedRoot(t testing.TB, why string) {
 	}
 }
 
+// Netns creates network namespaces, deleted (with the links in them) when the test ends.
+func Netns(t testing.TB, names ...string) {
+	t.Helper()
+	for _, ns := range names {
+		t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+		IP(t, "netns", "add", ns)
+	}
+}
+
+// IP runs ip(8) with args, failing the test when it fails.
+func IP(t testing.TB, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
 // Enter starts a thread inside a network namespace and returns a function that runs
 // code on it, for what acts on the calling thread's namespace (test runs' FIB lookups,
 // interface indexes, TCX attachment). The thread ends with the test.
@@ -208,9 +225,8 @@ func NewPair(t testing.TB, prefix string, port uint16, subnets ...netip.Prefix) 
 	}
 	id := fmt.Sprint(os.Getpid() % 100000)
 	p := &Pair{Client: prefix + "c" + id, BackendNS: prefix + "b" + id, Cgroup: filepath.Join(root, "portico-"+prefix+"-"+id)}
+	Netns(t, p.Client, p.BackendNS)
 	t.Cleanup(func() {
-		_ = exec.Command("ip", "netns", "del", p.Client).Run()
-		_ = exec.Command("ip", "netns", "del", p.BackendNS).Run()
 		for range 50 { // the kernel releases the cgroup shortly after its last process exits
 			if err := os.Remove(p.Cgroup); err == nil || os.IsNotExist(err) {
 				return
@@ -221,7 +237,6 @@ func NewPair(t testing.TB, prefix string, port uint16, subnets ...netip.Prefix) 
 	})
 	cv, bv := prefix+"v"+id, prefix+"p"+id
 	commands := [][]string{
-		{"netns", "add", p.Client}, {"netns", "add", p.BackendNS},
 		{"link", "add", cv, "netns", p.Client, "type", "veth", "peer", "name", bv, "netns", p.BackendNS},
 	}
 	for _, subnet := range subnets {
@@ -240,9 +255,7 @@ func NewPair(t testing.TB, prefix string, port uint16, subnets ...netip.Prefix) 
 		[]string{"-n", p.Client, "link", "set", cv, "up"}, []string{"-n", p.BackendNS, "link", "set", bv, "up"},
 		[]string{"-n", p.Client, "link", "set", "lo", "up"}, []string{"-n", p.BackendNS, "link", "set", "lo", "up"})
 	for _, args := range commands {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
+		IP(t, args...)
 	}
 	if err := os.Mkdir(p.Cgroup, 0o755); err != nil {
 		t.Fatal(err)
