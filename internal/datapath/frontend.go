@@ -43,6 +43,9 @@ type tables struct {
 	// pend4 and pend6 collect the writes of an Apply into empty maps (nil otherwise).
 	pend4 *pending[sockLBSvc4Key, sockLBBackend4]
 	pend6 *pending[sockLBSvc6Key, sockLBBackend6]
+	// fault, when set (by tests), is asked before each service and backend map write and
+	// fails it with what it returns.
+	fault func() error
 }
 
 // pending holds the writes of an Apply into empty maps, made at the end in a few batches
@@ -66,7 +69,7 @@ type numbered struct {
 	inUse   bool
 	written bool  // the backends map holds it, with flags
 	flags   uint8 // as written
-	refs    int32 // how many slots name it
+	refs    int32 // how many slots in the mirror name it; put and del keep it so
 }
 
 func newTables() tables {
@@ -116,9 +119,7 @@ func (d *Datapath) adopt() error {
 func adoptSlots[K comparable](d *Datapath, applied map[K]sockLBSvcValue, slot func(K) uint16) {
 	for k, v := range applied {
 		if slot(k) > 0 {
-			if int(v.BackendId) < len(d.numbered) {
-				d.numbered[v.BackendId].refs++
-			}
+			d.count(v.BackendId, 1)
 		} else {
 			d.lastFrontend = max(d.lastFrontend, v.Id)
 		}
@@ -151,6 +152,7 @@ type family[K comparable, B any, R any] struct {
 	svc, be, srcrange *ebpf.Map
 	applied           map[K]sockLBSvcValue
 	pend              *pending[K, B]
+	fault             func() error
 	is                func(netip.Addr) bool
 	key               func(f netip.AddrPort, proto loadbalancer.Protocol, scope loadbalancer.Scope, slot uint16) K
 	slot              func(K) uint16
@@ -192,13 +194,13 @@ var (
 
 func (d *Datapath) v4() family[sockLBSvc4Key, sockLBBackend4, sockLBSrcrange4Key] {
 	fam := ipv4
-	fam.svc, fam.be, fam.srcrange, fam.applied, fam.pend = d.sock.PorticoSvc4, d.sock.PorticoBe4, d.sock.PorticoSrcrange4, d.applied4, d.pend4
+	fam.svc, fam.be, fam.srcrange, fam.applied, fam.pend, fam.fault = d.sock.PorticoSvc4, d.sock.PorticoBe4, d.sock.PorticoSrcrange4, d.applied4, d.pend4, d.fault
 	return fam
 }
 
 func (d *Datapath) v6() family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key] {
 	fam := ipv6
-	fam.svc, fam.be, fam.srcrange, fam.applied, fam.pend = d.sock.PorticoSvc6, d.sock.PorticoBe6, d.sock.PorticoSrcrange6, d.applied6, d.pend6
+	fam.svc, fam.be, fam.srcrange, fam.applied, fam.pend, fam.fault = d.sock.PorticoSvc6, d.sock.PorticoBe6, d.sock.PorticoSrcrange6, d.applied6, d.pend6, d.fault
 	return fam
 }
 
@@ -342,40 +344,45 @@ func arrange(backends []loadbalancer.Backend) (slots []loadbalancer.Backend, cou
 
 func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f loadbalancer.Frontend) error {
 	head := fam.key(f.Address, f.Protocol, f.Scope, 0)
-	prev, exists := fam.applied[head]
 	old := slotBackends(fam, head)
+	slots, count := arrange(f.Backends)
+	ids := make([]uint32, 0, len(slots))
+	err := writeFrontend(d, fam, f, head, slots, count, &ids)
+	// Whether or not every write went through, the backends no slot names any more go: the
+	// old ones replaced, and new ones a failed write left unnamed.
+	return errors.Join(err, release(d, fam, append(old, ids...)))
+}
+
+// writeFrontend writes a frontend's backends and slots, its Maglev table and source ranges,
+// then its entry, then removes what it no longer uses; ids collects the backend numbers it
+// took. On a failed write it stops: the mirror says what the maps hold.
+func writeFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f loadbalancer.Frontend, head K, slots []loadbalancer.Backend, count int, ids *[]uint32) error {
+	prev, exists := fam.applied[head]
 	id := prev.Id
 	if !exists {
 		d.lastFrontend++
 		id = d.lastFrontend
 	}
-	slots, count := arrange(f.Backends)
-	ids := make([]uint32, len(slots))
 	for i, b := range slots {
-		ref := backendRef{b.Address, f.Protocol}
-		ids[i] = d.id(ref)
+		n := d.id(backendRef{b.Address, f.Protocol})
+		*ids = append(*ids, n)
 		var flags uint8
 		if b.Local {
 			flags |= backendLocal
 		}
-		n := &d.numbered[ids[i]]
-		if !n.written || n.flags != flags {
-			if err := putBackend(fam, ids[i], fam.backend(b.Address, f.Protocol, flags)); err != nil {
-				if !n.written {
-					d.forget(ids[i])
-				}
+		if nb := &d.numbered[n]; !nb.written || nb.flags != flags {
+			if err := putBackend(fam, n, fam.backend(b.Address, f.Protocol, flags)); err != nil {
 				return fmt.Errorf("write backend %s: %w", b.Address, err)
 			}
-			n.written, n.flags = true, flags
+			nb.written, nb.flags = true, flags
 		}
-		n.refs++
-		if err := put(fam, fam.key(f.Address, f.Protocol, f.Scope, uint16(i+1)), sockLBSvcValue{BackendId: ids[i]}); err != nil {
+		if err := put(d, fam, fam.key(f.Address, f.Protocol, f.Scope, uint16(i+1)), sockLBSvcValue{BackendId: n}); err != nil {
 			return fmt.Errorf("write slot %d of %s: %w", i+1, f.Address, err)
 		}
 	}
 	value := sockLBSvcValue{Count: uint16(count), Id: id, AffinityTimeout: uint32(f.Affinity / time.Second)}
 	if f.Balancing == loadbalancer.Maglev && count > 0 {
-		if err := d.writeMaglev(id, slots[:count], ids[:count]); err != nil {
+		if err := d.writeMaglev(id, slots[:count], (*ids)[:count]); err != nil {
 			return fmt.Errorf("write the Maglev table of %s: %w", f.Address, err)
 		}
 		value.Flags |= svcMaglev
@@ -395,11 +402,16 @@ func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f load
 		}
 		value.Flags |= svcSourceRanges
 	}
-	if err := put(fam, head, value); err != nil {
+	if err := put(d, fam, head, value); err != nil {
 		return fmt.Errorf("write frontend %s: %w", f.Address, err)
 	}
-	for i := len(slots) + 1; i <= len(old); i++ {
-		if err := del(fam, fam.key(f.Address, f.Protocol, f.Scope, uint16(i))); err != nil {
+	// Slots beyond the new ones go from the last, so that a failure leaves no gap.
+	last := uint16(len(slots))
+	for _, ok := fam.applied[fam.withSlot(head, last+1)]; ok; _, ok = fam.applied[fam.withSlot(head, last+1)] {
+		last++
+	}
+	for i := last; i > uint16(len(slots)); i-- {
+		if err := del(d, fam, fam.withSlot(head, i)); err != nil {
 			return err
 		}
 	}
@@ -408,10 +420,7 @@ func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f load
 			return err
 		}
 	}
-	if err := deleteRanges(d, fam, id, f.SourceRanges); err != nil {
-		return err
-	}
-	return unref(d, fam, old)
+	return deleteRanges(d, fam, id, f.SourceRanges)
 }
 
 // writeMaglev writes a frontend's Maglev table unless it was built from the same backends.
@@ -471,25 +480,22 @@ func deleteRanges[K comparable, B any, R any](d *Datapath, fam family[K, B, R], 
 }
 
 // deleteFrontend removes the frontend entry first, so that no reader follows it to a slot
-// that is gone, then its slots, table, ranges and the backends nothing else uses.
+// that is gone, then its slots from the last (what a failed delete leaves is slots 1 to k,
+// which a retry finds), its table, ranges and the backends nothing else uses.
 func deleteFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R], head K) error {
 	prev, ok := fam.applied[head]
-	if !ok {
-		return nil
-	}
 	old := slotBackends(fam, head)
-	if err := del(fam, head); err != nil {
-		return err
+	var err error
+	if ok {
+		err = del(d, fam, head)
 	}
-	for i := range old {
-		if err := del(fam, fam.withSlot(head, uint16(i+1))); err != nil {
-			return err
-		}
+	for i := len(old); i >= 1 && err == nil; i-- {
+		err = del(d, fam, fam.withSlot(head, uint16(i)))
 	}
-	if err := errors.Join(d.deleteMaglev(prev.Id), deleteRanges(d, fam, prev.Id, nil)); err != nil {
-		return err
+	if err == nil && ok {
+		err = errors.Join(d.deleteMaglev(prev.Id), deleteRanges(d, fam, prev.Id, nil))
 	}
-	return unref(d, fam, old)
+	return errors.Join(err, release(d, fam, old))
 }
 
 func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R], frontends []loadbalancer.Frontend) error {
@@ -499,13 +505,14 @@ func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R]
 			listed[fam.key(f.Address, f.Protocol, f.Scope, 0)] = true
 		}
 	}
-	var unlisted []K
+	// A slot whose frontend entry is gone (a delete that failed halfway) goes too.
+	unlisted := map[K]bool{}
 	for k := range fam.applied {
-		if fam.slot(k) == 0 && !listed[k] {
-			unlisted = append(unlisted, k)
+		if head := fam.withSlot(k, 0); !listed[head] {
+			unlisted[head] = true
 		}
 	}
-	for _, k := range unlisted {
+	for k := range unlisted {
 		if err := deleteFrontend(d, fam, k); err != nil {
 			return err
 		}
@@ -525,27 +532,41 @@ func slotBackends[K comparable, B any, R any](fam family[K, B, R], head K) []uin
 	}
 }
 
-// unref drops one reference to each backend and removes the backends left unreferenced.
-func unref[K comparable, B any, R any](d *Datapath, fam family[K, B, R], ids []uint32) error {
+// release removes those of the backends that no slot names (written or not) and frees their
+// numbers. A backend whose entry cannot be deleted keeps its number, and goes at a later
+// release.
+func release[K comparable, B any, R any](d *Datapath, fam family[K, B, R], ids []uint32) error {
+	var errs []error
 	for _, id := range ids {
-		if int(id) >= len(d.numbered) || !d.numbered[id].inUse {
+		if int(id) >= len(d.numbered) {
+			continue // adopted maps named a number no backend had
+		}
+		n := &d.numbered[id]
+		if !n.inUse || n.refs > 0 {
 			continue
 		}
-		if d.numbered[id].refs--; d.numbered[id].refs > 0 {
-			continue
-		}
-		if err := fam.be.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete backend %s: %w", d.numbered[id].ref.addr, err)
+		if n.written {
+			if err := fam.be.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, fmt.Errorf("delete backend %s: %w", n.ref.addr, err))
+				continue
+			}
 		}
 		d.forget(id)
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
-// put writes a service entry unless the map already holds that value.
-func put[K comparable, B any, R any](fam family[K, B, R], k K, v sockLBSvcValue) error {
-	if old, ok := fam.applied[k]; ok && old == v {
+// put writes a service entry unless the map already holds that value; for a slot, it moves
+// the reference from the backend the slot named to the one it names now.
+func put[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K, v sockLBSvcValue) error {
+	old, had := fam.applied[k]
+	if had && old == v {
 		return nil
+	}
+	if fam.fault != nil {
+		if err := fam.fault(); err != nil {
+			return err
+		}
 	}
 	switch {
 	case fam.pend != nil && fam.slot(k) == 0:
@@ -558,11 +579,30 @@ func put[K comparable, B any, R any](fam family[K, B, R], k K, v sockLBSvcValue)
 		}
 	}
 	fam.applied[k] = v
+	if fam.slot(k) > 0 {
+		if had {
+			d.count(old.BackendId, -1)
+		}
+		d.count(v.BackendId, 1)
+	}
 	return nil
+}
+
+// count adds delta to the references of a backend a slot names (adopted maps may name a
+// number no backend has).
+func (d *Datapath) count(id uint32, delta int32) {
+	if int(id) < len(d.numbered) {
+		d.numbered[id].refs += delta
+	}
 }
 
 // putBackend writes a backend entry.
 func putBackend[K comparable, B any, R any](fam family[K, B, R], id uint32, b B) error {
+	if fam.fault != nil {
+		if err := fam.fault(); err != nil {
+			return err
+		}
+	}
 	if fam.pend != nil {
 		fam.pend.beKeys, fam.pend.beVals = append(fam.pend.beKeys, id), append(fam.pend.beVals, b)
 		return nil
@@ -570,9 +610,18 @@ func putBackend[K comparable, B any, R any](fam family[K, B, R], id uint32, b B)
 	return fam.be.Put(id, b)
 }
 
-func del[K comparable, B any, R any](fam family[K, B, R], k K) error {
+// del deletes a service entry; for a slot, its backend loses the reference.
+func del[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K) error {
+	if fam.fault != nil {
+		if err := fam.fault(); err != nil {
+			return err
+		}
+	}
 	if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service entry: %w", err)
+	}
+	if old, had := fam.applied[k]; had && fam.slot(k) > 0 {
+		d.count(old.BackendId, -1)
 	}
 	delete(fam.applied, k)
 	return nil

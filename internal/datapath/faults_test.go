@@ -1,0 +1,150 @@
+package datapath
+
+import (
+	"errors"
+	"maps"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/portico-dev/portico/internal/loadbalancer"
+)
+
+var errInjected = errors.New("injected map write failure")
+
+// A map write that fails in the middle of an Update or a Delete leaks nothing: the backends
+// map holds exactly the backends that slots name (one that none names would stay alive for
+// established flows), the mirror's reference counts agree with the maps, and once writes work
+// again the same call brings the maps to the desired frontends. Every write of each change
+// fails once in turn.
+func TestFailedWritesLeakNoBackend(t *testing.T) {
+	d := loaded(t)
+	ap := netip.MustParseAddrPort
+	web, api := ap("10.96.0.1:80"), ap("10.96.0.2:80")
+	b1, b2, b3, b4 := ap("10.0.0.1:80"), ap("10.0.0.2:80"), ap("10.0.0.3:80"), ap("10.0.0.4:80")
+	start := []loadbalancer.Frontend{internal(web, loadbalancer.TCP, b1, b2, b3), internal(api, loadbalancer.TCP, b3)}
+	changes := []struct {
+		name string
+		do   func() error
+		want map[netip.AddrPort][]netip.AddrPort
+	}{
+		{"web moves to b3 and b4", func() error { return d.Update(internal(web, loadbalancer.TCP, b3, b4)) },
+			map[netip.AddrPort][]netip.AddrPort{web: {b3, b4}, api: {b3}}},
+		{"web shrinks to b2", func() error { return d.Update(internal(web, loadbalancer.TCP, b2)) },
+			map[netip.AddrPort][]netip.AddrPort{web: {b2}, api: {b3}}},
+		{"a new frontend", func() error { return d.Update(internal(ap("10.96.0.3:80"), loadbalancer.TCP, b4, b1)) },
+			map[netip.AddrPort][]netip.AddrPort{web: {b1, b2, b3}, api: {b3}, ap("10.96.0.3:80"): {b4, b1}}},
+		{"web deleted", func() error { return d.Delete(web, loadbalancer.TCP, loadbalancer.Internal) },
+			map[netip.AddrPort][]netip.AddrPort{api: {b3}}},
+	}
+	for _, c := range changes {
+		for fail := 1; ; fail++ {
+			if err := d.Apply(start); err != nil {
+				t.Fatal(err)
+			}
+			writes := 0
+			d.fault = func() error {
+				if writes++; writes == fail {
+					return errInjected
+				}
+				return nil
+			}
+			err := c.do()
+			d.fault = nil
+			consistent(t, d, c.name)
+			if err == nil { // fewer writes than fail: every one has failed once
+				if fail == 1 {
+					t.Fatalf("%s: wrote nothing", c.name)
+				}
+				break
+			}
+			if !errors.Is(err, errInjected) {
+				t.Fatalf("%s, write %d failing: %v", c.name, fail, err)
+			}
+			if err := c.do(); err != nil {
+				t.Fatalf("%s, again after write %d failed: %v", c.name, fail, err)
+			}
+			consistent(t, d, c.name)
+			if got := frontends4(t, d); !maps.EqualFunc(got, c.want, slices.Equal) {
+				t.Fatalf("%s, again after write %d failed: the maps hold %v, want %v", c.name, fail, got, c.want)
+			}
+		}
+	}
+}
+
+// consistent checks that the IPv4 backends map holds exactly the backends slots name, and
+// that the mirror counts as many references as there are slots.
+func consistent(t *testing.T, d *Datapath, step string) {
+	t.Helper()
+	named := map[uint32]int32{}
+	var k sockLBSvc4Key
+	var v sockLBSvcValue
+	it := d.sock.PorticoSvc4.Iterate()
+	for it.Next(&k, &v) {
+		if k.Slot > 0 {
+			named[v.BackendId]++
+		}
+	}
+	have := map[uint32]bool{}
+	var id uint32
+	var b sockLBBackend4
+	itb := d.sock.PorticoBe4.Iterate()
+	for itb.Next(&id, &b) {
+		have[id] = true
+	}
+	if err := errors.Join(it.Err(), itb.Err()); err != nil {
+		t.Fatal(err)
+	}
+	for id := range have {
+		if named[id] == 0 {
+			t.Fatalf("%s: backend %d (%s) is in the map, and no slot names it", step, id, d.numbered[id].ref.addr)
+		}
+	}
+	for id, n := range named {
+		if !have[id] {
+			t.Fatalf("%s: a slot names backend %d, which the map lacks", step, id)
+		}
+		if d.numbered[id].refs != n {
+			t.Fatalf("%s: backend %d (%s) has %d references in the mirror, %d slots in the map", step, id, d.numbered[id].ref.addr, d.numbered[id].refs, n)
+		}
+	}
+	if len(d.ids) != len(have) {
+		t.Fatalf("%s: the mirror numbers %d backends, the map holds %d", step, len(d.ids), len(have))
+	}
+}
+
+// frontends4 reads the IPv4 frontends from the maps: each address's backends in slot order.
+func frontends4(t *testing.T, d *Datapath) map[netip.AddrPort][]netip.AddrPort {
+	t.Helper()
+	backends := map[uint32]netip.AddrPort{}
+	var id uint32
+	var b sockLBBackend4
+	itb := d.sock.PorticoBe4.Iterate()
+	for itb.Next(&id, &b) {
+		backends[id] = netip.AddrPortFrom(netip.AddrFrom4(bytes4(b.Address)), unport(b.Port))
+	}
+	slots := map[netip.AddrPort]map[uint16]netip.AddrPort{}
+	var k sockLBSvc4Key
+	var v sockLBSvcValue
+	it := d.sock.PorticoSvc4.Iterate()
+	for it.Next(&k, &v) {
+		addr := netip.AddrPortFrom(netip.AddrFrom4(bytes4(k.Address)), unport(k.Port))
+		if slots[addr] == nil {
+			slots[addr] = map[uint16]netip.AddrPort{}
+		}
+		if k.Slot > 0 {
+			slots[addr][k.Slot] = backends[v.BackendId]
+		}
+	}
+	if err := errors.Join(it.Err(), itb.Err()); err != nil {
+		t.Fatal(err)
+	}
+	out := map[netip.AddrPort][]netip.AddrPort{}
+	for addr, s := range slots {
+		out[addr] = []netip.AddrPort{}
+		for i := uint16(1); i <= uint16(len(s)); i++ {
+			out[addr] = append(out[addr], s[i])
+		}
+	}
+	return out
+}
