@@ -89,8 +89,17 @@ test-peers: ## Install arping and ndisc6 from Debian when missing: the L2 tests'
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq arping ndisc6 >/dev/null; }
 
 .PHONY: test
-test: verify-generated vet envtest test-peers $(H2SPEC) ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root), HTTP/2 conformance.
+test: verify-generated vet envtest test-peers $(H2SPEC) ## Run every test: unit, property, fuzz seeds, envtest suites, BPF (as root), HTTP/2 conformance, each benchmark once.
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) H2SPEC=$(H2SPEC) $(GO) test ./... -count=1
+	@$(MAKE) --no-print-directory bench-smoke
+
+# bench-smoke runs every benchmark once at a small size, without kube-proxy: make test only
+# compiles benchmarks otherwise, and a benchmark that cannot run would wait for make bench.
+BENCH_SMOKE := BENCH_SERVICES=200 BENCH_AGENT_SERVICES=300 BENCH_KUBE_PROXY_SAMPLES=0 BENCH_L2_KILLS=1 BENCH_L7_SECONDS=1 BENCH_CLUSTERIP_SERVICES=1000
+
+.PHONY: bench-smoke
+bench-smoke: envtest test-peers ## Run each benchmark once, small and without kube-proxy (about a minute; part of make test; root).
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(BENCH_SMOKE) $(GO) test ./test/bench ./internal/datapath -run '^$$' -bench . -benchtime 1x -count 1 -timeout 20m
 
 .PHONY: test-unit
 test-unit: ## Run the tests that need neither root nor an API server (go test -short): a minute or two, for the edit loop.

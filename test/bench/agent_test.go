@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -23,6 +24,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/portico-dev/portico/internal/controller/agentds"
 	"github.com/portico-dev/portico/test/harness/kubeproxy"
@@ -46,6 +48,8 @@ func TestMain(m *testing.M) {
 		runRole(r)
 		return
 	}
+	// The benchmarks print their own tables; controller-runtime's logs (envtest's) go nowhere.
+	ctrllog.SetLogger(logr.Discard())
 	os.Exit(m.Run())
 }
 

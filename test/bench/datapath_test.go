@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -282,7 +283,8 @@ func (top *topology) pinTo(cpu int) {
 // ClusterIP with 1, 1,000 and 10,000 Services, in one run: directly to the backend (the
 // limit), through Portico (socket layer), and through kube-proxy in iptables and nftables
 // mode reading the same Services from an API server; then how long a new Service takes to
-// carry its first connection with 10,000 there. Run it with -benchtime 1x; it prints a
+// carry its first connection with 10,000 there (BENCH_CLUSTERIP_SERVICES lowers the largest
+// count; BENCH_KUBE_PROXY_SAMPLES=0 leaves kube-proxy out). Run it with -benchtime 1x; it prints a
 // table. Without kube-proxy (see test/harness/kubeproxy) it compares Portico and direct.
 func BenchmarkClusterIPConnect(b *testing.B) {
 	ctx := context.Background()
@@ -291,6 +293,12 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 	lb := top.attach()
 	backend := netip.AddrPortFrom(top.backIP, 8080)
 	bin, whyNot := kubeproxy.Binary()
+	if os.Getenv("BENCH_KUBE_PROXY_SAMPLES") == "0" {
+		whyNot = errors.New("BENCH_KUBE_PROXY_SAMPLES=0")
+	}
+	most := envInt("BENCH_CLUSTERIP_SERVICES", 10000)
+	counts := slices.DeleteFunc([]int{1, 1000, 10000}, func(n int) bool { return n > max(1, most) })
+	largest := counts[len(counts)-1] // it takes the new-Service samples
 	var cs *kubernetes.Clientset
 	var env *testenv.Env
 	var kpNode string
@@ -339,7 +347,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 	const porticoSamples, kubeProxySamples = 100, 20
 	type firstConnection struct{ path, numbers, what string }
 	var first []firstConnection
-	for _, n := range []int{1, 1000, 10000} {
+	for _, n := range counts {
 		frontends := make([]loadbalancer.Frontend, n)
 		for i := range frontends {
 			frontends[i] = internal(porticoVIP(i), loadbalancer.TCP, backend)
@@ -381,7 +389,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 			interleave(b, direct, portico, proxied)
 			baseline[proxied] = direct.rateSince(phase)
 			measured = append(measured, proxied)
-			if n == 10000 {
+			if n == largest {
 				var took []time.Duration
 				for range kubeProxySamples {
 					i, vip := created, serviceVIP(created)
@@ -416,7 +424,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 			fmt.Printf("%-9d %-20s %9s %9s %9.0f %8.0f%%  %s\n", n, p.name, p50.Round(time.Microsecond), p99.Round(time.Microsecond), p.rate(), 100*p.rate()/against, programming[p])
 		}
 		b.ReportMetric(100*portico.rate()/direct.rate(), fmt.Sprintf("pct-of-direct-%dsvc", n))
-		if n == 10000 {
+		if n == largest {
 			var took []time.Duration
 			for i := range porticoSamples {
 				vip := porticoVIP(n + 1 + i)
@@ -433,7 +441,7 @@ func BenchmarkClusterIPConnect(b *testing.B) {
 			first = append([]firstConnection{{"Portico datapath", fmtPercentiles(took), fmt.Sprintf("%d Updates (the agent's watch comes on top)", porticoSamples)}}, first...)
 		}
 	}
-	fmt.Printf("\nnew Service to its first connection with 10,000 programmed (clients retry every millisecond)\n")
+	fmt.Printf("\nnew Service to its first connection with %d programmed (clients retry every millisecond)\n", largest)
 	fmt.Printf("%-20s %9s %9s\n", "path", "p50", "p99")
 	for _, f := range first {
 		fmt.Printf("%-20s %s  %s\n", f.path, f.numbers, f.what)
