@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -47,6 +48,7 @@ type exchange struct {
 	done     bool
 	timer    *time.Timer // the request timeout
 	tryTimer *time.Timer
+	deadline time.Time // the gRPC client's (grpc-timeout); zero: none
 }
 
 // start handles the request's header: it picks a backend and sends the request there. A
@@ -75,6 +77,9 @@ func (x *exchange) start(fields []hpack.HeaderField, end, truncated bool) {
 	}
 	if x.cfg.RequestTimeout > 0 {
 		x.timer = time.AfterFunc(x.cfg.RequestTimeout, x.timeout)
+	}
+	if d, ok := grpcTimeout(field(fields, "grpc-timeout")); ok && x.cfg.Protocol == GRPC {
+		x.deadline = time.Now().Add(d)
 	}
 	x.next(errors.New("no backend is available"))
 }
@@ -261,6 +266,12 @@ func (x *exchange) lost(c *h2conn, id uint32, f Failure, err error) {
 func (x *exchange) failed(f Failure, err error) {
 	bad := false
 	x.endAttempt(&bad)
+	if !x.deadline.IsZero() && !time.Now().Before(x.deadline) {
+		// The backend gave up at the client's deadline (grpc-go resets the stream): the
+		// client is owed DEADLINE_EXCEEDED, which its own timer may not have said yet.
+		x.fail(fmt.Errorf("the client's deadline passed: %w", err), true)
+		return
+	}
 	if len(x.tried) >= x.cfg.attempts() || !x.keep || !x.s.mayRetry(x.cfg, f) {
 		x.fail(err, false)
 		return
@@ -454,6 +465,20 @@ func responseHeader(fields []hpack.HeaderField) []hpack.HeaderField {
 }
 
 // field is the value of a header field, "" when it is missing.
+// grpcTimeout reads a grpc-timeout value: at most 8 digits and a unit (gRPC over HTTP/2).
+func grpcTimeout(v string) (time.Duration, bool) {
+	units := map[byte]time.Duration{'H': time.Hour, 'M': time.Minute, 'S': time.Second, 'm': time.Millisecond, 'u': time.Microsecond, 'n': time.Nanosecond}
+	if len(v) < 2 || len(v) > 9 {
+		return 0, false
+	}
+	unit, ok := units[v[len(v)-1]]
+	n, err := strconv.ParseUint(v[:len(v)-1], 10, 64)
+	if !ok || err != nil || n > uint64(math.MaxInt64/unit) {
+		return 0, false // not one, or beyond what a Duration holds: no deadline to keep
+	}
+	return time.Duration(n) * unit, true
+}
+
 func field(fields []hpack.HeaderField, name string) string {
 	for _, f := range fields {
 		if f.Name == name {
