@@ -30,6 +30,10 @@ type Options struct {
 	MaglevTableSize uint32
 	// ConntrackSize is the number of flow entries of the packet layer (two per flow).
 	ConntrackSize uint32
+	// ServiceEntries and Backends size each family's service map (a frontend takes one entry,
+	// plus one per backend) and backends map (one entry per distinct backend address, port
+	// and protocol); 0: bpf/lib/lb.h's 262,144. Pinned maps keep the size they were made with.
+	ServiceEntries, Backends uint32
 	// MaglevSeed must be the same on every node, so that they pick the same backend for a flow.
 	MaglevSeed uint64
 }
@@ -90,6 +94,14 @@ func (d *Datapath) load(opts Options) error {
 		}
 	}
 	npSpec.Maps["portico_ct"].MaxEntries = opts.ConntrackSize
+	for _, spec := range []*ebpf.CollectionSpec{sockSpec, npSpec} {
+		for name, size := range map[string]uint32{"portico_svc4": opts.ServiceEntries, "portico_svc6": opts.ServiceEntries,
+			"portico_be4": opts.Backends, "portico_be6": opts.Backends} {
+			if size > 0 {
+				spec.Maps[name].MaxEntries = size
+			}
+		}
+	}
 	copts := ebpf.CollectionOptions{}
 	if opts.PinDir != "" {
 		if err := os.MkdirAll(opts.PinDir, 0o700); err != nil {

@@ -2,12 +2,14 @@ package datapath
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"net/netip"
 	"slices"
 	"testing"
 
 	"github.com/portico-dev/portico/internal/loadbalancer"
+	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
 var errInjected = errors.New("injected map write failure")
@@ -147,4 +149,59 @@ func frontends4(t *testing.T, d *Datapath) map[netip.AddrPort][]netip.AddrPort {
 		}
 	}
 	return out
+}
+
+// With maps too small for every frontend, Apply writes those that fit, in the order given,
+// names the rest, and leaves the maps consistent; the same Apply gives the same result;
+// once a listed frontend goes, the next one in line fits. Each frontend takes 3 service
+// entries (itself and two slots) and 2 backends; either map may be the one that is short.
+func TestApplyProgramsWhatFits(t *testing.T) {
+	for _, size := range []Options{{ServiceEntries: 20, Backends: 8}, {ServiceEntries: 12, Backends: 16}} {
+		t.Run(fmt.Sprintf("%d service entries, %d backends", size.ServiceEntries, size.Backends), func(t *testing.T) {
+			applyWhatFits(t, size)
+		})
+	}
+}
+
+func applyWhatFits(t *testing.T, size Options) {
+	nstest.NeedRoot(t, "loads BPF programs")
+	d, err := Load(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Close() })
+	var fs []loadbalancer.Frontend
+	want := map[netip.AddrPort][]netip.AddrPort{}
+	for i := range 6 {
+		vip := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, 0, byte(i + 1)}), 80)
+		b1 := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i), 1}), 8080)
+		b2 := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 0, byte(i), 2}), 8080)
+		fs = append(fs, internal(vip, loadbalancer.TCP, b1, b2))
+		if i < 4 {
+			want[vip] = []netip.AddrPort{b1, b2}
+		}
+	}
+	for _, step := range []string{"first sync into empty maps", "the same again"} {
+		err := d.Apply(fs)
+		var np *loadbalancer.NotProgrammed
+		if !errors.As(err, &np) || len(np.Failed) != 2 || np.Failed[0].Address != fs[4].Address || np.Failed[1].Address != fs[5].Address {
+			t.Fatalf("%s: Apply returned %v; want the last two frontends not programmed", step, err)
+		}
+		consistent(t, d, step)
+		if got := frontends4(t, d); !maps.EqualFunc(got, want, slices.Equal) {
+			t.Fatalf("%s: the maps hold %v, want the first four %v", step, got, want)
+		}
+	}
+	// The first frontend goes: the fifth takes its room, the sixth still does not fit.
+	err = d.Apply(fs[1:])
+	var np *loadbalancer.NotProgrammed
+	if !errors.As(err, &np) || len(np.Failed) != 1 || np.Failed[0].Address != fs[5].Address {
+		t.Fatalf("without the first: Apply returned %v; want only the last not programmed", err)
+	}
+	delete(want, fs[0].Address)
+	want[fs[4].Address] = []netip.AddrPort{fs[4].Backends[0].Address, fs[4].Backends[1].Address}
+	consistent(t, d, "without the first")
+	if got := frontends4(t, d); !maps.EqualFunc(got, want, slices.Equal) {
+		t.Fatalf("without the first: the maps hold %v, want %v", got, want)
+	}
 }

@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -204,31 +205,52 @@ func (d *Datapath) v6() family[sockLBSvc6Key, sockLBBackend6, sockLBSrcrange6Key
 	return fam
 }
 
-// Apply makes the maps hold exactly these frontends (a full resync): it updates each one and
-// deletes the frontends it does not list. Into empty maps (a first start) it writes in
-// batches; if a batch fails, the maps may hold part of it, and a new Load reads what they hold.
+// Apply makes the maps hold exactly these frontends (a full resync): it deletes the
+// frontends it does not list, then writes each one. Into empty maps (a first start) it
+// writes in batches. What does not fit (a full map) is left out in the order given, so that
+// the frontends listed first win on every node and every restart: Apply then returns a
+// *loadbalancer.NotProgrammed naming them, with every other frontend in place.
 func (d *Datapath) Apply(frontends []loadbalancer.Frontend) error {
 	for _, f := range frontends {
 		if err := validate(f); err != nil {
 			return err
 		}
 	}
+	keep := frontends
 	if len(d.applied4) == 0 && len(d.applied6) == 0 {
-		return d.applyIntoEmpty(frontends)
-	}
-	for _, f := range frontends {
-		if err := d.Update(f); err != nil {
+		written, err := d.applyIntoEmpty(frontends)
+		if written || err != nil {
 			return err
 		}
+		// A batch failed, most likely for room. Its entries may fill a map with slots of
+		// frontends whose entry never came: they all go, and the frontends are written one
+		// at a time, as many as fit.
+		keep = nil
 	}
-	return errors.Join(deleteUnlisted(d, d.v4(), frontends), deleteUnlisted(d, d.v6(), frontends))
+	// Frontends no longer listed go first, and backends no slot names: they make room.
+	if err := errors.Join(deleteUnlisted(d, d.v4(), keep), deleteUnlisted(d, d.v6(), keep),
+		sweep(d, d.v4()), sweep(d, d.v6())); err != nil {
+		return err
+	}
+	var failed []loadbalancer.Frontend
+	var first error
+	for _, f := range frontends {
+		if err := d.Update(f); err != nil {
+			failed = append(failed, f)
+			first = cmp.Or(first, err)
+		}
+	}
+	if len(failed) > 0 {
+		return &loadbalancer.NotProgrammed{Failed: failed, Err: first}
+	}
+	return nil
 }
 
 // applyIntoEmpty is Apply into empty maps: the entries are collected, then written in a few
-// batches. On failure the mirror is read back from the maps, which may hold part of it.
-func (d *Datapath) applyIntoEmpty(frontends []loadbalancer.Frontend) error {
+// batches. When a write fails it reads the mirror back from the maps, which may hold part
+// of it, and says nothing was written; err is only a failure to read them.
+func (d *Datapath) applyIntoEmpty(frontends []loadbalancer.Frontend) (written bool, err error) {
 	d.pend4, d.pend6 = &pending[sockLBSvc4Key, sockLBBackend4]{}, &pending[sockLBSvc6Key, sockLBBackend6]{}
-	var err error
 	for _, f := range frontends {
 		if err = d.Update(f); err != nil {
 			break
@@ -238,11 +260,27 @@ func (d *Datapath) applyIntoEmpty(frontends []loadbalancer.Frontend) error {
 		err = errors.Join(flush(d.v4()), flush(d.v6()))
 	}
 	d.pend4, d.pend6 = nil, nil
-	if err != nil {
-		d.tables = newTables()
-		return errors.Join(fmt.Errorf("write the first frontends: %w", err), d.adopt())
+	if err == nil {
+		return true, nil
 	}
-	return nil
+	fault := d.fault
+	d.tables = newTables()
+	d.fault = fault
+	if err := d.adopt(); err != nil {
+		return false, fmt.Errorf("read back the maps after a failed first write: %w", err)
+	}
+	return false, nil
+}
+
+// sweep removes the family's backends that no slot names: what a failed batch left.
+func sweep[K comparable, B any, R any](d *Datapath, fam family[K, B, R]) error {
+	var ids []uint32
+	for id, n := range d.numbered {
+		if n.inUse && n.refs == 0 && fam.is(n.ref.addr.Addr()) {
+			ids = append(ids, uint32(id))
+		}
+	}
+	return release(d, fam, ids)
 }
 
 // flush writes a family's pending entries, backends first and frontend entries last.

@@ -6,6 +6,7 @@
 package loadbalancer
 
 import (
+	"fmt"
 	"net/netip"
 	"time"
 )
@@ -66,3 +67,16 @@ type Frontend struct {
 	// (loadBalancerSourceRanges). They must be of the frontend's family.
 	SourceRanges []netip.Prefix
 }
+
+// NotProgrammed is what a Programmer's Apply returns when some frontends did not fit (a
+// full map): every other frontend is in place. Failed keeps the order Apply was given.
+type NotProgrammed struct {
+	Failed []Frontend
+	Err    error // why the first of them failed
+}
+
+func (e *NotProgrammed) Error() string {
+	return fmt.Sprintf("%d frontends not programmed, the first %s: %v", len(e.Failed), e.Failed[0].Address, e.Err)
+}
+
+func (e *NotProgrammed) Unwrap() error { return e.Err }
