@@ -300,9 +300,16 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 			claims = append(claims, c)
 			policies = append(policies, pol)
 		}
-		if err := r.syncer.Resync(claims); err != nil {
+		incomplete, err := r.syncer.Resync(claims)
+		if err != nil {
 			r.metrics.errors.Inc()
 			return fmt.Errorf("first sync: %w", err)
+		}
+		if len(incomplete) > 0 {
+			// The maps are full: the youngest Services wait, every other one works. Each is
+			// synced again below, which tells its owner (an Event) and retries.
+			r.metrics.errors.Inc()
+			ctrl.LoggerFrom(ctx).Error(errors.New("datapath maps full"), "First sync left Services out", "services", len(incomplete))
 		}
 		for i, c := range claims {
 			r.report.setPolicies(c.Service, policies[i])
@@ -313,6 +320,7 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 		svcs, fs := r.syncer.Counts()
 		ctrl.LoggerFrom(ctx).Info("Programmed the datapath", "services", svcs, "frontends", fs, "took", took)
 		close(r.ready)
+		r.requeue.Add(ctx, incomplete...)
 		return nil
 	}
 }

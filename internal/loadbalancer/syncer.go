@@ -107,8 +107,11 @@ func (s *Syncer) record(c Claim) {
 }
 
 // Resync replaces everything at once with the claims (the start, adopting pinned maps:
-// entries that stay are rewritten in place, flows and sockets go on).
-func (s *Syncer) Resync(claims []Claim) error {
+// entries that stay are rewritten in place, flows and sockets go on). The oldest Services'
+// frontends go first: when the maps cannot hold them all, the same Services are left out on
+// every node and every restart, and Resync returns them (incomplete) to be set again later,
+// when room may have freed; every other Service is programmed.
+func (s *Syncer) Resync(claims []Claim) (incomplete []types.NamespacedName, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.claims, s.claimants = map[types.NamespacedName]Claim{}, map[slot][]claimant{}
@@ -116,18 +119,46 @@ func (s *Syncer) Resync(claims []Claim) error {
 		s.record(c)
 	}
 	owner, programmed, slots := map[slot]types.NamespacedName{}, map[slot]Frontend{}, map[types.NamespacedName]int{}
-	all := make([]Frontend, 0, len(s.claimants))
+	keys := make([]slot, 0, len(s.claimants))
 	for k := range s.claimants {
 		winner, f, _ := s.winner(k)
 		owner[k], programmed[k] = winner, f
 		slots[winner]++
-		all = append(all, f)
+		keys = append(keys, k)
 	}
-	if err := s.dp.Apply(all); err != nil {
-		return fmt.Errorf("apply %d frontends: %w", len(all), err)
+	slices.SortFunc(keys, func(a, b slot) int {
+		ca, cb := s.claims[owner[a]], s.claims[owner[b]]
+		switch {
+		case ca.Service != cb.Service && older(ca, cb):
+			return -1
+		case ca.Service != cb.Service:
+			return 1
+		}
+		return cmp.Or(a.addr.Compare(b.addr), cmp.Compare(a.proto, b.proto), cmp.Compare(a.scope, b.scope))
+	})
+	all := make([]Frontend, len(keys))
+	for i, k := range keys {
+		all[i] = programmed[k]
+	}
+	var np *NotProgrammed
+	if err := s.dp.Apply(all); errors.As(err, &np) {
+		for _, f := range np.Failed {
+			k := slotOf(f)
+			svc := owner[k]
+			delete(owner, k)
+			delete(programmed, k)
+			if slots[svc]--; slots[svc] == 0 {
+				delete(slots, svc)
+			}
+			if !slices.Contains(incomplete, svc) {
+				incomplete = append(incomplete, svc)
+			}
+		}
+	} else if err != nil {
+		return nil, fmt.Errorf("apply %d frontends: %w", len(all), err)
 	}
 	s.owner, s.programmed, s.slots = owner, programmed, slots
-	return nil
+	return incomplete, nil
 }
 
 // Set records a Service's claim (nil Frontends: the Service is gone or not ours) and

@@ -98,12 +98,12 @@ func TestOlderServiceKeepsASharedAddress(t *testing.T) {
 func TestResyncAppliesTheWinners(t *testing.T) {
 	r := &lbtest.Recorder{}
 	s := loadbalancer.NewSyncer(r)
-	err := s.Resync([]loadbalancer.Claim{
+	incomplete, err := s.Resync([]loadbalancer.Claim{
 		claim("b", 1, frontend("192.0.2.1:80", "10.244.0.2:80"), frontend("10.96.0.2:80", "10.244.0.2:80")),
 		claim("a", 1, frontend("192.0.2.1:80", "10.244.0.1:80")), // same age: the name decides
 	})
-	if err != nil {
-		t.Fatal(err)
+	if err != nil || len(incomplete) != 0 {
+		t.Fatalf("Resync: %v, incomplete %v", err, incomplete)
 	}
 	if got, want := r.Take(), "apply 10.96.0.2:80->10.244.0.2:80 192.0.2.1:80->10.244.0.1:80"; got != want {
 		t.Errorf("calls %q, want %q", got, want)
@@ -111,6 +111,38 @@ func TestResyncAppliesTheWinners(t *testing.T) {
 	// What Resync programmed is known: the same claims again change nothing.
 	if _, _, err := s.Set(claim("a", 1, frontend("192.0.2.1:80", "10.244.0.1:80"))); err != nil || r.Take() != "" {
 		t.Errorf("re-set after resync: err %v, or it programmed something", err)
+	}
+}
+
+// When the datapath cannot hold every frontend, Resync programs the oldest Services' first,
+// whatever the order of the claims, and returns the others; once room frees, setting them
+// again programs them.
+func TestResyncLeavesOutTheYoungestWhenFull(t *testing.T) {
+	r := &lbtest.Recorder{Room: 2}
+	s := loadbalancer.NewSyncer(r)
+	old := claim("old", 1, frontend("10.96.0.1:80", "10.244.0.1:80"), frontend("192.0.2.1:80", "10.244.0.1:80"))
+	young := claim("young", 2, frontend("10.96.0.2:80", "10.244.0.2:80"))
+	incomplete, err := s.Resync([]loadbalancer.Claim{young, old})
+	if err != nil || len(incomplete) != 1 || incomplete[0].Name != "young" {
+		t.Fatalf("Resync: %v, incomplete %v; want young left out", err, incomplete)
+	}
+	if got, want := r.Take(), "apply 10.96.0.1:80->10.244.0.1:80 192.0.2.1:80->10.244.0.1:80"; got != want {
+		t.Fatalf("calls %q, want %q", got, want)
+	}
+	if services, frontends := s.Counts(); services != 1 || frontends != 2 {
+		t.Fatalf("counts %d Services, %d frontends; want only old's", services, frontends)
+	}
+	if _, _, err := s.Set(young); err == nil {
+		t.Fatal("young programmed into full maps")
+	}
+	if _, _, err := s.Set(claim("old", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.Set(young); err != nil {
+		t.Fatalf("young once old is gone: %v", err)
+	}
+	if got, want := r.Take(), "delete 10.96.0.1:80; delete 192.0.2.1:80; update 10.96.0.2:80->10.244.0.2:80"; got != want {
+		t.Fatalf("calls %q, want %q", got, want)
 	}
 }
 

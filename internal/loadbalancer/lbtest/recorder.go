@@ -14,9 +14,12 @@ import (
 )
 
 // Recorder writes down each call and keeps what it was told last of each address (any
-// scope). FailNext makes the next Update fail, as a full map would.
+// scope). FailNext makes the next Update fail, as a full map would. Room, when set, is how
+// many addresses it holds, as maps of that size: Apply keeps the first that fit and names
+// the rest in a loadbalancer.NotProgrammed; an Update of one more address fails.
 type Recorder struct {
 	FailNext bool
+	Room     int
 	mu       sync.Mutex
 	calls    []string
 	last     map[netip.AddrPort]loadbalancer.Frontend
@@ -27,23 +30,39 @@ func (r *Recorder) Apply(fs []loadbalancer.Frontend) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var names []string
+	var failed []loadbalancer.Frontend
 	r.last = map[netip.AddrPort]loadbalancer.Frontend{}
 	for _, f := range fs {
+		if r.full(f) {
+			failed = append(failed, f)
+			continue
+		}
 		names = append(names, describe(f))
 		r.last[f.Address] = f
 	}
 	slices.Sort(names)
 	r.calls = append(r.calls, "apply "+strings.Join(names, " "))
+	if len(failed) > 0 {
+		return &loadbalancer.NotProgrammed{Failed: failed, Err: errFull}
+	}
 	return nil
+}
+
+var errFull = errors.New("map full")
+
+// full says whether f is one address more than there is room for.
+func (r *Recorder) full(f loadbalancer.Frontend) bool {
+	_, held := r.last[f.Address]
+	return r.Room > 0 && !held && len(r.last) >= r.Room
 }
 
 // Update records one frontend, or fails once after FailNext.
 func (r *Recorder) Update(f loadbalancer.Frontend) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.FailNext {
+	if r.FailNext || r.full(f) {
 		r.FailNext = false
-		return errors.New("map full")
+		return errFull
 	}
 	r.calls = append(r.calls, "update "+describe(f))
 	if r.last == nil {
