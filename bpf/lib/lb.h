@@ -10,8 +10,11 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#define LB_MAX_SERVICE_ENTRIES 262144
-#define LB_MAX_BACKENDS 262144
+/* Defaults sized for 10,000 dual-stack LoadBalancer Services x 3 ports x 10 endpoints
+ * (docs/datapath.md "Capacity"); the agent may choose others at load. The service and
+ * backend maps are not preallocated: an idle entry costs nothing, a bucket 16 bytes. */
+#define LB_MAX_SERVICE_ENTRIES 2097152
+#define LB_MAX_BACKENDS 524288
 #define LB_MAX_SOCKETS 262144
 #define LB_MAX_AFFINITY 262144
 #define LB_MAX_MAGLEV 4096
@@ -139,6 +142,7 @@ struct {
 	__type(key, struct svc4_key);
 	__type(value, struct svc_value);
 	__uint(max_entries, LB_MAX_SERVICE_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_svc4 SEC(".maps");
 
@@ -147,6 +151,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct backend4);
 	__uint(max_entries, LB_MAX_BACKENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_be4 SEC(".maps");
 
@@ -163,6 +168,7 @@ struct {
 	__type(key, struct svc6_key);
 	__type(value, struct svc_value);
 	__uint(max_entries, LB_MAX_SERVICE_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_svc6 SEC(".maps");
 
@@ -171,6 +177,7 @@ struct {
 	__type(key, __u32);
 	__type(value, struct backend6);
 	__uint(max_entries, LB_MAX_BACKENDS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_be6 SEC(".maps");
 

@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -30,6 +31,11 @@ func main() {
 	cgroupRoot := flag.String("cgroup-root", "/sys/fs/cgroup", "cgroup v2 directory whose processes get their Service connections translated at the socket layer.")
 	bpffs := flag.String("bpffs", "/sys/fs/bpf", "bpffs mount; maps and links are pinned under <bpffs>/portico/<node>, so forwarding goes on while the agent restarts.")
 	maglevSize := flag.Uint("maglev-table-size", 16381, "Maglev table size (a prime) for Services that use Maglev.")
+	var size datapath.Options
+	flag.Func("service-map-size", "Entries of each IP family's service map: a frontend takes one, plus one per backend (default 2097152: 10,000 dual-stack LoadBalancer Services x 3 ports x 10 endpoints; docs/datapath.md). A node's pinned maps keep the size they were made with.",
+		uintFlag(&size.ServiceEntries))
+	flag.Func("backend-map-size", "Entries of each IP family's backend map: one per distinct endpoint address, port and protocol (default 524288).", uintFlag(&size.Backends))
+	flag.Func("conntrack-size", "Flow entries of the packet layer, two per flow (default 131072).", uintFlag(&size.ConntrackSize))
 	flag.StringVar(&o.ProxyName, "service-proxy-name", "", "Serve only Services labelled service.kubernetes.io/service-proxy-name with this value (empty: only Services without the label).")
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":9090", "Address of the Prometheus metrics endpoint; 0 turns it off.")
 	flag.BoolVar(&o.Profiling, "profiling", false, "Serve Go's /debug/pprof/ on the metrics endpoint.")
@@ -54,9 +60,17 @@ func main() {
 		os.Exit(1)
 	}
 
-	dp, err := datapath.Load(datapath.Options{PinDir: filepath.Join(*bpffs, "portico", o.NodeName), MaglevTableSize: uint32(*maglevSize)})
+	size.PinDir, size.MaglevTableSize = filepath.Join(*bpffs, "portico", o.NodeName), uint32(*maglevSize)
+	dp, err := datapath.Load(size)
 	if err != nil {
 		fail(err, "Failed to load the datapath")
+	}
+	got := dp.Capacity()
+	log.Info("Loaded the datapath", "serviceEntries", got.ServiceEntries, "backends", got.Backends, "conntrack", got.Conntrack)
+	differs := func(asked, got uint32) bool { return asked != 0 && asked != got }
+	if differs(size.ServiceEntries, got.ServiceEntries) || differs(size.Backends, got.Backends) || differs(size.ConntrackSize, got.Conntrack) {
+		log.Info("The node's pinned maps keep the sizes they were made with; uninstall Portico from the node to change them",
+			"serviceMapSize", size.ServiceEntries, "backendMapSize", size.Backends, "conntrackSize", size.ConntrackSize)
 	}
 	if err := dp.AttachCgroup(*cgroupRoot); err != nil {
 		fail(err, "Failed to attach to the cgroup", "cgroup", *cgroupRoot)
@@ -113,4 +127,16 @@ func readKey(path string) ([]byte, error) {
 		err = fmt.Errorf("%s holds %d bytes; want at least 16", path, len(k))
 	}
 	return k, err
+}
+
+// uintFlag parses a flag into a uint32.
+func uintFlag(into *uint32) func(string) error {
+	return func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		if err != nil {
+			return fmt.Errorf("want a count: %w", err)
+		}
+		*into = uint32(n)
+		return nil
+	}
 }

@@ -4,6 +4,8 @@ package main
 
 import (
 	"flag"
+	"fmt"
+	"math"
 	"os"
 	"strings"
 
@@ -32,16 +34,26 @@ func main() {
 	agentName := flag.String("agent-name", "portico-agent", "Name of the agents' DaemonSet.")
 	agentAccount := flag.String("agent-service-account", "portico-agent", "ServiceAccount the agents run as.")
 	agentDevices := flag.String("agent-devices", "", "Comma-separated interfaces external traffic arrives on, on every node (the agents' --devices).")
+	agentServiceMap := flag.Uint("agent-service-map-size", 0, "The agents' --service-map-size (0: their default, 2097152; docs/datapath.md).")
+	agentBackendMap := flag.Uint("agent-backend-map-size", 0, "The agents' --backend-map-size (0: their default, 524288).")
+	agentConntrack := flag.Uint("agent-conntrack-size", 0, "The agents' --conntrack-size (0: their default, 131072).")
 	zo := zap.Options{}
 	zo.BindFlags(flag.CommandLine)
 	flag.Parse()
+	for name, v := range map[string]uint{"agent-service-map-size": *agentServiceMap, "agent-backend-map-size": *agentBackendMap, "agent-conntrack-size": *agentConntrack} {
+		if v > math.MaxUint32 {
+			fmt.Fprintf(os.Stderr, "--%s %d: at most %d\n", name, v, uint32(math.MaxUint32))
+			os.Exit(2)
+		}
+	}
 	o.QPS = float32(*qps)
 	o.AgentNamespace = *agentNamespace
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zo)))
 	log := ctrl.Log.WithName("setup")
 	if *agentImage != "" {
 		o.Agents = &agentds.Config{Namespace: *agentNamespace, Name: *agentName, Image: *agentImage, Version: version.Get(),
-			ServiceAccount: *agentAccount, Devices: strings.FieldsFunc(*agentDevices, func(r rune) bool { return r == ',' })}
+			ServiceAccount: *agentAccount, Devices: strings.FieldsFunc(*agentDevices, func(r rune) bool { return r == ',' }),
+			ServiceMapSize: uint32(*agentServiceMap), BackendMapSize: uint32(*agentBackendMap), ConntrackSize: uint32(*agentConntrack)}
 	}
 
 	mgr, err := operator.NewManager(ctrl.GetConfigOrDie(), o)

@@ -30,9 +30,12 @@ type Options struct {
 	MaglevTableSize uint32
 	// ConntrackSize is the number of flow entries of the packet layer (two per flow).
 	ConntrackSize uint32
+	// Pinned maps keep the size (and flags) they were made with, whatever these ask:
+	// Capacity says what the datapath holds. Changing them on a node takes an uninstall.
 	// ServiceEntries and Backends size each family's service map (a frontend takes one entry,
 	// plus one per backend) and backends map (one entry per distinct backend address, port
-	// and protocol); 0: bpf/lib/lb.h's 262,144. Pinned maps keep the size they were made with.
+	// and protocol); 0: bpf/lib/lb.h's defaults (2,097,152 and 524,288), which hold 10,000
+	// dual-stack LoadBalancer Services x 3 ports x 10 endpoints (docs/datapath.md).
 	ServiceEntries, Backends uint32
 	// MaglevSeed must be the same on every node, so that they pick the same backend for a flow.
 	MaglevSeed uint64
@@ -101,6 +104,9 @@ func (d *Datapath) load(opts Options) error {
 				spec.Maps[name].MaxEntries = size
 			}
 		}
+		if err := keepPinnedSizes(spec, opts.PinDir); err != nil {
+			return err
+		}
 	}
 	copts := ebpf.CollectionOptions{}
 	if opts.PinDir != "" {
@@ -110,7 +116,7 @@ func (d *Datapath) load(opts Options) error {
 		copts.Maps.PinPath = opts.PinDir
 	}
 	if err := sockSpec.LoadAndAssign(&d.sock, &copts); err != nil {
-		return fmt.Errorf("load socket programs (a pinned map of another size needs an uninstall first): %w", err)
+		return fmt.Errorf("load socket programs (a pinned map of another key or value layout needs an uninstall first): %w", err)
 	}
 	// The packet programs use the socket object's maps, one set for both layers (both
 	// objects declare every map of bpf/lib/lb.h).
@@ -125,6 +131,42 @@ func (d *Datapath) load(opts Options) error {
 		return fmt.Errorf("load packet programs: %w", err)
 	}
 	return nil
+}
+
+// keepPinnedSizes makes the spec of each map pinned in dir as big as the pinned map, with
+// its flags: a node whose maps were made with other sizes (an older default, another flag)
+// keeps them and its flows, rather than failing to load. Key and value layouts must match.
+func keepPinnedSizes(spec *ebpf.CollectionSpec, dir string) error {
+	if dir == "" {
+		return nil
+	}
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("read pinned map %s: %w", name, err)
+		}
+		if ms.Type == m.Type() && ms.KeySize == m.KeySize() && ms.ValueSize == m.ValueSize() {
+			ms.MaxEntries, ms.Flags = m.MaxEntries(), m.Flags()
+		}
+		m.Close()
+	}
+	return nil
+}
+
+// Capacity is what a loaded datapath's maps hold, per family for the first two.
+type Capacity struct {
+	ServiceEntries, Backends, Conntrack uint32
+}
+
+// Capacity returns the sizes of the maps as loaded (pinned ones keep theirs).
+func (d *Datapath) Capacity() Capacity {
+	return Capacity{ServiceEntries: d.sock.PorticoSvc4.MaxEntries(), Backends: d.sock.PorticoBe4.MaxEntries(), Conntrack: d.np.PorticoCt.MaxEntries()}
 }
 
 // AttachCgroup attaches the socket programs to a cgroup v2 directory: connections of the

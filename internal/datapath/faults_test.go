@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -203,5 +204,45 @@ func applyWhatFits(t *testing.T, size Options) {
 	consistent(t, d, "without the first")
 	if got := frontends4(t, d); !maps.EqualFunc(got, want, slices.Equal) {
 		t.Fatalf("without the first: the maps hold %v, want %v", got, want)
+	}
+}
+
+// A node keeps the map sizes its pins were made with: an agent asking for others (a new
+// default, another flag) loads, adopts what is pinned, and says what it holds; after an
+// uninstall the sizes asked for apply.
+func TestPinnedMapsKeepTheirSize(t *testing.T) {
+	nstest.NeedRoot(t, "loads BPF programs")
+	pins := filepath.Join(nstest.BPFFS(t), "node")
+	d, err := Load(Options{PinDir: pins, ServiceEntries: 1024, Backends: 512, ConntrackSize: 2048})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip, backend := netip.MustParseAddrPort("10.96.0.1:80"), netip.MustParseAddrPort("10.0.0.1:80")
+	if err := d.Apply([]loadbalancer.Frontend{internal(vip, loadbalancer.TCP, backend)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d, err = Load(Options{PinDir: pins})
+	if err != nil {
+		t.Fatalf("an agent with other sizes than the pins: %v", err)
+	}
+	if got, want := d.Capacity(), (Capacity{ServiceEntries: 1024, Backends: 512, Conntrack: 2048}); got != want {
+		t.Fatalf("capacity %+v, want the pinned %+v", got, want)
+	}
+	if got := frontends4(t, d); !slices.Equal(got[vip], []netip.AddrPort{backend}) {
+		t.Fatalf("the pinned frontend was not adopted: %v", got)
+	}
+	if err := d.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	d, err = Load(Options{PinDir: pins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Uninstall()
+	if got, want := d.Capacity(), (Capacity{ServiceEntries: 2097152, Backends: 524288, Conntrack: DefaultConntrackSize}); got != want {
+		t.Fatalf("after an uninstall: capacity %+v, want the defaults %+v", got, want)
 	}
 }

@@ -52,8 +52,11 @@ type Config struct {
 	Version        string
 	ServiceAccount string
 	// Devices are the interfaces external traffic arrives on (the agent's --devices).
-	Devices      []string
-	NodeSelector map[string]string
+	Devices []string
+	// ServiceMapSize, BackendMapSize and ConntrackSize are the agents' datapath map sizes
+	// (their flags of the same names); 0: the agent's defaults (docs/datapath.md).
+	ServiceMapSize, BackendMapSize, ConntrackSize uint32
+	NodeSelector                                  map[string]string
 }
 
 // Reconciler applies the DaemonSet.
@@ -157,6 +160,14 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 		"--l2-heartbeat-key-file=" + keyPath + "/key", "--l2-heartbeat-next-key-file=" + keyPath + "/next"}
 	if len(c.Devices) > 0 {
 		args = append(args, "--devices="+strings.Join(c.Devices, ","))
+	}
+	for _, f := range []struct {
+		name string
+		size uint32
+	}{{"service-map-size", c.ServiceMapSize}, {"backend-map-size", c.BackendMapSize}, {"conntrack-size", c.ConntrackSize}} {
+		if f.size > 0 {
+			args = append(args, fmt.Sprintf("--%s=%d", f.name, f.size))
+		}
 	}
 	hostPath := func(name, path string) corev1.Volume {
 		return corev1.Volume{Name: name, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: path, Type: ptr.To(corev1.HostPathDirectory)}}}

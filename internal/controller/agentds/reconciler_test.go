@@ -31,7 +31,7 @@ func start(t *testing.T, env *testenv.Env, version string) (stop func()) {
 		t.Fatal(err)
 	}
 	r := &agentds.Reconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("portico"), Config: agentds.Config{Namespace: key.Namespace, Name: key.Name, Image: "portico-agent:test",
-		Version: version, ServiceAccount: "portico-agent", Devices: []string{"eth0", "eth1"}}}
+		Version: version, ServiceAccount: "portico-agent", Devices: []string{"eth0", "eth1"}, ServiceMapSize: 4194304}}
 	if err := r.SetupWithManager(mgr); err != nil {
 		t.Fatal(err)
 	}
@@ -81,8 +81,8 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	case ds.Spec.Template.Annotations[agentds.VersionAnnotation] != "v1":
 		t.Errorf("annotations: %v", ds.Spec.Template.Annotations)
 	}
-	if got := ctr.Args; len(got) != 7 || got[4] != "--l2-heartbeat-key-file=/etc/portico/heartbeat/key" ||
-		got[5] != "--l2-heartbeat-next-key-file=/etc/portico/heartbeat/next" || got[6] != "--devices=eth0,eth1" {
+	if got := ctr.Args; len(got) != 8 || got[4] != "--l2-heartbeat-key-file=/etc/portico/heartbeat/key" ||
+		got[5] != "--l2-heartbeat-next-key-file=/etc/portico/heartbeat/next" || got[6] != "--devices=eth0,eth1" || got[7] != "--service-map-size=4194304" {
 		t.Errorf("args: %v", got)
 	}
 	// The heartbeat key: created once, 32 random bytes, mounted where the flag says.
