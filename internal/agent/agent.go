@@ -366,6 +366,7 @@ func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Resu
 	r.requeue.Add(ctx, affected...)
 	if err != nil {
 		r.metrics.errors.Inc()
+		r.report.poke() // what waits for room shows in the NodeAgent
 		if svc.UID != "" {
 			r.recorder.Eventf(&svc, corev1.EventTypeWarning, "ProgrammingFailed", "Node %s: %v", r.opts.NodeName, err)
 		}

@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -21,7 +22,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -33,6 +36,7 @@ import (
 	"github.com/portico-dev/portico/internal/loadbalancer/lbtest"
 	"github.com/portico-dev/portico/test/harness/nstest"
 	"github.com/portico-dev/portico/test/harness/testenv"
+	"github.com/portico-dev/portico/test/harness/wait"
 )
 
 // node is a client namespace standing for a node's pods, its own cgroup with Portico's
@@ -42,6 +46,8 @@ type node struct {
 	t *testing.T
 	*nstest.Pair
 	backend netip.AddrPort
+	// serviceEntries sizes the datapath's service maps (0: the default).
+	serviceEntries uint32
 }
 
 func newNode(t *testing.T) *node {
@@ -107,7 +113,7 @@ func run(t *testing.T, mgr manager.Manager) (stop func()) {
 // and closes the datapath; pins stay.
 func (n *node) startAgent(env *testenv.Env, pins string) (stop func(), reg *prometheus.Registry) {
 	n.t.Helper()
-	dp, err := datapath.Load(datapath.Options{PinDir: pins})
+	dp, err := datapath.Load(datapath.Options{PinDir: pins, ServiceEntries: n.serviceEntries})
 	if err != nil {
 		n.t.Fatal(err)
 	}
@@ -432,4 +438,68 @@ func TestAgentKeepsItsLease(t *testing.T) {
 	if err := env.Client.Get(ctx, key, &l); !apierrors.IsNotFound(err) {
 		t.Errorf("the Lease outlives the agent that stopped: %v %+v", err, l.Spec)
 	}
+}
+
+// An agent whose maps cannot hold every Service starts with the oldest ones (names decide
+// among Services of the same second), says which wait (NodeAgent MapsFull, a metric, an
+// Event), and programs a waiting Service as soon as another one frees room.
+func TestAgentWithFullMaps(t *testing.T) {
+	n := newNode(t)
+	// default/kubernetes and two one-backend Services take 5 or 6 entries (the first has at
+	// most one endpoint): a third does not fit.
+	n.serviceEntries = 6
+	env := testenv.StartFor(t)
+	ctx, c := context.Background(), env.Client
+	vips := map[string]netip.AddrPort{}
+	for i, name := range []string{"web-a", "web-b", "web-c"} {
+		vip := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 96, 8, byte(i + 1)}), 80)
+		svc, slice := n.web(vip)
+		svc.Name, slice.Name, slice.Labels[discoveryv1.LabelServiceName] = name, name+"-1", name
+		create(t, c, svc, slice)
+		vips[name] = vip
+	}
+	_, reg := n.startAgent(env, "")
+	n.eventually(vips["web-a"], "from "+n.backend.String())
+	n.eventually(vips["web-b"], "from "+n.backend.String())
+	if got := n.dial(vips["web-c"]); !strings.Contains(got, "unreachable") {
+		t.Fatalf("web-c, which does not fit: %q", got)
+	}
+	mapsFull := func(want metav1.ConditionStatus) error {
+		var na lbv1.NodeAgent
+		if err := c.Get(ctx, types.NamespacedName{Name: "n1"}, &na); err != nil {
+			return err
+		}
+		if cond := meta.FindStatusCondition(na.Status.Conditions, lbv1.ConditionMapsFull); cond == nil || cond.Status != want {
+			return fmt.Errorf("NodeAgent conditions %+v; want MapsFull %s", na.Status.Conditions, want)
+		}
+		return nil
+	}
+	wait.For(t, "the NodeAgent says the maps are full", func() error { return mapsFull(metav1.ConditionTrue) })
+	if w := metric(t, reg, "portico_agent_services_waiting_for_room"); w != 1 {
+		t.Errorf("%v Services waiting for room; want 1", w)
+	}
+	wait.For(t, "an Event on web-c", func() error {
+		var evs corev1.EventList
+		if err := c.List(ctx, &evs, client.InNamespace("default")); err != nil {
+			return err
+		}
+		for _, e := range evs.Items {
+			if e.InvolvedObject.Name == "web-c" && e.Reason == "ProgrammingFailed" && strings.Contains(e.Message, "full") {
+				return nil
+			}
+		}
+		return errors.New("no ProgrammingFailed Event on web-c")
+	})
+
+	// web-a goes: web-c takes its room (TestResyncLeavesOutTheYoungestWhenFull checks that the
+	// change that frees room names the waiting Services, rather than leaving them to backoff).
+	var a corev1.Service
+	if err := c.Get(ctx, types.NamespacedName{Namespace: "default", Name: "web-a"}, &a); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(ctx, &a); err != nil {
+		t.Fatal(err)
+	}
+	n.eventually(vips["web-c"], "from "+n.backend.String())
+	wait.For(t, "the NodeAgent says there is room", func() error { return mapsFull(metav1.ConditionFalse) })
 }

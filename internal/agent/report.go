@@ -36,6 +36,9 @@ type reporter struct {
 	ready    <-chan struct{}
 	interval time.Duration
 	changed  chan struct{}
+	// full is the MapsFull condition last reported, for its transition time (Start's
+	// goroutine only).
+	full metav1.Condition
 
 	mu            sync.Mutex
 	policies      map[types.NamespacedName][]lbv1.ProgrammedPolicy // by Service
@@ -133,6 +136,21 @@ func (p *reporter) status(since metav1.Time) lbv1.NodeAgentStatus {
 			Message: "the datapath follows the API server's Services, EndpointSlices and ServicePolicies"}},
 		Version: p.version, Services: int32(services), Frontends: int32(frontends),
 	}
+	full := metav1.Condition{Type: lbv1.ConditionMapsFull, Status: metav1.ConditionFalse, Reason: "Room",
+		Message: "every Service fits in the datapath's maps"}
+	if n := p.syncer.Waiting(); n > 0 {
+		full.Status, full.Reason = metav1.ConditionTrue, "ServicesWaiting"
+		full.Message = fmt.Sprintf("%d Services do not fit in the datapath's maps; they are programmed as others free room (agent flags --service-map-size, --backend-map-size; docs/datapath.md)", n)
+	}
+	full.LastTransitionTime = since
+	if p.full.Type != "" {
+		full.LastTransitionTime = p.full.LastTransitionTime
+		if p.full.Status != full.Status {
+			full.LastTransitionTime = metav1.Now()
+		}
+	}
+	p.full = full
+	s.Conditions = append(s.Conditions, full)
 	p.mu.Lock()
 	s.Announcements, s.LivePeers = p.announcements, p.livePeers
 	seen := map[lbv1.ProgrammedPolicy]bool{}

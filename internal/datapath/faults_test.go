@@ -185,8 +185,9 @@ func applyWhatFits(t *testing.T, size Options) {
 	for _, step := range []string{"first sync into empty maps", "the same again"} {
 		err := d.Apply(fs)
 		var np *loadbalancer.NotProgrammed
-		if !errors.As(err, &np) || len(np.Failed) != 2 || np.Failed[0].Address != fs[4].Address || np.Failed[1].Address != fs[5].Address {
-			t.Fatalf("%s: Apply returned %v; want the last two frontends not programmed", step, err)
+		if !errors.As(err, &np) || len(np.Failed) != 2 || np.Failed[0].Address != fs[4].Address || np.Failed[1].Address != fs[5].Address ||
+			!errors.Is(err, loadbalancer.ErrFull) {
+			t.Fatalf("%s: Apply returned %v; want the last two frontends not programmed, for the maps are full", step, err)
 		}
 		consistent(t, d, step)
 		if got := frontends4(t, d); !maps.EqualFunc(got, want, slices.Equal) {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/internal/maglev"
@@ -613,7 +614,7 @@ func put[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K, v so
 		fam.pend.slotKeys, fam.pend.slotVals = append(fam.pend.slotKeys, k), append(fam.pend.slotVals, v)
 	default:
 		if err := fam.svc.Put(k, v); err != nil {
-			return err
+			return full(err)
 		}
 	}
 	fam.applied[k] = v
@@ -645,7 +646,16 @@ func putBackend[K comparable, B any, R any](fam family[K, B, R], id uint32, b B)
 		fam.pend.beKeys, fam.pend.beVals = append(fam.pend.beKeys, id), append(fam.pend.beVals, b)
 		return nil
 	}
-	return fam.be.Put(id, b)
+	return full(fam.be.Put(id, b))
+}
+
+// full marks the error of a write into a map with no room left (a hash map answers E2BIG)
+// as loadbalancer.ErrFull.
+func full(err error) error {
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+		return fmt.Errorf("%w: %w", loadbalancer.ErrFull, err)
+	}
+	return err
 }
 
 // del deletes a service entry; for a slot, its backend loses the reference.

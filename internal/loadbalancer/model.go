@@ -6,6 +6,7 @@
 package loadbalancer
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"time"
@@ -67,6 +68,9 @@ type Frontend struct {
 	// (loadBalancerSourceRanges). They must be of the frontend's family.
 	SourceRanges []netip.Prefix
 }
+
+// ErrFull is what a Programmer's errors wrap when a frontend did not fit in its maps.
+var ErrFull = errors.New("the datapath's maps are full")
 
 // NotProgrammed is what a Programmer's Apply returns when some frontends did not fit (a
 // full map): every other frontend is in place. Failed keeps the order Apply was given.

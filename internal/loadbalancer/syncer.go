@@ -62,12 +62,16 @@ type Syncer struct {
 	programmed map[slot]Frontend
 	// slots counts the programmed slots of each Service.
 	slots map[types.NamespacedName]int
+	// waiting are the Services some frontend of which did not fit (ErrFull): they are set
+	// again as soon as another Service's change frees room.
+	waiting map[types.NamespacedName]bool
 }
 
 // NewSyncer returns a Syncer that programs dp.
 func NewSyncer(dp Programmer) *Syncer {
 	return &Syncer{dp: dp, claims: map[types.NamespacedName]Claim{}, claimants: map[slot][]claimant{},
-		owner: map[slot]types.NamespacedName{}, programmed: map[slot]Frontend{}, slots: map[types.NamespacedName]int{}}
+		owner: map[slot]types.NamespacedName{}, programmed: map[slot]Frontend{}, slots: map[types.NamespacedName]int{},
+		waiting: map[types.NamespacedName]bool{}}
 }
 
 // own gives slot k to svc ({} for nobody), keeping the counts.
@@ -158,13 +162,18 @@ func (s *Syncer) Resync(claims []Claim) (incomplete []types.NamespacedName, err 
 		return nil, fmt.Errorf("apply %d frontends: %w", len(all), err)
 	}
 	s.owner, s.programmed, s.slots = owner, programmed, slots
+	s.waiting = map[types.NamespacedName]bool{}
+	for _, svc := range incomplete {
+		s.waiting[svc] = true
+	}
 	return incomplete, nil
 }
 
 // Set records a Service's claim (nil Frontends: the Service is gone or not ours) and
 // changes only the slots whose winner or content changed. It returns the slots the Service
-// lost to an older one, and the other Services whose slots changed hands (their owners
-// may want to tell their users).
+// lost to an older one, and the other Services to set again: those whose slots changed
+// hands (their owners may want to tell their users), and, when this change freed room in
+// the datapath, those waiting for it.
 func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -178,6 +187,7 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 	}
 	s.record(c)
 	var errs []error
+	freed := false
 	for k := range touched {
 		winner, f, ok := s.winner(k)
 		asks := slices.ContainsFunc(s.claimants[k], func(o claimant) bool { return o.service == c.Service })
@@ -200,6 +210,7 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 				errs = append(errs, fmt.Errorf("delete %s: %w", k, err))
 				continue
 			}
+			freed = true
 			delete(s.programmed, k)
 			s.own(k, types.NamespacedName{})
 		case !reflect.DeepEqual(s.programmed[k], f):
@@ -207,14 +218,36 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 				errs = append(errs, fmt.Errorf("program %s: %w", k, err))
 				continue
 			}
+			freed = freed || len(f.Backends) < len(s.programmed[k].Backends)
 			s.programmed[k] = f
 			s.own(k, winner)
 		default:
 			s.own(k, winner)
 		}
 	}
+	err = errors.Join(errs...)
+	switch {
+	case errors.Is(err, ErrFull):
+		s.waiting[c.Service] = true
+	case err == nil:
+		delete(s.waiting, c.Service)
+	}
+	if freed {
+		for svc := range s.waiting {
+			if svc != c.Service && !slices.Contains(affected, svc) {
+				affected = append(affected, svc)
+			}
+		}
+	}
 	slices.Sort(lost)
-	return lost, affected, errors.Join(errs...)
+	return lost, affected, err
+}
+
+// Waiting says how many Services wait for room in the datapath's maps.
+func (s *Syncer) Waiting() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.waiting)
 }
 
 // claimant is a Service asking for a slot, and its frontend there.

@@ -1,6 +1,7 @@
 package loadbalancer_test
 
 import (
+	"errors"
 	"net/netip"
 	"slices"
 	"strings"
@@ -115,8 +116,8 @@ func TestResyncAppliesTheWinners(t *testing.T) {
 }
 
 // When the datapath cannot hold every frontend, Resync programs the oldest Services' first,
-// whatever the order of the claims, and returns the others; once room frees, setting them
-// again programs them.
+// whatever the order of the claims, and returns the others; they wait, and the change that
+// frees room names them to be set again, which programs them.
 func TestResyncLeavesOutTheYoungestWhenFull(t *testing.T) {
 	r := &lbtest.Recorder{Room: 2}
 	s := loadbalancer.NewSyncer(r)
@@ -132,14 +133,15 @@ func TestResyncLeavesOutTheYoungestWhenFull(t *testing.T) {
 	if services, frontends := s.Counts(); services != 1 || frontends != 2 {
 		t.Fatalf("counts %d Services, %d frontends; want only old's", services, frontends)
 	}
-	if _, _, err := s.Set(young); err == nil {
-		t.Fatal("young programmed into full maps")
+	if _, _, err := s.Set(young); !errors.Is(err, loadbalancer.ErrFull) || s.Waiting() != 1 {
+		t.Fatalf("young into full maps: %v, %d waiting; want ErrFull and young waiting", err, s.Waiting())
 	}
-	if _, _, err := s.Set(claim("old", 1)); err != nil {
-		t.Fatal(err)
+	_, affected, err := s.Set(claim("old", 1))
+	if err != nil || !slices.Equal(affected, []types.NamespacedName{young.Service}) {
+		t.Fatalf("old gone: %v, affected %v; want young to be set again", err, affected)
 	}
-	if _, _, err := s.Set(young); err != nil {
-		t.Fatalf("young once old is gone: %v", err)
+	if _, _, err := s.Set(young); err != nil || s.Waiting() != 0 {
+		t.Fatalf("young once old is gone: %v, %d waiting", err, s.Waiting())
 	}
 	if got, want := r.Take(), "delete 10.96.0.1:80; delete 192.0.2.1:80; update 10.96.0.2:80->10.244.0.2:80"; got != want {
 		t.Fatalf("calls %q, want %q", got, want)

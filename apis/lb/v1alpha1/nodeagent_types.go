@@ -7,7 +7,8 @@ import (
 // NodeAgentStatus is what a node's agent has programmed into the node's datapath.
 type NodeAgentStatus struct {
 	// Conditions: Ready (the agent programmed the datapath from the API server's state and
-	// keeps it in sync).
+	// keeps it in sync) and MapsFull (True while some Services do not fit in the datapath's
+	// maps; they are programmed as others free room).
 	// +listType=map
 	// +listMapKey=type
 	// +optional
@@ -37,6 +38,10 @@ type NodeAgentStatus struct {
 	// +optional
 	LivePeers []string `json:"livePeers,omitempty"`
 }
+
+// ConditionMapsFull is the NodeAgent condition that says some Services do not fit in the
+// node's datapath maps.
+const ConditionMapsFull = "MapsFull"
 
 // AgentLeasePrefix starts the name of the Lease each node's agent renews in the agents'
 // namespace ("portico-agent-<node>"). The operator marks the NodeAgent of an agent whose Lease

@@ -3,7 +3,6 @@
 package lbtest
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -48,7 +47,7 @@ func (r *Recorder) Apply(fs []loadbalancer.Frontend) error {
 	return nil
 }
 
-var errFull = errors.New("map full")
+var errFull = fmt.Errorf("map full: %w", loadbalancer.ErrFull)
 
 // full says whether f is one address more than there is room for.
 func (r *Recorder) full(f loadbalancer.Frontend) bool {
