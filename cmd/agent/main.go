@@ -3,6 +3,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,7 +15,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/go-logr/logr"
+	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/portico-dev/portico/internal/agent"
@@ -35,6 +39,7 @@ func main() {
 	flag.Func("service-map-size", "Entries of each IP family's service map: a frontend takes one, plus one per backend (default 2097152: 10,000 dual-stack LoadBalancer Services x 3 ports x 10 endpoints; docs/datapath.md). A node's pinned maps keep the size they were made with.",
 		uintFlag(&size.ServiceEntries))
 	flag.Func("backend-map-size", "Entries of each IP family's backend map: one per distinct endpoint address, port and protocol (default 524288).", uintFlag(&size.Backends))
+	daemonSet := flag.String("daemonset", "", "Name of the agents' DaemonSet in the --lease-namespace: when the agent stops and it is gone or being deleted, Portico is being removed, and the agent removes its programs and pins from the node (docs/datapath.md). Empty: pins always stay.")
 	flag.Func("conntrack-size", "Flow entries of the packet layer, two per flow (default 131072).", uintFlag(&size.ConntrackSize))
 	flag.StringVar(&o.ProxyName, "service-proxy-name", "", "Serve only Services labelled service.kubernetes.io/service-proxy-name with this value (empty: only Services without the label).")
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":9090", "Address of the Prometheus metrics endpoint; 0 turns it off.")
@@ -113,10 +118,35 @@ func main() {
 	}
 	log.Info("Starting the agent", "node", o.NodeName, "devices", *devices, "cgroup", *cgroupRoot)
 	err = mgr.Start(ctrl.SetupSignalHandler())
-	// Pins stay: the node keeps forwarding with the last state while the agent is away.
-	_ = dp.Close()
 	if err != nil {
+		_ = dp.Close()
 		fail(err, "The agent stopped with an error")
+	}
+	stop(log, mgr.GetAPIReader(), dp, *daemonSet, o.LeaseNamespace)
+}
+
+// stop closes the datapath: pins stay, and the node keeps forwarding with the last state
+// while the agent is away (a restart, a rolling update). When the agents' DaemonSet is gone
+// or going, Portico is being removed: programs and pins go too.
+func stop(log logr.Logger, c client.Reader, dp *datapath.Datapath, daemonSet, namespace string) {
+	if daemonSet == "" {
+		_ = dp.Close()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	removed, err := agent.Removed(ctx, c, types.NamespacedName{Namespace: namespace, Name: daemonSet})
+	switch {
+	case err != nil:
+		log.Error(err, "Could not tell an uninstall from a restart; the pins stay")
+		_ = dp.Close()
+	case removed:
+		log.Info("The agents' DaemonSet is going: removing Portico's programs and pins from the node")
+		if err := dp.Uninstall(); err != nil {
+			log.Error(err, "Failed to remove Portico from the node")
+		}
+	default:
+		_ = dp.Close()
 	}
 }
 

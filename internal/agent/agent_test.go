@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	appsv1 "k8s.io/api/apps/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -502,4 +503,36 @@ func TestAgentWithFullMaps(t *testing.T) {
 	}
 	n.eventually(vips["web-c"], "from "+n.backend.String())
 	wait.For(t, "the NodeAgent says there is room", func() error { return mapsFull(metav1.ConditionFalse) })
+}
+
+// The agent tells an uninstall (its DaemonSet gone, or being deleted) from a rolling update
+// or a restart (the DaemonSet still there).
+func TestRemovedFollowsTheDaemonSet(t *testing.T) {
+	env := testenv.StartFor(t)
+	ctx, c := context.Background(), env.Client
+	key := types.NamespacedName{Namespace: "default", Name: "portico-agent"}
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name, Finalizers: []string{"portico.dev/test"}},
+		Spec: appsv1.DaemonSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "agent"}},
+			Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"app": "agent"}},
+				Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "agent", Image: "agent"}}}}}}
+	removed := func(want bool, step string) {
+		t.Helper()
+		if got, err := Removed(ctx, c, key); err != nil || got != want {
+			t.Fatalf("%s: Removed = %v, %v; want %v", step, got, err, want)
+		}
+	}
+	create(t, c, ds)
+	removed(false, "the DaemonSet is there (a rolling update, a restart)")
+	if err := c.Delete(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	removed(true, "the DaemonSet is being deleted")
+	if err := c.Get(ctx, key, ds); err != nil {
+		t.Fatal(err)
+	}
+	ds.Finalizers = nil
+	if err := c.Update(ctx, ds); err != nil {
+		t.Fatal(err)
+	}
+	removed(true, "the DaemonSet is gone")
 }

@@ -158,6 +158,7 @@ func (r *Reconciler) DaemonSet() *appsv1.DaemonSet {
 	}
 	args := []string{"--cgroup-root=/sys/fs/cgroup", "--bpffs=/sys/fs/bpf", "--metrics-bind-address=:9090", "--health-probe-bind-address=:9091",
 		"--l2-heartbeat-key-file=" + keyPath + "/key", "--l2-heartbeat-next-key-file=" + keyPath + "/next"}
+	args = append(args, "--daemonset="+c.Name)
 	if len(c.Devices) > 0 {
 		args = append(args, "--devices="+strings.Join(c.Devices, ","))
 	}

@@ -81,8 +81,9 @@ func TestDaemonSetIsCompleteStableAndRepaired(t *testing.T) {
 	case ds.Spec.Template.Annotations[agentds.VersionAnnotation] != "v1":
 		t.Errorf("annotations: %v", ds.Spec.Template.Annotations)
 	}
-	if got := ctr.Args; len(got) != 8 || got[4] != "--l2-heartbeat-key-file=/etc/portico/heartbeat/key" ||
-		got[5] != "--l2-heartbeat-next-key-file=/etc/portico/heartbeat/next" || got[6] != "--devices=eth0,eth1" || got[7] != "--service-map-size=4194304" {
+	if got := ctr.Args; len(got) != 9 || got[4] != "--l2-heartbeat-key-file=/etc/portico/heartbeat/key" ||
+		got[5] != "--l2-heartbeat-next-key-file=/etc/portico/heartbeat/next" || got[6] != "--daemonset="+key.Name || got[7] != "--devices=eth0,eth1" ||
+		got[8] != "--service-map-size=4194304" {
 		t.Errorf("args: %v", got)
 	}
 	// The heartbeat key: created once, 32 random bytes, mounted where the flag says.
