@@ -16,10 +16,12 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/portico-dev/portico/internal/agent"
 	"github.com/portico-dev/portico/internal/announce/speaker"
@@ -72,6 +74,14 @@ func main() {
 	}
 	got := dp.Capacity()
 	log.Info("Loaded the datapath", "serviceEntries", got.ServiceEntries, "backends", got.Backends, "conntrack", got.Conntrack)
+	// The packet layer's flow table: its fill level, counted at each scrape.
+	crmetrics.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_entries",
+			Help: "Flow entries in the packet layer's conntrack table (two per flow), counted at each scrape."},
+			func() float64 { n, _ := dp.ConntrackEntries(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_capacity",
+			Help: "Size of the packet layer's conntrack table (--conntrack-size, or the pinned table's)."},
+			func() float64 { return float64(got.Conntrack) }))
 	differs := func(asked, got uint32) bool { return asked != 0 && asked != got }
 	if differs(size.ServiceEntries, got.ServiceEntries) || differs(size.Backends, got.Backends) || differs(size.ConntrackSize, got.Conntrack) {
 		log.Info("The node's pinned maps keep the sizes they were made with; uninstall Portico from the node to change them",

@@ -282,14 +282,22 @@ func (d *Datapath) Uninstall() error {
 	return err
 }
 
-// ConntrackEntries counts the packet layer's flow entries (two per flow), for tests and metrics.
+// ConntrackEntries counts the packet layer's flow entries (two per flow), for tests and
+// metrics: a few thousand per syscall (BPF_MAP_LOOKUP_BATCH), about a millisecond for the
+// default 131,072.
 func (d *Datapath) ConntrackEntries() (int, error) {
-	var k nodePortCtKey
-	var v nodePortCtValue
-	n := 0
-	it := d.np.PorticoCt.Iterate()
-	for it.Next(&k, &v) {
-		n++
+	const batch = 4096
+	keys, vals := make([]nodePortCtKey, batch), make([]nodePortCtValue, batch)
+	var cursor ebpf.MapBatchCursor
+	total := 0
+	for {
+		n, err := d.np.PorticoCt.BatchLookup(&cursor, keys, vals, nil)
+		total += n
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return total, nil
+		case err != nil:
+			return total, fmt.Errorf("count conntrack entries: %w", err)
+		}
 	}
-	return n, it.Err()
 }

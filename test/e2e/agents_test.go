@@ -6,9 +6,11 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -19,7 +21,9 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
+	"github.com/portico-dev/portico/internal/datapath"
 	"github.com/portico-dev/portico/test/harness/lab"
+	"github.com/portico-dev/portico/test/harness/nstest"
 	"github.com/portico-dev/portico/test/harness/wait"
 )
 
@@ -133,6 +137,13 @@ func (c *cluster) nodePort(t *testing.T) {
 			}
 		})
 	}
+	t.Run("every node's agent counts the flows of its packet layer", func(t *testing.T) {
+		for _, node := range c.net.Nodes {
+			if n, size := agentMetric(t, node, "portico_agent_conntrack_entries"), agentMetric(t, node, "portico_agent_conntrack_capacity"); n < 2 || size != datapath.DefaultConntrackSize {
+				t.Errorf("%s: %v conntrack entries of %v; want the NodePort flows (two entries each) of %d", node.Name, n, size, datapath.DefaultConntrackSize)
+			}
+		}
+	})
 	c.update(t, svc, func(s *corev1.Service) {
 		s.Spec.Type = corev1.ServiceTypeClusterIP
 		s.Spec.Ports[0].NodePort = 0
@@ -517,4 +528,38 @@ func (c *cluster) apiDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	reach(t, c.web[2])
+}
+
+// agentMetric reads a gauge from the metrics the node's agent serves on 127.0.0.1:9090 in
+// the node's namespace.
+func agentMetric(t *testing.T, node *lab.Node, name string) float64 {
+	t.Helper()
+	// The socket is made on a thread in the node's namespace (http.Get would dial from
+	// another); HTTP/1.0, so that the agent closes it after the response.
+	var conn net.Conn
+	var err error
+	nstest.Enter(t, node.NS)(func() { conn, err = net.Dial("tcp", "127.0.0.1:9090") })
+	if err != nil {
+		t.Fatalf("%s: scrape the agent: %v", node.Name, err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	var body []byte
+	if _, err = io.WriteString(conn, "GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n"); err == nil {
+		body, err = io.ReadAll(conn)
+	}
+	if err != nil {
+		t.Fatalf("%s: scrape the agent: %v", node.Name, err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				t.Fatalf("%s: %s: %v", node.Name, line, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("%s: the agent serves no %s", node.Name, name)
+	return 0
 }
