@@ -182,12 +182,7 @@ func (e *Env) Stop() error { return e.env.Stop() }
 // server's binaries the test is skipped.
 func WithOperator(t testing.TB) *Env {
 	t.Helper()
-	NeedAPI(t)
-	env, err := Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = env.Stop() })
+	env := StartFor(t)
 	mgr, err := operator.NewManager(env.Config, operator.Options{MetricsAddr: "0", ProbeAddr: "0", SeveralPerProcess: true,
 		Class: servicelb.Class{Name: lbv1.LoadBalancerClass, ClaimClassless: true}})
 	if err != nil {
