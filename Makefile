@@ -30,7 +30,7 @@ help: ## Show this help.
 manifests: $(CONTROLLER_GEN) ## Generate CRDs and the operator's and agent's RBAC from the API types and markers.
 	$(CONTROLLER_GEN) rbac:roleName=operator crd paths="./apis/...;./internal/controller/...;./internal/operator/..." \
 		output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
-	$(CONTROLLER_GEN) rbac:roleName=agent paths="./internal/agent/...;./internal/announce/speaker/..." output:rbac:artifacts:config=config/agent
+	$(CONTROLLER_GEN) rbac:roleName=agent paths="./internal/agent/...;./internal/speaker/..." output:rbac:artifacts:config=config/agent
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) ## Generate deepcopy functions.

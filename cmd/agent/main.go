@@ -24,9 +24,9 @@ import (
 	crmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/portico-dev/portico/internal/agent"
-	"github.com/portico-dev/portico/internal/announce/speaker"
 	"github.com/portico-dev/portico/internal/datapath"
 	"github.com/portico-dev/portico/internal/l7"
+	"github.com/portico-dev/portico/internal/speaker"
 	"github.com/portico-dev/portico/internal/version"
 )
 

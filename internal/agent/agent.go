@@ -40,7 +40,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
-	"github.com/portico-dev/portico/internal/announce/speaker"
 	"github.com/portico-dev/portico/internal/controller/requeue"
 	"github.com/portico-dev/portico/internal/l7"
 	"github.com/portico-dev/portico/internal/l7/proxy"
@@ -49,6 +48,7 @@ import (
 	"github.com/portico-dev/portico/internal/notice"
 	"github.com/portico-dev/portico/internal/policy"
 	"github.com/portico-dev/portico/internal/scheme"
+	"github.com/portico-dev/portico/internal/speaker"
 )
 
 // Options configure one agent.
