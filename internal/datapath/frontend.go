@@ -602,10 +602,8 @@ func put[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K, v so
 	if had && old == v {
 		return nil
 	}
-	if fam.fault != nil {
-		if err := fam.fault(); err != nil {
-			return err
-		}
+	if err := fam.injected(); err != nil {
+		return err
 	}
 	switch {
 	case fam.pend != nil && fam.slot(k) == 0:
@@ -637,10 +635,8 @@ func (d *Datapath) count(id uint32, delta int32) {
 
 // putBackend writes a backend entry.
 func putBackend[K comparable, B any, R any](fam family[K, B, R], id uint32, b B) error {
-	if fam.fault != nil {
-		if err := fam.fault(); err != nil {
-			return err
-		}
+	if err := fam.injected(); err != nil {
+		return err
 	}
 	if fam.pend != nil {
 		fam.pend.beKeys, fam.pend.beVals = append(fam.pend.beKeys, id), append(fam.pend.beVals, b)
@@ -658,12 +654,18 @@ func full(err error) error {
 	return err
 }
 
+// injected is the failure a test injects into the next map write (tables.fault), if any.
+func (fam family[K, B, R]) injected() error {
+	if fam.fault == nil {
+		return nil
+	}
+	return fam.fault()
+}
+
 // del deletes a service entry; for a slot, its backend loses the reference.
 func del[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K) error {
-	if fam.fault != nil {
-		if err := fam.fault(); err != nil {
-			return err
-		}
+	if err := fam.injected(); err != nil {
+		return err
 	}
 	if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service entry: %w", err)

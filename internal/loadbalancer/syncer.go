@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -13,7 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 )
 
-// Programmer is what the agent needs of the datapath (*Datapath).
+// Programmer is what the agent needs of the datapath (*datapath.Datapath implements it).
 type Programmer interface {
 	Apply([]Frontend) error
 	Update(Frontend) error
@@ -144,6 +145,7 @@ func (s *Syncer) Resync(claims []Claim) (incomplete []types.NamespacedName, err 
 	for i, k := range keys {
 		all[i] = programmed[k]
 	}
+	waiting := map[types.NamespacedName]bool{}
 	var np *NotProgrammed
 	if err := s.dp.Apply(all); errors.As(err, &np) {
 		for _, f := range np.Failed {
@@ -154,19 +156,13 @@ func (s *Syncer) Resync(claims []Claim) (incomplete []types.NamespacedName, err 
 			if slots[svc]--; slots[svc] == 0 {
 				delete(slots, svc)
 			}
-			if !slices.Contains(incomplete, svc) {
-				incomplete = append(incomplete, svc)
-			}
+			waiting[svc] = true
 		}
 	} else if err != nil {
 		return nil, fmt.Errorf("apply %d frontends: %w", len(all), err)
 	}
-	s.owner, s.programmed, s.slots = owner, programmed, slots
-	s.waiting = map[types.NamespacedName]bool{}
-	for _, svc := range incomplete {
-		s.waiting[svc] = true
-	}
-	return incomplete, nil
+	s.owner, s.programmed, s.slots, s.waiting = owner, programmed, slots, waiting
+	return slices.Collect(maps.Keys(waiting)), nil
 }
 
 // Set records a Service's claim (nil Frontends: the Service is gone or not ours) and
