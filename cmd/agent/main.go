@@ -72,6 +72,9 @@ func main() {
 	if err != nil {
 		fail(err, "Failed to load the datapath")
 	}
+	if rebuilt := dp.Rebuilt(); len(rebuilt) > 0 {
+		log.Info("This agent lays these maps out differently from the node's pinned ones: it builds them anew, and the previous programs serve until its first sync has filled them", "maps", rebuilt)
+	}
 	got := dp.Capacity()
 	log.Info("Loaded the datapath", "serviceEntries", got.ServiceEntries, "backends", got.Backends, "conntrack", got.Conntrack)
 	// The packet layer's flow table: its fill level, counted at each scrape.

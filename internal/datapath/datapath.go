@@ -22,11 +22,12 @@ import (
 type Options struct {
 	// PinDir, a directory on a bpffs mount, keeps the maps and attachments after the process
 	// exits: the programs go on translating with the last state, and the next Load with the
-	// same PinDir adopts them, with every frontend, socket and flow. Empty: nothing is pinned
-	// and everything goes with Close.
+	// same PinDir adopts them, with every frontend, socket and flow, or rebuilds the maps
+	// whose layout it changed (pins.go). Empty: nothing is pinned and everything goes with
+	// Close.
 	PinDir string
 	// MaglevTableSize is the prime size of Maglev tables (maglev.DefaultTableSize when 0).
-	// Pinned maps keep the size they were made with: changing it needs an Uninstall.
+	// It is the Maglev map's value size: changing it rebuilds that map (pins.go).
 	MaglevTableSize uint32
 	// ConntrackSize is the number of flow entries of the packet layer (two per flow).
 	ConntrackSize uint32
@@ -50,7 +51,13 @@ type Datapath struct {
 	np     nodePortObjects
 	links  map[string]link.Link
 	pinDir string
-	maglev *maglev.Maglev
+	// rebuilt names the maps made anew beside pinned ones of another layout, stale the pins
+	// to remove once the links run this datapath's programs (pins.go); swaps are the link
+	// updates waiting for the first Apply to fill the new maps.
+	rebuilt []string
+	stale   []string
+	swaps   []func() error
+	maglev  *maglev.Maglev
 	tables
 }
 
@@ -73,6 +80,11 @@ func Load(opts Options) (*Datapath, error) {
 	if err := d.adopt(); err != nil {
 		return nil, errors.Join(err, d.Close())
 	}
+	if len(d.rebuilt) == 0 {
+		if err := d.settle(); err != nil {
+			return nil, errors.Join(err, d.Close())
+		}
+	}
 	return d, nil
 }
 
@@ -90,73 +102,74 @@ func (d *Datapath) load(opts Options) error {
 		if err := spec.Variables["maglev_size"].Set(opts.MaglevTableSize); err != nil {
 			return fmt.Errorf("set the Maglev table size: %w", err)
 		}
-		if opts.PinDir == "" {
-			for _, m := range spec.Maps {
-				m.Pinning = ebpf.PinNone
+	}
+	// Both objects declare every map of bpf/lib/lb.h: one set serves both layers.
+	specs := map[string]*ebpf.MapSpec{}
+	for _, spec := range []*ebpf.CollectionSpec{npSpec, sockSpec} {
+		for name, ms := range spec.Maps {
+			if ms.Pinning == ebpf.PinByName {
+				specs[name] = ms
 			}
 		}
 	}
-	npSpec.Maps["portico_ct"].MaxEntries = opts.ConntrackSize
-	for _, spec := range []*ebpf.CollectionSpec{sockSpec, npSpec} {
-		for name, size := range map[string]uint32{"portico_svc4": opts.ServiceEntries, "portico_svc6": opts.ServiceEntries,
-			"portico_be4": opts.Backends, "portico_be6": opts.Backends} {
-			if size > 0 {
-				spec.Maps[name].MaxEntries = size
-			}
-		}
-		if err := keepPinnedSizes(spec, opts.PinDir); err != nil {
-			return err
+	specs["portico_ct"].MaxEntries = opts.ConntrackSize
+	for name, size := range map[string]uint32{"portico_svc4": opts.ServiceEntries, "portico_svc6": opts.ServiceEntries,
+		"portico_be4": opts.Backends, "portico_be6": opts.Backends} {
+		if size > 0 {
+			specs[name].MaxEntries = size
 		}
 	}
-	copts := ebpf.CollectionOptions{}
+	var set pinSet
 	if opts.PinDir != "" {
 		if err := os.MkdirAll(opts.PinDir, 0o700); err != nil {
 			return fmt.Errorf("make pin directory: %w", err)
 		}
-		copts.Maps.PinPath = opts.PinDir
+		if set, err = openMaps(opts.PinDir, specs); err != nil {
+			return err
+		}
+	} else if set.maps, err = makeMaps(specs); err != nil {
+		return err
 	}
-	if err := sockSpec.LoadAndAssign(&d.sock, &copts); err != nil {
-		return fmt.Errorf("load socket programs (a pinned map of another key or value layout needs an uninstall first): %w", err)
-	}
-	// The packet programs use the socket object's maps, one set for both layers (both
-	// objects declare every map of bpf/lib/lb.h).
-	copts.MapReplacements = map[string]*ebpf.Map{
-		"portico_svc4": d.sock.PorticoSvc4, "portico_svc6": d.sock.PorticoSvc6,
-		"portico_be4": d.sock.PorticoBe4, "portico_be6": d.sock.PorticoBe6,
-		"portico_sock4": d.sock.PorticoSock4, "portico_sock6": d.sock.PorticoSock6,
-		"portico_affinity": d.sock.PorticoAffinity, "portico_maglev": d.sock.PorticoMaglev,
-		"portico_srcrange4": d.sock.PorticoSrcrange4, "portico_srcrange6": d.sock.PorticoSrcrange6,
-	}
-	if err := npSpec.LoadAndAssign(&d.np, &copts); err != nil {
-		return fmt.Errorf("load packet programs: %w", err)
+	defer func() {
+		for _, m := range set.maps {
+			m.Close()
+		}
+	}()
+	d.rebuilt, d.stale = set.rebuilt, set.stale
+	for _, p := range []struct {
+		spec *ebpf.CollectionSpec
+		into any
+	}{{sockSpec, &d.sock}, {npSpec, &d.np}} {
+		copts := ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{}}
+		for name, ms := range p.spec.Maps {
+			if m := set.maps[name]; m != nil {
+				ms.MaxEntries, ms.Flags, ms.Pinning = m.MaxEntries(), m.Flags(), ebpf.PinNone
+				copts.MapReplacements[name] = m
+			}
+		}
+		if err := p.spec.LoadAndAssign(p.into, &copts); err != nil {
+			return fmt.Errorf("load programs: %w", err)
+		}
 	}
 	return nil
 }
 
-// keepPinnedSizes makes the spec of each map pinned in dir as big as the pinned map, with
-// its flags: a node whose maps were made with other sizes (an older default, another flag)
-// keeps them and its flows, rather than failing to load. Key and value layouts must match.
-func keepPinnedSizes(spec *ebpf.CollectionSpec, dir string) error {
-	if dir == "" {
-		return nil
-	}
-	for name, ms := range spec.Maps {
-		if ms.Pinning != ebpf.PinByName {
-			continue
-		}
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
+// makeMaps makes the maps of specs, unpinned.
+func makeMaps(specs map[string]*ebpf.MapSpec) (map[string]*ebpf.Map, error) {
+	maps := map[string]*ebpf.Map{}
+	for name, ms := range specs {
+		fresh := ms.Copy()
+		fresh.Pinning = ebpf.PinNone
+		m, err := ebpf.NewMap(fresh)
 		if err != nil {
-			return fmt.Errorf("read pinned map %s: %w", name, err)
+			for _, m := range maps {
+				m.Close()
+			}
+			return nil, fmt.Errorf("make map %s: %w", name, err)
 		}
-		if ms.Type == m.Type() && ms.KeySize == m.KeySize() && ms.ValueSize == m.ValueSize() {
-			ms.MaxEntries, ms.Flags = m.MaxEntries(), m.Flags()
-		}
-		m.Close()
+		maps[name] = m
 	}
-	return nil
+	return maps, nil
 }
 
 // Capacity is what a loaded datapath's maps hold, per family for the first two.
@@ -241,8 +254,18 @@ func (d *Datapath) attach(name string, prog *ebpf.Program, make func() (link.Lin
 	pin := filepath.Join(d.pinDir, name)
 	if d.pinDir != "" {
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-			if err := l.Update(prog); err != nil {
-				return errors.Join(fmt.Errorf("replace the program of %s: %w", pin, err), l.Close())
+			swap := func() error {
+				if err := l.Update(prog); err != nil {
+					return fmt.Errorf("replace the program of %s: %w", pin, err)
+				}
+				return nil
+			}
+			if len(d.rebuilt) > 0 {
+				// The running programs use maps this datapath rebuilt: they go on
+				// until the first Apply has filled the new ones.
+				d.swaps = append(d.swaps, swap)
+			} else if err := swap(); err != nil {
+				return errors.Join(err, l.Close())
 			}
 			d.links[name] = l
 			return nil

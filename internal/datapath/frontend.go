@@ -217,6 +217,15 @@ func (d *Datapath) Apply(frontends []loadbalancer.Frontend) error {
 			return err
 		}
 	}
+	err := d.apply(frontends)
+	var notAll *loadbalancer.NotProgrammed
+	if (err == nil || errors.As(err, &notAll)) && len(d.rebuilt) > 0 {
+		err = errors.Join(err, d.settle())
+	}
+	return err
+}
+
+func (d *Datapath) apply(frontends []loadbalancer.Frontend) error {
 	keep := frontends
 	if len(d.applied4) == 0 && len(d.applied6) == 0 {
 		written, err := d.applyIntoEmpty(frontends)

@@ -8,8 +8,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/test/harness/nstest"
@@ -108,7 +111,12 @@ func newCluster(t testing.TB) *cluster {
 // external interfaces.
 func (c *cluster) attach(pins string) *Datapath {
 	c.t.Helper()
-	d, err := Load(Options{PinDir: pins})
+	return c.attachWith(Options{PinDir: pins})
+}
+
+func (c *cluster) attachWith(opts Options) *Datapath {
+	c.t.Helper()
+	d, err := Load(opts)
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -234,4 +242,95 @@ func TestPacketLayerRestartKeepsFlows(t *testing.T) {
 	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "second "+want) {
 		t.Fatalf("after the restart the held connection printed %q, want %q", lines.Text(), "second "+want)
 	}
+}
+
+// An upgrade that changes a map's layout (here the Maglev table size, which is its value
+// size) builds the new map beside the old one: the old programs, still in the links, go on
+// with it until the first Apply has filled the new one, then the links swap programs and
+// the old pin goes. A held connection through a LoadBalancer address keeps its backend
+// all along, and new connections are served before and after the swap.
+func TestUpgradeRebuildsChangedMapsBesideTheOld(t *testing.T) {
+	c := newCluster(t)
+	pins := filepath.Join(nstest.BPFFS(t), "node")
+	frontend := netip.AddrPortFrom(c.lb["v4"], 82)
+	backend := netip.AddrPortFrom(c.other["v4"], 8080)
+	f := external(frontend, loadbalancer.TCP, remote(backend))
+	f.Balancing = loadbalancer.Maglev
+	old := c.attachWith(Options{PinDir: pins, MaglevTableSize: 1021})
+	if err := old.Apply([]loadbalancer.Frontend{f}); err != nil {
+		t.Fatal(err)
+	}
+	stdin, lines := startClient(t, c.clientCmd("tcp-hold", frontend))
+	want := fmt.Sprintf("peer=%s reply=from %s", frontend, backend)
+	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "first "+want) {
+		t.Fatalf("before the upgrade the holder printed %q, want %q", lines.Text(), "first "+want)
+	}
+	oldProg := programID(t, old, "link_tc_%d_ingress", c.ext)
+	if err := old.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	upgraded := c.attachWith(Options{PinDir: pins})
+	t.Cleanup(func() {
+		if err := upgraded.Uninstall(); err != nil {
+			t.Errorf("uninstall: %v", err)
+		}
+	})
+	if got := upgraded.Rebuilt(); !slices.Equal(got, []string{"portico_maglev"}) {
+		t.Fatalf("rebuilt %v, want the Maglev table alone", got)
+	}
+	if got := programID(t, upgraded, "link_tc_%d_ingress", c.ext); got != oldProg {
+		t.Fatalf("before the first Apply the link runs program %d, want the old agent's %d", got, oldProg)
+	}
+	if got := c.dial("tcp", frontend); !strings.HasPrefix(got, want) {
+		t.Fatalf("a new connection before the swap: %q, want %q", got, want)
+	}
+	if err := upgraded.Apply([]loadbalancer.Frontend{f}); err != nil {
+		t.Fatal(err)
+	}
+	if got := programID(t, upgraded, "link_tc_%d_ingress", c.ext); got == oldProg {
+		t.Fatal("after the first Apply the link still runs the old program")
+	}
+	if got := pinsOf(t, pins, "portico_maglev"); len(got) != 1 {
+		t.Fatalf("Maglev pins after the swap: %v, want the new one alone", got)
+	}
+	if got := c.dial("tcp", frontend); !strings.HasPrefix(got, want) {
+		t.Fatalf("a new connection after the swap: %q, want %q", got, want)
+	}
+	if _, err := io.WriteString(stdin, "go on\n"); err != nil {
+		t.Fatal(err)
+	}
+	if !lines.Scan() || !strings.HasPrefix(lines.Text(), "second "+want) {
+		t.Fatalf("after the upgrade the held connection printed %q, want %q", lines.Text(), "second "+want)
+	}
+}
+
+// programID is the program a datapath's link runs.
+func programID(t *testing.T, d *Datapath, format string, args ...any) ebpf.ProgramID {
+	t.Helper()
+	l, ok := d.links[fmt.Sprintf(format, args...)]
+	if !ok {
+		t.Fatalf("no link %s", fmt.Sprintf(format, args...))
+	}
+	info, err := l.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.Program
+}
+
+// pinsOf lists the pins of one map in dir, whatever their layout.
+func pinsOf(t *testing.T, dir, name string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, e := range entries {
+		if pinOf(e.Name()) == name {
+			got = append(got, e.Name())
+		}
+	}
+	return got
 }
