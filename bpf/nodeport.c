@@ -78,6 +78,11 @@ struct ct_value {
 	__u8 pad[3];
 };
 
+/* Flows live in two tables, so that new flows cannot push out established ones: a flow
+ * starts in portico_ct_new and moves to portico_ct when it is confirmed, on the first reply
+ * that is not a SYN or RST (for UDP, the first reply). A flood of SYNs from spoofed sources,
+ * whose handshakes never complete, churns portico_ct_new alone.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
@@ -86,13 +91,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } portico_ct SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, 32768); /* the loader sets the size */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} portico_ct_new SEC(".maps");
+
 /* The packet being translated: its tuple and where its headers are. */
 struct flow {
 	struct ct_key t;
 	__u32 l4;   /* offset of the transport header */
 	__u32 csum; /* offset of the transport checksum */
 	__u8 v6;
+	__u8 tcp_flags;
 };
+
+#define TCP_F_SYN 0x02
+#define TCP_F_RST 0x04
 
 enum parse_result { PARSE_OK, PARSE_PASS, PARSE_DROP };
 
@@ -106,11 +123,20 @@ static __always_inline void v4mapped(__be32 out[4], __be32 addr)
 
 static __always_inline int transport(struct __sk_buff *skb, struct flow *f, __u32 l4, __u32 end)
 {
-	__be16 ports[2];
+	/* Ports, and for TCP up to its flags, in one read. */
+	__u8 h[14];
+	__be16 *ports = (__be16 *)h;
 	__u32 hlen = f->t.proto == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr);
 
-	if (l4 + hlen > end || bpf_skb_load_bytes(skb, l4, ports, sizeof(ports)) < 0)
+	if (l4 + hlen > end)
 		return PARSE_DROP;
+	if (f->t.proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, l4, h, 14) < 0)
+			return PARSE_DROP;
+		f->tcp_flags = h[13];
+	} else if (bpf_skb_load_bytes(skb, l4, h, 4) < 0) {
+		return PARSE_DROP;
+	}
 	f->l4 = l4;
 	f->csum = l4 + (f->t.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
 	f->t.sport = ports[0];
@@ -379,6 +405,47 @@ static __always_inline int pick(struct flow *f, struct ct_value *v)
 	return PICK_OK;
 }
 
+/* ct_lookup finds a flow's entry, confirmed flows first; confirmed says which table. */
+static __always_inline struct ct_value *ct_lookup(const struct ct_key *k, int *confirmed)
+{
+	struct ct_value *v = bpf_map_lookup_elem(&portico_ct, k);
+
+	if (v) {
+		*confirmed = 1;
+		return v;
+	}
+	*confirmed = 0;
+	return bpf_map_lookup_elem(&portico_ct_new, k);
+}
+
+/* confirm moves an unconfirmed flow to portico_ct when its reply f (with entry rv) shows a
+ * live peer: both directions' entries, the forward one found from what the reply's says.
+ */
+static __always_inline void confirm(const struct flow *f, const struct ct_value *rv)
+{
+	struct ct_key fk = { .dport = rv->port, .proto = f->t.proto };
+	struct ct_value *fv;
+
+	if (f->tcp_flags & (TCP_F_SYN | TCP_F_RST))
+		return;
+	copy6(fk.daddr, rv->addr);
+	if (rv->flags & CT_F_SNAT) {
+		copy6(fk.saddr, rv->nat_addr);
+		fk.sport = rv->nat_port;
+	} else {
+		copy6(fk.saddr, f->t.daddr);
+		fk.sport = f->t.dport;
+	}
+	fv = bpf_map_lookup_elem(&portico_ct_new, &fk);
+	if (!fv)
+		return;
+	if (bpf_map_update_elem(&portico_ct, &fk, fv, BPF_ANY) < 0 ||
+	    bpf_map_update_elem(&portico_ct, &f->t, rv, BPF_ANY) < 0)
+		return;
+	bpf_map_delete_elem(&portico_ct_new, &fk);
+	bpf_map_delete_elem(&portico_ct_new, &f->t);
+}
+
 /* track records a new flow both ways. With SNAT it claims a port of the node's address that
  * no other flow to the backend uses: the client's own port when free, else a random one.
  */
@@ -393,9 +460,9 @@ static __always_inline int track(struct flow *f, struct ct_value *v)
 	if (!(v->flags & CT_F_SNAT)) {
 		copy6(rkey.daddr, f->t.saddr);
 		rkey.dport = f->t.sport;
-		if (bpf_map_update_elem(&portico_ct, &rkey, &rval, BPF_ANY) < 0)
+		if (bpf_map_update_elem(&portico_ct_new, &rkey, &rval, BPF_ANY) < 0)
 			return -1;
-		return bpf_map_update_elem(&portico_ct, &f->t, v, BPF_ANY);
+		return bpf_map_update_elem(&portico_ct_new, &f->t, v, BPF_ANY);
 	}
 	copy6(rkey.daddr, v->nat_addr);
 	copy6(rval.nat_addr, f->t.saddr);
@@ -404,9 +471,10 @@ static __always_inline int track(struct flow *f, struct ct_value *v)
 	rkey.dport = f->t.sport;
 #pragma unroll
 	for (i = 0; i < SNAT_PORT_TRIES; i++) {
-		if (bpf_map_update_elem(&portico_ct, &rkey, &rval, BPF_NOEXIST) == 0) {
+		if (!bpf_map_lookup_elem(&portico_ct, &rkey) &&
+		    bpf_map_update_elem(&portico_ct_new, &rkey, &rval, BPF_NOEXIST) == 0) {
 			v->nat_port = rkey.dport;
-			return bpf_map_update_elem(&portico_ct, &f->t, v, BPF_ANY);
+			return bpf_map_update_elem(&portico_ct_new, &f->t, v, BPF_ANY);
 		}
 		rkey.dport = bpf_htons(1024 + bpf_get_prandom_u32() % (65536 - 1024));
 	}
@@ -509,7 +577,7 @@ int portico_nodeport_ingress(struct __sk_buff *skb)
 	struct flow f = {};
 	struct ct_value v = {};
 	struct ct_value *ct;
-	int rc;
+	int confirmed, rc;
 
 	/* A frame for another MAC (a switch flooding after a failover, a promiscuous port) is
 	 * not this node's to answer: the stack drops it, and so do we by leaving it alone. */
@@ -518,9 +586,11 @@ int portico_nodeport_ingress(struct __sk_buff *skb)
 	rc = parse(skb, &f);
 	if (rc != PARSE_OK)
 		return rc == PARSE_DROP ? TC_ACT_SHOT : TC_ACT_UNSPEC;
-	ct = bpf_map_lookup_elem(&portico_ct, &f.t);
+	ct = ct_lookup(&f.t, &confirmed);
 	if (ct && (ct->flags & CT_F_REVERSE)) {
 		v = *ct;
+		if (!confirmed)
+			confirm(&f, &v);
 		if (nat_reverse(skb, &f, &v))
 			return TC_ACT_SHOT;
 		return send_on(skb, &f, &fib, fib_lookup(skb, &f, &fib, 0));
@@ -528,8 +598,11 @@ int portico_nodeport_ingress(struct __sk_buff *skb)
 	if (ct && backend_alive(&f, ct)) {
 		v = *ct;
 	} else {
-		if (ct)
-			bpf_map_delete_elem(&portico_ct, &f.t); /* its backend is gone: pick again */
+		/* Its backend is gone: pick again. */
+		if (ct && confirmed)
+			bpf_map_delete_elem(&portico_ct, &f.t);
+		else if (ct)
+			bpf_map_delete_elem(&portico_ct_new, &f.t);
 		switch (pick(&f, &v)) {
 		case PICK_NONE:
 			return TC_ACT_UNSPEC;
@@ -565,14 +638,16 @@ int portico_nodeport_egress(struct __sk_buff *skb)
 	struct flow f = {};
 	struct ct_value v;
 	struct ct_value *ct;
-	int rc;
+	int confirmed, rc;
 
 	rc = parse(skb, &f);
 	if (rc != PARSE_OK)
 		return TC_ACT_UNSPEC;
-	ct = bpf_map_lookup_elem(&portico_ct, &f.t);
+	ct = ct_lookup(&f.t, &confirmed);
 	if (!ct || !(ct->flags & CT_F_REVERSE))
 		return TC_ACT_UNSPEC;
 	v = *ct;
+	if (!confirmed)
+		confirm(&f, &v);
 	return nat_reverse(skb, &f, &v) ? TC_ACT_SHOT : TC_ACT_OK;
 }

@@ -80,8 +80,11 @@ func main() {
 	// The packet layer's flow table: its fill level, counted at each scrape.
 	crmetrics.Registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_entries",
-			Help: "Flow entries in the packet layer's conntrack table (two per flow), counted at each scrape."},
-			func() float64 { n, _ := dp.ConntrackEntries(); return float64(n) }),
+			Help: "Entries of confirmed flows in the packet layer's conntrack table (two per flow), counted at each scrape."},
+			func() float64 { n, _, _ := dp.ConntrackEntries(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_new_entries",
+			Help: "Entries of flows not confirmed yet (no reply past the handshake), in their own table of a quarter of the conntrack size."},
+			func() float64 { _, n, _ := dp.ConntrackEntries(); return float64(n) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_capacity",
 			Help: "Size of the packet layer's conntrack table (--conntrack-size, or the pinned table's)."},
 			func() float64 { return float64(got.Conntrack) }))

@@ -29,7 +29,9 @@ type Options struct {
 	// MaglevTableSize is the prime size of Maglev tables (maglev.DefaultTableSize when 0).
 	// It is the Maglev map's value size: changing it rebuilds that map (pins.go).
 	MaglevTableSize uint32
-	// ConntrackSize is the number of flow entries of the packet layer (two per flow).
+	// ConntrackSize is the number of entries (two per flow) of the packet layer's table of
+	// confirmed flows; new flows have a table of a quarter of it, so that a flood of them
+	// cannot push out established ones.
 	ConntrackSize uint32
 	// Pinned maps keep the size (and flags) they were made with, whatever these ask:
 	// Capacity says what the datapath holds. Changing them on a node takes an uninstall.
@@ -113,6 +115,7 @@ func (d *Datapath) load(opts Options) error {
 		}
 	}
 	specs["portico_ct"].MaxEntries = opts.ConntrackSize
+	specs["portico_ct_new"].MaxEntries = max(opts.ConntrackSize/4, 1)
 	for name, size := range map[string]uint32{"portico_svc4": opts.ServiceEntries, "portico_svc6": opts.ServiceEntries,
 		"portico_be4": opts.Backends, "portico_be6": opts.Backends} {
 		if size > 0 {
@@ -306,15 +309,24 @@ func (d *Datapath) Uninstall() error {
 }
 
 // ConntrackEntries counts the packet layer's flow entries (two per flow), for tests and
-// metrics: a few thousand per syscall (BPF_MAP_LOOKUP_BATCH), about a millisecond for the
-// default 131,072.
-func (d *Datapath) ConntrackEntries() (int, error) {
+// metrics: confirmed flows and those still in the table of new flows (bpf/nodeport.c). A
+// few thousand per syscall (BPF_MAP_LOOKUP_BATCH), about a millisecond for the default
+// 131,072.
+func (d *Datapath) ConntrackEntries() (confirmed, unconfirmed int, err error) {
+	if confirmed, err = count(d.np.PorticoCt); err != nil {
+		return 0, 0, err
+	}
+	unconfirmed, err = count(d.np.PorticoCtNew)
+	return confirmed, unconfirmed, err
+}
+
+func count(m *ebpf.Map) (int, error) {
 	const batch = 4096
 	keys, vals := make([]nodePortCtKey, batch), make([]nodePortCtValue, batch)
 	var cursor ebpf.MapBatchCursor
 	total := 0
 	for {
-		n, err := d.np.PorticoCt.BatchLookup(&cursor, keys, vals, nil)
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
 		total += n
 		switch {
 		case errors.Is(err, ebpf.ErrKeyNotExist):

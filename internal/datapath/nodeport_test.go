@@ -72,7 +72,11 @@ var nodeFamilies = []nodeFamily{
 
 func newNode(t testing.TB) *node {
 	t.Helper()
-	d := loaded(t)
+	return newNodeWith(t, loaded(t))
+}
+
+func newNodeWith(t testing.TB, d *Datapath) *node {
+	t.Helper()
 	n := &node{t: t, name: fmt.Sprintf("ptn-%d", os.Getpid()%100000), d: d}
 	nstest.Netns(t, n.name)
 	cmds := [][]string{
@@ -541,4 +545,66 @@ func FuzzPacketLayer(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A flood of SYNs from spoofed sources, ten times the conntrack table, their backends'
+// SYN-ACKs included, pushes out no established flow: each keeps its backend and SNAT port,
+// and its replies find the client. A new client still gets through the flood.
+func TestPacketLayerSpoofedFloodKeepsEstablishedFlows(t *testing.T) {
+	const size = 1024
+	nstest.NeedRoot(t, "loads BPF programs")
+	d, err := Load(Options{ConntrackSize: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Close() })
+	n := newNodeWith(t, d)
+	frontend := netip.MustParseAddrPort("203.0.113.10:95")
+	n.update(external(frontend, loadbalancer.TCP, pods("10.244.2.%d", 4, remote)...))
+	tcp := func(src, dst netip.AddrPort, flags byte, payload string) decoded {
+		t.Helper()
+		ret, out := n.ingress(t, pkt{src: src, dst: dst, proto: loadbalancer.TCP, tcpFlags: flags, payload: []byte(payload)}.bytes())
+		if ret != actRedirect {
+			t.Fatalf("%s -> %s: verdict %d, want redirect", src, dst, ret)
+		}
+		return mustDecode(t, out)
+	}
+	// handshake sends a flow's SYN and its backend's SYN-ACK; it returns the translated SYN.
+	handshake := func(client netip.AddrPort) decoded {
+		t.Helper()
+		syn := tcp(client, frontend, tcpSYN, "")
+		tcp(syn.dst, syn.src, tcpSYN|tcpACK, "")
+		return syn
+	}
+	type flow struct{ client, backend, snat netip.AddrPort }
+	var flows []flow
+	for i := range 100 {
+		client := netip.AddrPortFrom(netip.MustParseAddr("198.51.100.7"), uint16(30000+i))
+		syn := handshake(client)
+		tcp(client, frontend, tcpACK, "")
+		tcp(syn.dst, syn.src, tcpACK, "hello")
+		flows = append(flows, flow{client, syn.dst, syn.src})
+	}
+	if confirmed, unconfirmed, err := d.ConntrackEntries(); err != nil || confirmed != 200 || unconfirmed != 0 {
+		t.Fatalf("after 100 handshakes: %d confirmed and %d new entries (%v), want 200 and 0", confirmed, unconfirmed, err)
+	}
+	for i := range 10 * size {
+		handshake(netip.AddrPortFrom(netip.AddrFrom4([4]byte{100, 64, byte(i >> 8), byte(i)}), uint16(1024+i)))
+	}
+	for _, f := range flows {
+		if got := tcp(f.client, frontend, tcpACK, "more"); got.dst != f.backend || got.src != f.snat {
+			t.Fatalf("after the flood flow %s went %s -> %s, want %s -> %s", f.client, got.src, got.dst, f.snat, f.backend)
+		}
+		if got := tcp(f.backend, f.snat, tcpACK, "reply"); got.src != frontend || got.dst != f.client {
+			t.Fatalf("after the flood a reply to %s went %s -> %s, want %s -> %s", f.client, got.src, got.dst, frontend, f.client)
+		}
+	}
+	if confirmed, _, err := d.ConntrackEntries(); err != nil || confirmed != 200 {
+		t.Fatalf("after the flood: %d confirmed entries (%v), want the 200 of before", confirmed, err)
+	}
+	fresh := netip.MustParseAddrPort("198.51.100.8:40000")
+	syn := handshake(fresh)
+	if got := tcp(syn.dst, syn.src, tcpACK, "hello"); got.dst != fresh {
+		t.Fatalf("a new client's reply went to %s, want %s", got.dst, fresh)
+	}
 }

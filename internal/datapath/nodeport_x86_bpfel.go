@@ -146,6 +146,7 @@ const (
 	nodePortMapPorticoBe4              = "portico_be4"
 	nodePortMapPorticoBe6              = "portico_be6"
 	nodePortMapPorticoCt               = "portico_ct"
+	nodePortMapPorticoCtNew            = "portico_ct_new"
 	nodePortMapPorticoMaglev           = "portico_maglev"
 	nodePortMapPorticoSock4            = "portico_sock4"
 	nodePortMapPorticoSock6            = "portico_sock6"
@@ -212,6 +213,7 @@ type nodePortMapSpecs struct {
 	PorticoBe4       *ebpf.MapSpec `ebpf:"portico_be4"`
 	PorticoBe6       *ebpf.MapSpec `ebpf:"portico_be6"`
 	PorticoCt        *ebpf.MapSpec `ebpf:"portico_ct"`
+	PorticoCtNew     *ebpf.MapSpec `ebpf:"portico_ct_new"`
 	PorticoMaglev    *ebpf.MapSpec `ebpf:"portico_maglev"`
 	PorticoSock4     *ebpf.MapSpec `ebpf:"portico_sock4"`
 	PorticoSock6     *ebpf.MapSpec `ebpf:"portico_sock6"`
@@ -252,6 +254,7 @@ type nodePortMaps struct {
 	PorticoBe4       *ebpf.Map `ebpf:"portico_be4"`
 	PorticoBe6       *ebpf.Map `ebpf:"portico_be6"`
 	PorticoCt        *ebpf.Map `ebpf:"portico_ct"`
+	PorticoCtNew     *ebpf.Map `ebpf:"portico_ct_new"`
 	PorticoMaglev    *ebpf.Map `ebpf:"portico_maglev"`
 	PorticoSock4     *ebpf.Map `ebpf:"portico_sock4"`
 	PorticoSock6     *ebpf.Map `ebpf:"portico_sock6"`
@@ -267,6 +270,7 @@ func (m *nodePortMaps) Close() error {
 		m.PorticoBe4,
 		m.PorticoBe6,
 		m.PorticoCt,
+		m.PorticoCtNew,
 		m.PorticoMaglev,
 		m.PorticoSock4,
 		m.PorticoSock6,

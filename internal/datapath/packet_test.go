@@ -259,6 +259,9 @@ func BenchmarkPacketLayer(b *testing.B) {
 		}
 		flow := pkt{src: client, dst: netip.MustParseAddrPort("203.0.0.0:80"), proto: loadbalancer.TCP, tcpFlags: tcpACK}.bytes()
 		other := pkt{src: client, dst: netip.MustParseAddrPort("192.0.2.1:22"), proto: loadbalancer.TCP, tcpFlags: tcpACK}.bytes()
+		// The backend's reply confirms the flow: it is in the table of established flows.
+		n.run(b, n.d.np.PorticoNodeportIngress, flow)
+		n.run(b, n.d.np.PorticoNodeportEgress, pkt{src: backend.Address, dst: client, proto: loadbalancer.TCP, tcpFlags: tcpACK}.bytes())
 		fmt.Printf("%-9d %-34s %10s\n", count, "established flow (DNAT, redirect)", perPacket(flow))
 		fmt.Printf("%-9d %-34s %10s\n", count, "no frontend (passed on)", perPacket(other))
 	}

@@ -233,8 +233,8 @@ func TestPacketLayerRestartKeepsFlows(t *testing.T) {
 			t.Errorf("uninstall: %v", err)
 		}
 	})
-	if n, err := second.ConntrackEntries(); err != nil || n != 2 {
-		t.Fatalf("adopted %d conntrack entries (%v), want the flow's two", n, err)
+	if n, _, err := second.ConntrackEntries(); err != nil || n != 2 {
+		t.Fatalf("adopted %d confirmed conntrack entries (%v), want the flow's two", n, err)
 	}
 	if _, err := io.WriteString(stdin, "go on\n"); err != nil {
 		t.Fatal(err)
