@@ -41,7 +41,7 @@ func main() {
 	flag.Func("service-map-size", "Entries of each IP family's service map: a frontend takes one, plus one per backend (default 2097152: 10,000 dual-stack LoadBalancer Services x 3 ports x 10 endpoints; docs/datapath.md). A node's pinned maps keep the size they were made with.",
 		uintFlag(&size.ServiceEntries))
 	flag.Func("backend-map-size", "Entries of each IP family's backend map: one per distinct endpoint address, port and protocol (default 524288).", uintFlag(&size.Backends))
-	daemonSet := flag.String("daemonset", "", "Name of the agents' DaemonSet in the --lease-namespace: when the agent stops and it is gone or being deleted, Portico is being removed, and the agent removes its programs and pins from the node (docs/datapath.md). Empty: pins always stay.")
+	flag.StringVar(&o.DaemonSet, "daemonset", "", "Name of the agents' DaemonSet in the --lease-namespace: when the agent stops and it is gone or being deleted, Portico is being removed, and the agent removes its programs and pins from the node (docs/datapath.md). Empty: pins always stay.")
 	flag.Func("conntrack-size", "Flow entries of the packet layer, two per flow (default 131072).", uintFlag(&size.ConntrackSize))
 	flag.StringVar(&o.ProxyName, "service-proxy-name", "", "Serve only Services labelled service.kubernetes.io/service-proxy-name with this value (empty: only Services without the label).")
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":9090", "Address of the Prometheus metrics endpoint; 0 turns it off.")
@@ -51,6 +51,7 @@ func main() {
 	l2Port := flag.Uint("l2-port", 7947, "UDP port of the agents' heartbeats, the same on every node; it must be open between nodes.")
 	flag.DurationVar(&l2.Interval, "l2-heartbeat-interval", 100*time.Millisecond, "How often agents heartbeat each other.")
 	flag.DurationVar(&l2.DeadAfter, "l2-dead-after", 400*time.Millisecond, "How long an agent may stay silent before its peers take its addresses over.")
+	flag.DurationVar(&l2.RestartHold, "l2-restart-hold", 15*time.Second, "How long peers keep this node's addresses when its agent stops to restart (a rolling update; not when its --daemonset is being deleted), so that addresses do not move; while it is away nobody answers ARP/NDP for them, and established flows go on. 0: peers take over at once.")
 	l2Key := flag.String("l2-heartbeat-key-file", "", "File holding the key (at least 16 bytes) that signs and checks the agents' heartbeats, the same on every node; empty: heartbeats are not signed, and anyone on the segment can keep a dead node alive.")
 	l2Next := flag.String("l2-heartbeat-next-key-file", "", "File holding a second key heartbeats may be signed with, while the cluster changes keys (docs/l2.md); a file that does not exist is no key.")
 	l7Ports := flag.String("l7-ports", "14000-14999", "Ports the L7 proxy's listeners take on the node's addresses, first-last (one per Service port and family with an L7Policy); empty: no L7 proxy.")
@@ -138,7 +139,7 @@ func main() {
 		_ = dp.Close()
 		fail(err, "The agent stopped with an error")
 	}
-	stop(log, mgr.GetAPIReader(), dp, *daemonSet, o.LeaseNamespace)
+	stop(log, mgr.GetAPIReader(), dp, o.DaemonSet, o.LeaseNamespace)
 }
 
 // stop closes the datapath: pins stay, and the node keeps forwarding with the last state

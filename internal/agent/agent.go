@@ -84,6 +84,10 @@ type Options struct {
 	// operator's --agent-namespace. LeaseDuration is the Lease's duration (0: 40 s; at least 1 s).
 	LeaseNamespace string
 	LeaseDuration  time.Duration
+	// DaemonSet is the agents' DaemonSet in LeaseNamespace, when the operator runs them: a
+	// stop while it stays is a restart, one while it goes is Portico's removal (Removed).
+	// Empty: every stop is a restart.
+	DaemonSet string
 }
 
 // serviceNameIndex indexes EndpointSlices by the Service they belong to.
@@ -175,8 +179,13 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 		}
 	}
 	if o.L2 != nil {
-		sp, err := speaker.New(mgr, speaker.Config{Options: *o.L2, Node: o.NodeName, ProxyName: o.ProxyName,
-			SliceIndex: serviceNameIndex, Ready: r.ready, Report: r.report.setL2, Registry: reg})
+		cfg := speaker.Config{Options: *o.L2, Node: o.NodeName, ProxyName: o.ProxyName,
+			SliceIndex: serviceNameIndex, Ready: r.ready, Report: r.report.setL2, Registry: reg}
+		ds := types.NamespacedName{Namespace: o.LeaseNamespace, Name: o.DaemonSet}
+		cfg.Leaving = func(ctx context.Context) bool {
+			return Leaving(ctx, mgr.GetAPIReader(), o.NodeName, ds)
+		}
+		sp, err := speaker.New(mgr, cfg)
 		if err != nil {
 			return nil, fmt.Errorf("set up L2 announcement: %w", err)
 		}

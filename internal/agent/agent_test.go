@@ -536,3 +536,47 @@ func TestRemovedFollowsTheDaemonSet(t *testing.T) {
 	}
 	removed(true, "the DaemonSet is gone")
 }
+
+// A stopping agent keeps its L2 addresses for its return only when its node stays: not when
+// Portico is being removed, the node is cordoned or not Ready, or it cannot tell.
+func TestLeavingFollowsTheNodeAndTheDaemonSet(t *testing.T) {
+	env := testenv.StartFor(t)
+	ctx, c := context.Background(), env.Client
+	ds := types.NamespacedName{Namespace: "default", Name: "portico-agent"}
+	leaving := func(want bool, step string) {
+		t.Helper()
+		if got := Leaving(ctx, c, "node-1", ds); got != want {
+			t.Fatalf("%s: Leaving = %v, want %v", step, got, want)
+		}
+	}
+	leaving(true, "no Node")
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}
+	create(t, c, node)
+	node.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+	if err := c.Status().Update(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	leaving(true, "a Ready node without the DaemonSet (Portico removed)")
+	create(t, c, &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ds.Namespace, Name: ds.Name},
+		Spec: appsv1.DaemonSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "agent"}},
+			Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"app": "agent"}},
+				Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "agent", Image: "agent"}}}}}})
+	leaving(false, "a Ready node and the DaemonSet (a restart)")
+	if got := Leaving(ctx, c, "node-1", types.NamespacedName{}); got {
+		t.Fatal("a Ready node, no DaemonSet named: Leaving = true, want false")
+	}
+	node.Status.Conditions[0].Status = corev1.ConditionFalse
+	if err := c.Status().Update(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	leaving(true, "a node that is not Ready (shutting down)")
+	node.Status.Conditions[0].Status = corev1.ConditionTrue
+	if err := c.Status().Update(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	node.Spec.Unschedulable = true
+	if err := c.Update(ctx, node); err != nil {
+		t.Fatal(err)
+	}
+	leaving(true, "a cordoned node")
+}

@@ -46,6 +46,9 @@ type Options struct {
 	// Key signs and checks heartbeats; every agent needs the same. Nil: unsigned. Next is
 	// a key they may also be signed with, while the cluster changes keys.
 	Key, Next []byte
+	// RestartHold is how long peers keep this node's addresses when its agent stops to
+	// restart (a rolling update), so that they do not move; 0: it says it is leaving.
+	RestartHold time.Duration
 }
 
 // Config is what the speaker needs from the agent that runs it.
@@ -62,6 +65,10 @@ type Config struct {
 	Report func(announced []lbv1.AnnouncedAddress, livePeers []string)
 	// Registry takes the speaker's metrics.
 	Registry prometheus.Registerer
+	// Leaving, asked when the speaker stops, says whether the node goes away for longer
+	// than a restart (Portico removed, the node cordoned or shutting down): then it says it
+	// is leaving, whatever RestartHold. Nil: never.
+	Leaving func(context.Context) bool
 }
 
 // Speaker announces the LoadBalancer addresses this node wins; it is a manager Runnable.
@@ -106,6 +113,15 @@ func New(mgr ctrl.Manager, c Config) (*Speaker, error) {
 		announced: map[netip.Addr]types.NamespacedName{}}, nil
 }
 
+func (s *Speaker) leaving() bool {
+	if s.Leaving == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return s.Leaving(ctx)
+}
+
 func (s *Speaker) poke() {
 	select {
 	case s.changed <- struct{}{}:
@@ -114,7 +130,9 @@ func (s *Speaker) poke() {
 }
 
 // Start announces until ctx ends (a manager Runnable); then it stops answering first and
-// tells its peers it is leaving second, so that they take over at once.
+// tells its peers second that it restarts (they keep its addresses for RestartHold, or
+// until it is back) or, when Portico is being removed, that it is leaving (they take over
+// at once).
 func (s *Speaker) Start(ctx context.Context) error {
 	for _, obj := range []client.Object{&corev1.Service{}, &discoveryv1.EndpointSlice{}, &corev1.Node{}, &lbv1.LBPool{}} {
 		inf, err := s.cache.GetInformer(ctx, obj)
@@ -131,6 +149,9 @@ func (s *Speaker) Start(ctx context.Context) error {
 	go func() { done <- s.members.Run(mctx) }()
 	stop := func() error {
 		s.announcer.Close()
+		if s.RestartHold > 0 && !s.leaving() {
+			s.members.RestartOnStop(s.RestartHold)
+		}
 		stopMembers()
 		return <-done
 	}

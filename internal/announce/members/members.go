@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"hash"
 	"maps"
+	"math"
 	"net"
 	"net/netip"
 	"slices"
@@ -55,8 +56,9 @@ type Members struct {
 	ready   bool
 	self    Peer
 	started time.Time
-	stamp   uint64 // of the last heartbeat sent: unix nanoseconds, always increasing
-	first   uint64 // of the first one this process sent
+	stamp   uint64        // of the last heartbeat sent: unix nanoseconds, always increasing
+	first   uint64        // of the first one this process sent
+	hold    time.Duration // what the last heartbeat asks of peers when Run ends; 0: leaving
 }
 
 // Peer is what an agent's heartbeats say besides its name and readiness.
@@ -74,8 +76,11 @@ func (p Peer) equal(q Peer) bool {
 type peer struct {
 	addrs []netip.Addr
 	seen  time.Time // the last heartbeat; zero: none yet, or it said it is leaving
-	ready bool
-	stamp uint64 // of its last heartbeat taken, when authenticated; ours echo it
+	// heldUntil keeps a peer that said it is restarting alive, with what it said then,
+	// until its next instance is ready or the hold it asked for ends.
+	heldUntil time.Time
+	ready     bool
+	stamp     uint64 // of its last heartbeat taken, when authenticated; ours echo it
 	Peer
 }
 
@@ -151,7 +156,17 @@ func (m *Members) WarmedUp() bool {
 func (m *Members) Changed() <-chan struct{} { return m.changed }
 
 func (m *Members) alive(p *peer, now time.Time) bool {
-	return p.ready && !p.seen.IsZero() && now.Sub(p.seen) < m.cfg.DeadAfter
+	return now.Before(p.heldUntil) || p.ready && !p.seen.IsZero() && now.Sub(p.seen) < m.cfg.DeadAfter
+}
+
+// RestartOnStop makes the heartbeat sent when Run ends say that this agent restarts
+// (a rolling update): its peers keep it alive, with the addresses it announces, for hold
+// or until its next instance is ready, so that the addresses do not move. Zero: it says
+// it is leaving, and they take over at once.
+func (m *Members) RestartOnStop(hold time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.hold = hold
 }
 
 func (m *Members) poke() {
@@ -199,13 +214,19 @@ func (m *Members) Run(ctx context.Context) error {
 	}
 }
 
-func (m *Members) send(leaving bool) {
+// send sends a heartbeat to every peer; last says it is this process's last: leaving, or
+// restarting when RestartOnStop asked for it.
+func (m *Members) send(last bool) {
 	type datagram struct {
 		to  netip.Addr
 		msg []byte
 	}
 	m.mu.Lock()
-	msg := encode(heartbeat{name: m.cfg.Self, ready: m.ready && !leaving, leaving: leaving, signed: m.cfg.Key != nil, Peer: m.self})
+	hb := heartbeat{name: m.cfg.Self, ready: m.ready && !last, leaving: last, signed: m.cfg.Key != nil, Peer: m.self}
+	if last && m.hold > 0 {
+		hb.ready, hb.leaving, hb.hold = m.ready, false, m.hold
+	}
+	msg := encode(hb)
 	m.stamp = max(m.stamp+1, uint64(time.Now().UnixNano()))
 	if m.first == 0 {
 		m.first = m.stamp
@@ -268,9 +289,17 @@ func (m *Members) heard(b []byte, from netip.Addr) {
 	now := time.Now()
 	was := m.alive(p, now)
 	before := p.Peer
-	p.seen, p.ready, p.Peer = now, hb.ready, hb.Peer
-	if hb.leaving {
-		p.seen = time.Time{}
+	switch {
+	case hb.leaving:
+		p.seen, p.ready, p.heldUntil = time.Time{}, false, time.Time{}
+	case !hb.ready && now.Before(p.heldUntil):
+		// Its next instance, starting: the hold keeps what the last one said.
+		p.seen = now
+	default:
+		p.seen, p.ready, p.Peer, p.heldUntil = now, hb.ready, hb.Peer, time.Time{}
+		if hb.hold > 0 {
+			p.heldUntil = now.Add(hb.hold)
+		}
 	}
 	news := was != m.alive(p, now) || !before.equal(p.Peer)
 	m.mu.Unlock()
@@ -333,7 +362,8 @@ func (m *Members) check(b []byte, p *peer) string {
 // The heartbeat on the wire: "PL2", version 1, flags, the name's length and the name, the
 // number of claims (2 bytes) and each claim as 16 bytes (IPv4 mapped), then the number of
 // pools without an interface (1 byte) and each pool's name, length first; with the flag
-// "signed", the signature (trailer) ends the datagram. Bytes after what a reader knows are
+// "restarting", the hold it asks for (milliseconds, 4 bytes); with the flag "signed", the
+// signature (trailer) ends the datagram. Bytes after what a reader knows are
 // ignored: fields are only ever appended (before the signature), so that agents of two
 // versions understand each other during a rolling update.
 const (
@@ -341,6 +371,9 @@ const (
 	flagReady   = 1
 	flagLeaving = 2
 	flagSigned  = 4 // a signature ends the datagram
+	// flagRestarting: the sender stops to start again (a rolling update); keep it alive
+	// for the hold that follows the pools. Agents that predate it see a last heartbeat.
+	flagRestarting = 8
 	// MaxClaims keeps a heartbeat within one UDP datagram (with up to 255 pools of 253
 	// bytes at most).
 	MaxClaims = 4000
@@ -350,6 +383,7 @@ const (
 type heartbeat struct {
 	name                   string
 	ready, leaving, signed bool
+	hold                   time.Duration // restarting: how long to keep the sender alive
 	Peer
 }
 
@@ -368,6 +402,9 @@ func encode(hb heartbeat) []byte {
 	if hb.signed {
 		flags |= flagSigned
 	}
+	if hb.hold > 0 {
+		flags |= flagRestarting
+	}
 	b = append(b, flags, byte(len(hb.name)))
 	b = append(b, hb.name...)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(claims)))
@@ -380,6 +417,9 @@ func encode(hb heartbeat) []byte {
 		p = p[:min(len(p), 255)]
 		b = append(b, byte(len(p)))
 		b = append(b, p...)
+	}
+	if hb.hold > 0 {
+		b = binary.BigEndian.AppendUint32(b, uint32(min(hb.hold.Milliseconds(), math.MaxUint32)))
 	}
 	return b
 }
@@ -418,6 +458,12 @@ func decode(b []byte) (heartbeat, error) {
 		}
 		hb.NoInterface = append(hb.NoInterface, string(b[1:1+int(b[0])]))
 		b = b[1+int(b[0]):]
+	}
+	if flags&flagRestarting != 0 {
+		if len(b) < 4 {
+			return heartbeat{}, errMalformed
+		}
+		hb.hold = time.Duration(binary.BigEndian.Uint32(b)) * time.Millisecond
 	}
 	return hb, nil
 }

@@ -17,9 +17,10 @@ func TestHeartbeatRoundTrip(t *testing.T) {
 		{name: "node-1", ready: true, Peer: Peer{Claims: []netip.Addr{netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")},
 			NoInterface: []string{"storage", "dmz"}}},
 		{name: "n", leaving: true},
+		{name: "r", ready: true, hold: 12345 * time.Millisecond, Peer: Peer{Claims: []netip.Addr{netip.MustParseAddr("192.0.2.1")}}},
 	} {
 		got, err := decode(encode(hb))
-		if err != nil || got.name != hb.name || got.ready != hb.ready || got.leaving != hb.leaving || !got.equal(hb.Peer) {
+		if err != nil || got.name != hb.name || got.ready != hb.ready || got.leaving != hb.leaving || got.hold != hb.hold || !got.equal(hb.Peer) {
 			t.Fatalf("decode(encode(%+v)) = %+v, %v", hb, got, err)
 		}
 	}
@@ -59,6 +60,8 @@ type group struct {
 	done   []chan error
 	// crashed members had their socket closed under them: Run fails, as it should.
 	crashed map[int]bool
+	peers   map[string][]netip.Addr
+	key     []byte
 
 	mu       sync.Mutex
 	rejected map[string]int // heartbeats the members refused, by reason
@@ -72,23 +75,13 @@ var testKey = []byte("portico heartbeat test key, 32B!")
 // others, their heartbeats signed with key (nil: not signed).
 func startGroup(t *testing.T, n int, key []byte) *group {
 	t.Helper()
-	g := &group{crashed: map[int]bool{}, rejected: map[string]int{}}
-	peers := map[string][]netip.Addr{}
+	g := &group{crashed: map[int]bool{}, rejected: map[string]int{}, peers: map[string][]netip.Addr{}, key: key}
 	for i := range n {
-		peers[fmt.Sprintf("node-%d", i+1)] = []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, byte(i + 1)})}
+		g.peers[fmt.Sprintf("node-%d", i+1)] = []netip.Addr{netip.AddrFrom4([4]byte{127, 0, 0, byte(i + 1)})}
 	}
+	g.m, g.cancel, g.done = make([]*Members, n), make([]context.CancelFunc, n), make([]chan error, n)
 	for i := range n {
-		name := fmt.Sprintf("node-%d", i+1)
-		m, err := New(Config{Self: name, Addr: peers[name][0], Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond,
-			Key: key, Rejected: func(_, why string) { g.mu.Lock(); g.rejected[why]++; g.mu.Unlock() }})
-		if err != nil {
-			t.Fatal(err)
-		}
-		m.SetPeers(peers)
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- m.Run(ctx) }()
-		g.m, g.cancel, g.done = append(g.m, m), append(g.cancel, cancel), append(g.done, done)
+		g.start(t, i)
 	}
 	t.Cleanup(func() {
 		for i := range g.m {
@@ -96,6 +89,22 @@ func startGroup(t *testing.T, n int, key []byte) *group {
 		}
 	})
 	return g
+}
+
+// start runs member i, a new instance of it when it ran before.
+func (g *group) start(t *testing.T, i int) {
+	t.Helper()
+	name := fmt.Sprintf("node-%d", i+1)
+	m, err := New(Config{Self: name, Addr: g.peers[name][0], Port: 17947, Interval: 20 * time.Millisecond, DeadAfter: 100 * time.Millisecond,
+		Key: g.key, Rejected: func(_, why string) { g.mu.Lock(); g.rejected[why]++; g.mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.SetPeers(g.peers)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	g.m[i], g.cancel[i], g.done[i] = m, cancel, done
 }
 
 func (g *group) stop(t *testing.T, i int) {
@@ -153,6 +162,37 @@ func TestLeavingPeerGoesAtOnce(t *testing.T) {
 	// It said it is leaving: gone before it could have been timed out.
 	if took := g.waitLive(t, 0, map[string][]netip.Addr{}); took >= 100*time.Millisecond {
 		t.Errorf("a leaving peer was seen gone after %v; it says so, it should not wait for DeadAfter", took)
+	}
+}
+
+// A peer that stops to restart (a rolling update) stays alive with what it announced while
+// its next instance starts, until that one is ready; without a next instance, until the
+// hold it asked for ends.
+func TestRestartingPeerKeepsItsClaims(t *testing.T) {
+	g := startGroup(t, 2, testKey)
+	a, b := netip.MustParseAddr("192.0.2.7"), netip.MustParseAddr("192.0.2.8")
+	g.m[1].SetSelf(true, Peer{Claims: []netip.Addr{a}})
+	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": {a}})
+	g.m[1].RestartOnStop(time.Minute)
+	g.stop(t, 1)
+	time.Sleep(300 * time.Millisecond) // three times DeadAfter
+	if got := g.m[0].Live(); !slices.Equal(got["node-2"].Claims, []netip.Addr{a}) {
+		t.Fatalf("while node-2 restarts node-1 sees %v live, want node-2 with its address", got)
+	}
+	g.start(t, 1) // its heartbeats say "not ready" until it has synced
+	time.Sleep(300 * time.Millisecond)
+	if got := g.m[0].Live(); !slices.Equal(got["node-2"].Claims, []netip.Addr{a}) {
+		t.Fatalf("while node-2's next instance starts node-1 sees %v live, want node-2 with its address", got)
+	}
+	g.m[1].SetSelf(true, Peer{Claims: []netip.Addr{b}})
+	g.waitLive(t, 0, map[string][]netip.Addr{"node-2": {b}})
+
+	g.m[1].RestartOnStop(400 * time.Millisecond)
+	g.stop(t, 1)
+	t0 := time.Now()
+	g.waitLive(t, 0, map[string][]netip.Addr{})
+	if took := time.Since(t0); took < 300*time.Millisecond {
+		t.Errorf("a restarting peer that did not come back was gone after %v; it asked for 400ms", took)
 	}
 }
 
