@@ -189,6 +189,7 @@ func NewManager(cfg *rest.Config, dp loadbalancer.Programmer, o Options) (ctrl.M
 		if err != nil {
 			return nil, fmt.Errorf("set up L2 announcement: %w", err)
 		}
+		r.warm = sp.WarmedUp
 		if err := mgr.Add(sp); err != nil {
 			return nil, fmt.Errorf("add L2 announcement: %w", err)
 		}
@@ -278,6 +279,10 @@ type reconciler struct {
 	l7       *l7.Listeners // nil: no L7 proxy on this node
 	report   *reporter
 	ready    chan struct{}
+	// warm, with L2 announcement, says whether the speaker has heard its peers: until
+	// then the agent is not ready, so that a DaemonSet's rolling update waits for it
+	// before it restarts the next node (whose addresses it would otherwise take).
+	warm func() bool
 	// requeue takes Services whose frontends another Service's change moved.
 	requeue *requeue.Services
 	told    notice.Last[types.NamespacedName] // the last NotProgrammed message of each Service
@@ -337,10 +342,13 @@ func (r *reconciler) resync(c cache.Cache) func(ctx context.Context) error {
 func (r *reconciler) readyz(_ *http.Request) error {
 	select {
 	case <-r.ready:
-		return nil
 	default:
 		return fmt.Errorf("first sync not done")
 	}
+	if r.warm != nil && !r.warm() {
+		return fmt.Errorf("L2 announcement has not heard its peers yet")
+	}
+	return nil
 }
 
 func (r *reconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {

@@ -113,6 +113,9 @@ func New(mgr ctrl.Manager, c Config) (*Speaker, error) {
 		announced: map[netip.Addr]types.NamespacedName{}}, nil
 }
 
+// WarmedUp says whether the speaker has listened to its peers long enough to announce.
+func (s *Speaker) WarmedUp() bool { return s.members.WarmedUp() }
+
 func (s *Speaker) leaving() bool {
 	if s.Leaving == nil {
 		return false
@@ -144,23 +147,42 @@ func (s *Speaker) Start(ctx context.Context) error {
 			return fmt.Errorf("watch for L2 announcement: %w", err)
 		}
 	}
+	// The peers come first: the warm-up, which starts with Run, must hear them. A restarted
+	// agent whose first sync takes longer than the warm-up would otherwise decide before it
+	// has heard anyone, and take the addresses of live peers.
+	if !s.cache.WaitForCacheSync(ctx) {
+		return nil
+	}
+	if err := s.setPeers(ctx); err != nil {
+		return err
+	}
 	mctx, stopMembers := context.WithCancel(context.WithoutCancel(ctx))
 	done := make(chan error, 1)
 	go func() { done <- s.members.Run(mctx) }()
 	stop := func() error {
 		s.announcer.Close()
 		if s.RestartHold > 0 && !s.leaving() {
+			ctrl.LoggerFrom(ctx).Info("Stopping to restart: peers keep this node's addresses until it is back", "hold", s.RestartHold)
 			s.members.RestartOnStop(s.RestartHold)
+		} else {
+			ctrl.LoggerFrom(ctx).Info("Stopping for good: peers take this node's addresses over")
 		}
 		stopMembers()
 		return <-done
 	}
-	select {
-	case <-s.Ready:
-	case <-ctx.Done():
-		return stop()
-	case err := <-done:
-		return err
+	for waiting := true; waiting; {
+		select {
+		case <-s.Ready:
+			waiting = false
+		case <-s.changed:
+			if err := s.setPeers(ctx); err != nil {
+				ctrl.LoggerFrom(ctx).Error(err, "Failed to follow the peers")
+			}
+		case <-ctx.Done():
+			return stop()
+		case err := <-done:
+			return err
+		}
 	}
 	// Interfaces come and go without an event the agent watches: look again now and then.
 	recheck := time.NewTicker(10 * time.Second)
@@ -188,15 +210,7 @@ func (s *Speaker) sync(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	peers := map[string][]netip.Addr{}
-	var self *corev1.Node
-	for _, n := range in.Nodes {
-		if n.Name == s.Node {
-			self = n
-		}
-		peers[n.Name] = nodeIPs(n)
-	}
-	s.members.SetPeers(peers)
+	self := s.peers(in.Nodes)
 	ready := s.members.WarmedUp()
 	live := s.members.Live()
 	var links []announce.Link
@@ -258,6 +272,33 @@ func (s *Speaker) event(ctx context.Context, name types.NamespacedName, kind, re
 }
 
 // inputs reads what the decision needs from the cache.
+// setPeers tells the heartbeats where every other agent is, from the Nodes.
+func (s *Speaker) setPeers(ctx context.Context) error {
+	var nodes corev1.NodeList
+	if err := s.client.List(ctx, &nodes); err != nil {
+		return fmt.Errorf("list Nodes for L2 announcement: %w", err)
+	}
+	in := make([]*corev1.Node, len(nodes.Items))
+	for i := range nodes.Items {
+		in[i] = &nodes.Items[i]
+	}
+	s.peers(in)
+	return nil
+}
+
+// peers sets the heartbeats' peers from nodes and returns this node's Node (nil: none).
+func (s *Speaker) peers(nodes []*corev1.Node) (self *corev1.Node) {
+	peers := map[string][]netip.Addr{}
+	for _, n := range nodes {
+		if n.Name == s.Node {
+			self = n
+		}
+		peers[n.Name] = nodeIPs(n)
+	}
+	s.members.SetPeers(peers)
+	return self
+}
+
 func (s *Speaker) inputs(ctx context.Context) (announce.Inputs, error) {
 	var pools lbv1.LBPoolList
 	var services corev1.ServiceList

@@ -40,6 +40,7 @@ func TestAgentsOnThreeNodes(t *testing.T) {
 	t.Run("source ranges from the Service and from a ServicePolicy", c.sourceRanges)
 	t.Run("Maglev by ServicePolicy: every node picks the same backend", c.maglev)
 	t.Run("agent restart and crash keep established connections", c.restart)
+	t.Run("rolling upgrade to agents with another map layout, and back", c.upgrade)
 	t.Run("API server unreachable: the node keeps its last state", c.apiDown)
 	t.Run("Deployment: readiness gates, termination, scale to zero", c.deployment)
 	t.Run("type changes: ExternalName and ClusterIP, a released NodePort", c.typeChanges)

@@ -53,6 +53,8 @@ type cluster struct {
 	probe *lab.Pod
 	// second are the client's second addresses (the first are net.ClientIPs).
 	second []netip.Addr
+	// bpffs is where the agents pin, under portico/<node>.
+	bpffs string
 }
 
 func start(t *testing.T) *cluster {
@@ -86,7 +88,7 @@ func start(t *testing.T) *cluster {
 			t.Errorf("stop the lab: %v", err)
 		}
 	})
-	c := &cluster{c: env.Client, lab: lc, net: lc.Network, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
+	c := &cluster{c: env.Client, lab: lc, net: lc.Network, bpffs: bpffs, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
 	for _, a := range c.second {
 		lan := lab.LAN4
 		if a.Is6() {

@@ -22,6 +22,8 @@ type AgentConfig struct {
 	// HeartbeatKey is the file of the key that signs the agents' heartbeats.
 	HeartbeatKey string
 	Log          io.Writer
+	// Args are more flags, after the lab's (a flag given twice takes the last value).
+	Args []string
 }
 
 // Process is a process the lab started: a node's agent, a control-plane component, the
@@ -39,6 +41,7 @@ func (node *Node) StartAgent(c AgentConfig) (*Process, error) {
 		"--node-name="+node.Name, "--devices=eth0", "--cgroup-root="+node.Cgroup, "--bpffs="+c.BPFFS,
 		"--kubeconfig="+c.Kubeconfig, "--metrics-bind-address=127.0.0.1:9090", "--health-probe-bind-address=127.0.0.1:9091",
 		"--lease-namespace="+AgentNamespace, "--lease-duration=2s", "--l2-heartbeat-key-file="+c.HeartbeatKey)
+	cmd.Args = append(cmd.Args, c.Args...)
 	cmd.Stdout, cmd.Stderr = c.Log, c.Log
 	p, err := startIn(cmd, node.Cgroup)
 	if err != nil {

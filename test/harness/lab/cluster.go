@@ -159,8 +159,9 @@ func (c *Cluster) Failed() <-chan error { return c.errs }
 // last 2 s (40 s by default), so that a killed agent's NodeAgent is marked lost in seconds.
 const AgentNamespace = "kube-system"
 
-// StartAgent starts node i's agent, or starts it again after it stopped.
-func (c *Cluster) StartAgent(i int) error {
+// StartAgent starts node i's agent, or starts it again after it stopped, with more flags
+// when args are given (an upgrade: the next version's).
+func (c *Cluster) StartAgent(i int, args ...string) error {
 	node := c.Nodes[i]
 	if old := c.Agents[i]; old != nil {
 		if err := old.Stop(); err != nil {
@@ -176,7 +177,7 @@ func (c *Cluster) StartAgent(i int) error {
 	if err != nil {
 		return err
 	}
-	a, err := node.StartAgent(AgentConfig{Binary: c.cfg.Agent, Kubeconfig: c.nodeKC, BPFFS: c.cfg.BPFFS, HeartbeatKey: key, Log: log})
+	a, err := node.StartAgent(AgentConfig{Binary: c.cfg.Agent, Kubeconfig: c.nodeKC, BPFFS: c.cfg.BPFFS, HeartbeatKey: key, Log: log, Args: args})
 	if err != nil {
 		return err
 	}
