@@ -7,8 +7,11 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net"
 	"os"
+	"path/filepath"
 	"strings"
+	"time"
 
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -23,6 +26,9 @@ const usage = `porticoctl shows what Portico did and why.
   porticoctl announcements              each LoadBalancer address: its Service, pool, announcing node
   porticoctl nodes                      each node's agent: ready, programmed Services, policies, announcements
   porticoctl explain [-n ns] <service>  why a Service has (no) address, where its traffic goes
+  porticoctl uninstall-node [--bpffs /sys/fs/bpf] <node>
+                                        on the node, after its agent stopped: remove Portico's
+                                        programs and pins (deleting the DaemonSet does it everywhere)
 
 Flags:
 `
@@ -37,6 +43,25 @@ func main() {
 	if len(args) == 0 {
 		flag.Usage()
 		os.Exit(2)
+	}
+	if args[0] == "uninstall-node" {
+		uninstall := flag.NewFlagSet("uninstall-node", flag.ExitOnError)
+		bpffs := uninstall.String("bpffs", "/sys/fs/bpf", "The node's bpffs mount, the agent's --bpffs.")
+		probe := uninstall.String("agent-probe-address", "127.0.0.1:9091", "Where the node's agent answers health probes (its --health-probe-bind-address): a running agent is left alone.")
+		_ = uninstall.Parse(args[1:])
+		if uninstall.NArg() != 1 {
+			flag.Usage()
+			os.Exit(2)
+		}
+		up := false
+		if conn, err := net.DialTimeout("tcp", *probe, time.Second); err == nil {
+			conn.Close()
+			up = true
+		}
+		if err := cli.UninstallNode(os.Stdout, filepath.Join(*bpffs, "portico", uninstall.Arg(0)), up); err != nil {
+			fail(err)
+		}
+		return
 	}
 	cfg, err := ctrl.GetConfig()
 	if err != nil {

@@ -1,6 +1,7 @@
 // Package cli is porticoctl: what Portico did and why, read from the API server only (pools,
-// Services, EndpointSlices, Nodes, policies and the agents' NodeAgents). cmd/porticoctl holds
-// the flags.
+// Services, EndpointSlices, Nodes, policies and the agents' NodeAgents), and, run on a node,
+// the removal of what a stopped agent left there (uninstall.go). cmd/porticoctl holds the
+// flags.
 package cli
 
 import (

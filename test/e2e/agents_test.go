@@ -49,6 +49,7 @@ func TestAgentsOnThreeNodes(t *testing.T) {
 	t.Run("L7Policy: the node's proxy spreads the requests of one connection", c.l7)
 	t.Run("L7Policy on gRPC: 300 calls over one connection, every greeter answers", c.grpcSeed)
 	t.Run("a pod with an image the lab lacks stays Pending", c.unknownImage)
+	t.Run("uninstall: the DaemonSet deleted, and porticoctl for a node", c.uninstall)
 }
 
 func (c *cluster) clusterIP(t *testing.T) {

@@ -55,6 +55,8 @@ type cluster struct {
 	second []netip.Addr
 	// bpffs is where the agents pin, under portico/<node>.
 	bpffs string
+	// porticoctl is the built command.
+	porticoctl string
 }
 
 func start(t *testing.T) *cluster {
@@ -62,7 +64,7 @@ func start(t *testing.T) *cluster {
 	nstest.NeedRoot(t, "creates network namespaces, cgroups and BPF programs")
 	testenv.NeedAPI(t)
 	dir := t.TempDir()
-	bins, err := testenv.Build(dir, "operator", "agent")
+	bins, err := testenv.Build(dir, "operator", "agent", "porticoctl")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,7 +90,7 @@ func start(t *testing.T) *cluster {
 			t.Errorf("stop the lab: %v", err)
 		}
 	})
-	c := &cluster{c: env.Client, lab: lc, net: lc.Network, bpffs: bpffs, second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
+	c := &cluster{c: env.Client, lab: lc, net: lc.Network, bpffs: bpffs, porticoctl: bins[2], second: []netip.Addr{netip.MustParseAddr("192.0.2.253"), netip.MustParseAddr("2001:db8::1:fd")}}
 	for _, a := range c.second {
 		lan := lab.LAN4
 		if a.Is6() {
