@@ -117,6 +117,10 @@ test-root: envtest test-peers $(H2SPEC) ## Run the tests on the kernel (root): d
 test-e2e: envtest test-peers ## Run the end-to-end suite and the lab's own test: real agents on simulated nodes (root).
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test ./test/e2e ./test/lab ./test/harness/... -count=1
 
+.PHONY: soak
+soak: envtest test-peers ## Change a lab cluster at random for SOAK_DURATION (default 30m) while checking its invariants (make test runs 2 minutes of it; root).
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) SOAK_DURATION=$(or $(SOAK_DURATION),30m) $(GO) test ./test/e2e -run '^TestSoak$$' -count=1 -v -timeout 60m
+
 .PHONY: test-oldest
 test-oldest: test-peers $(H2SPEC) ## Run every test (envtest suites and e2e included) against the oldest supported Kubernetes, K8S_OLDEST (not in CI: builds its control plane once, ~6 min).
 	@test/tools/k8s-binaries.sh $(K8S_OLDEST) $(CACHE)/k8s-$(K8S_OLDEST) kube-controller-manager kube-scheduler >/dev/null

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -61,7 +62,9 @@ var (
 )
 
 // BenchmarkAgentSync runs the node agent (cmd/agent, its own process) against an API server
-// holding 10,000 Services of 10 endpoints each, and measures: its first sync (start to
+// holding 10,000 dual-stack LoadBalancer Services (ClusterIPs, a NodePort and an address
+// per family; the test writes the addresses as the operator would) of 10 endpoints per
+// family, and measures: its first sync (start to
 // /readyz), its memory, the time from an EndpointSlice change to the change carrying
 // traffic, and from a new Service to its first connection. Clients run in a namespace and
 // cgroup of the test's with the agent's socket programs; the endpoints of the 10,000 are
@@ -97,9 +100,18 @@ func BenchmarkAgentSync(b *testing.B) {
 		}
 		return out
 	}
+	nowhere6 := func(i int) []netip.AddrPort {
+		out := make([]netip.AddrPort, agentEndpoints)
+		for j := range out {
+			n := i*agentEndpoints + j // in fd00:240::/64
+			out[j] = netip.AddrPortFrom(netip.AddrFrom16([16]byte{0xfd, 0x00, 0x02, 0x40, 13: byte(n >> 16), 14: byte(n >> 8), 15: byte(n)}), backend.Port())
+		}
+		return out
+	}
 	t0 := time.Now()
-	parallel(b, agentServices, func(i int) error { return createService(ctx, cs, i, vip(i), nowhere(i)) })
-	fmt.Printf("\ncreated %d Services with %d endpoints each in %s\n", agentServices, agentEndpoints, time.Since(t0).Round(time.Millisecond))
+	parallel(b, agentServices, func(i int) error { return createLoadBalancer(ctx, cs, i, vip(i), nowhere(i), nowhere6(i)) })
+	fmt.Printf("\ncreated %d dual-stack LoadBalancer Services (a NodePort each) with %d endpoints per family in %s\n",
+		agentServices, agentEndpoints, time.Since(t0).Round(time.Millisecond))
 
 	// The agent, as on a node: its own process, pins in a bpffs of the test's.
 	bin, kubeconfig := build(b, env, "agent")
@@ -121,6 +133,22 @@ func BenchmarkAgentSync(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { _ = agent.Process.Signal(os.Interrupt); _ = agent.Wait() })
+	// BENCH_AGENT_CPU_PROFILE: a CPU profile of the agent's first 10 seconds, for go tool pprof.
+	profiled := make(chan error, 1)
+	if path := os.Getenv("BENCH_AGENT_CPU_PROFILE"); path != "" {
+		go func() {
+			for time.Since(t0) < 5*time.Second {
+				if err := download("http://"+metricsAddr+"/debug/pprof/profile?seconds=10", path); err == nil {
+					profiled <- nil
+					return
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			profiled <- errors.New("the agent's profiling endpoint did not answer within 5 s")
+		}()
+	} else {
+		profiled <- nil
+	}
 	for {
 		if resp, err := http.Get("http://" + probeAddr + "/readyz"); err == nil {
 			resp.Body.Close()
@@ -195,7 +223,7 @@ func BenchmarkAgentSync(b *testing.B) {
 		i := agentServices + k
 		d, err := nstest.TimeToConnect(b, client(vip(i)), func() {
 			t0 := time.Now()
-			if err := createService(ctx, cs, i, vip(i), []netip.AddrPort{backend}); err != nil {
+			if err := createLoadBalancer(ctx, cs, i, vip(i), []netip.AddrPort{backend}, nowhere6(i)); err != nil {
 				b.Fatal(err)
 			}
 			createWrite = append(createWrite, time.Since(t0))
@@ -216,10 +244,13 @@ func BenchmarkAgentSync(b *testing.B) {
 		fmt.Printf("  %-36s p50 %8s  p99 %8s   API writes alone p50 %8s  p99 %8s   beyond them p50 %8s  p99 %8s\n", what,
 			r(pct(d, 50)), r(pct(d, 99)), r(pct(write, 50)), r(pct(write, 99)), r(pct(after, 50)), r(pct(after, 99)))
 	}
-	fmt.Printf("Portico agent, %d Services x %d endpoints (clients retry every millisecond)\n", agentServices, agentEndpoints)
+	fmt.Printf("Portico agent, %d dual-stack LoadBalancer Services x %d endpoints per family (clients retry every millisecond)\n", agentServices, agentEndpoints)
 	fmt.Printf("  first sync (start to ready)          %s; initial events drained at %s\n", firstSync.Round(time.Millisecond), settled.Round(time.Millisecond))
 	row(fmt.Sprintf("EndpointSlice change to traffic (%d)", samples), change, changeWrite)
 	row(fmt.Sprintf("new Service to first connection (%d)", samples), create, createWrite)
+	if err := <-profiled; err != nil {
+		b.Fatal(err)
+	}
 	if path := os.Getenv("BENCH_AGENT_HEAP_PROFILE"); path != "" {
 		if err := download("http://"+metricsAddr+"/debug/pprof/heap?gc=1", path); err != nil {
 			b.Fatal(err)
@@ -253,7 +284,9 @@ func BenchmarkAgentSync(b *testing.B) {
 		cmd.Env = append(os.Environ(), clientEnv+"="+to.String())
 		return cmd
 	}
-	for _, mode := range []string{"iptables", "nftables"} {
+	// BENCH_KUBE_PROXY_MODES: which of them (at 10,000 dual-stack LoadBalancer Services,
+	// iptables-restore alone runs for more than ten minutes).
+	for _, mode := range strings.Split(cmp.Or(os.Getenv("BENCH_KUBE_PROXY_MODES"), "iptables,nftables"), ",") {
 		// Start to a first connection to a Service the Portico run pointed at the backend.
 		var kp *kubeproxy.Proxy
 		first, err := nstest.TimeToConnect(b, plain(vip(agentServices-1)), func() {
@@ -326,9 +359,50 @@ func createService(ctx context.Context, cs *kubernetes.Clientset, i int, vip net
 	if _, err := cs.CoreV1().Services("default").Create(ctx, svc, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("create Service %s: %w", name, err)
 	}
+	return createSlice(ctx, cs, name, 1, eps)
+}
+
+// createLoadBalancer creates Service svc-i as a dual-stack LoadBalancer: ClusterIPs vip and
+// vip6(i), a NodePort, addresses in its status as the operator writes them, and its
+// EndpointSlices svc-i-1 (IPv4, eps4) and svc-i-2 (IPv6, eps6).
+func createLoadBalancer(ctx context.Context, cs *kubernetes.Clientset, i int, vip netip.AddrPort, eps4, eps6 []netip.AddrPort) error {
+	name := fmt.Sprintf("svc-%d", i)
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.ServiceSpec{
+		Type:           corev1.ServiceTypeLoadBalancer,
+		IPFamilyPolicy: ptr.To(corev1.IPFamilyPolicyRequireDualStack),
+		IPFamilies:     []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol},
+		ClusterIP:      vip.Addr().String(),
+		ClusterIPs:     []string{vip.Addr().String(), vip6(i).String()},
+		Ports:          []corev1.ServicePort{{Name: "http", Port: int32(vip.Port()), TargetPort: intstr.FromString("http")}},
+	}}
+	created, err := cs.CoreV1().Services("default").Create(ctx, svc, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("create Service %s: %w", name, err)
+	}
+	created.Status.LoadBalancer.Ingress = []corev1.LoadBalancerIngress{
+		{IP: netip.AddrFrom4([4]byte{100, 64, byte(i >> 8), byte(i)}).String(), IPMode: ptr.To(corev1.LoadBalancerIPModeVIP)},
+		{IP: netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 14: byte(i >> 8), 15: byte(i)}).String(), IPMode: ptr.To(corev1.LoadBalancerIPModeVIP)}}
+	if _, err := cs.CoreV1().Services("default").UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("write the addresses of Service %s: %w", name, err)
+	}
+	return errors.Join(createSlice(ctx, cs, name, 1, eps4), createSlice(ctx, cs, name, 2, eps6))
+}
+
+// vip6 is Service i's IPv6 ClusterIP, in the API server's fd00:10:96::/108.
+func vip6(i int) netip.Addr {
+	n := 0x10000 + i
+	return netip.AddrFrom16([16]byte{0xfd, 0x00, 0x00, 0x10, 0x00, 0x96, 13: byte(n >> 16), 14: byte(n >> 8), 15: byte(n)})
+}
+
+// createSlice creates EndpointSlice <service>-<k> of eps, one family.
+func createSlice(ctx context.Context, cs *kubernetes.Clientset, service string, k int, eps []netip.AddrPort) error {
+	family := discoveryv1.AddressTypeIPv4
+	if eps[0].Addr().Is6() {
+		family = discoveryv1.AddressTypeIPv6
+	}
 	slice := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Labels: map[string]string{discoveryv1.LabelServiceName: name}},
-		AddressType: discoveryv1.AddressTypeIPv4,
+		ObjectMeta:  metav1.ObjectMeta{Name: fmt.Sprintf("%s-%d", service, k), Labels: map[string]string{discoveryv1.LabelServiceName: service}},
+		AddressType: family,
 		Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To(int32(eps[0].Port()))}},
 		Endpoints:   endpoints(eps),
 	}

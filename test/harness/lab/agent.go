@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -29,8 +30,9 @@ type AgentConfig struct {
 // Process is a process the lab started: a node's agent, a control-plane component, the
 // operator.
 type Process struct {
-	cmd  *exec.Cmd
-	done chan struct{}
+	cmd     *exec.Cmd
+	done    chan struct{}
+	stopped atomic.Bool // by Stop or Kill: its end is no failure
 }
 
 // StartAgent starts the node's agent: the datapath on eth0, the socket programs on the
@@ -71,6 +73,7 @@ func startIn(cmd *exec.Cmd, cgroup string) (*Process, error) {
 
 // Stop ends the process as the kubelet would (SIGTERM, then SIGKILL after 10 s).
 func (p *Process) Stop() error {
+	p.stopped.Store(true)
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
@@ -82,6 +85,7 @@ func (p *Process) Stop() error {
 
 // Kill ends the process at once, as a crash would.
 func (p *Process) Kill() error {
+	p.stopped.Store(true)
 	err := p.cmd.Process.Kill()
 	<-p.done
 	if errors.Is(err, os.ErrProcessDone) {

@@ -45,6 +45,8 @@ type Cluster struct {
 	Agents []*Process
 
 	cfg      Config
+	ctx      context.Context
+	operator *Process
 	cs       kubernetes.Interface
 	nodeKC   string // for processes in node namespaces, through their forwarders
 	procs    []*Process
@@ -69,7 +71,7 @@ func Up(cfg Config) (*Cluster, error) {
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Cluster{Network: n, cfg: cfg, cancel: cancel, errs: make(chan error, cfg.Nodes+4), // each component, kubelet and the routes tell at most once
+	c := &Cluster{Network: n, cfg: cfg, ctx: ctx, cancel: cancel, errs: make(chan error, cfg.Nodes+4), // each component, kubelet and the routes tell at most once
 		Kubeconfig: filepath.Join(cfg.Dir, "kubeconfig"), nodeKC: filepath.Join(cfg.Dir, "node.kubeconfig"),
 		Agents: make([]*Process, cfg.Nodes), forwards: make([]func(), cfg.Nodes)}
 	if err := c.up(ctx); err != nil {
@@ -96,13 +98,14 @@ func (c *Cluster) up(ctx context.Context) error {
 			"--cluster-name="+c.cfg.Name),
 		exec.Command(filepath.Join(c.cfg.Assets, "kube-scheduler"), "--kubeconfig="+c.Kubeconfig,
 			"--leader-elect=false", "--secure-port=0"),
-		exec.Command(c.cfg.Operator, "--kubeconfig="+c.Kubeconfig, "--claim-classless-services", "--agent-namespace="+AgentNamespace,
-			"--metrics-bind-address=0", "--health-probe-bind-address=0"),
 	}
 	for _, cmd := range components {
-		if err := c.start(ctx, cmd); err != nil {
+		if _, err := c.start(ctx, cmd); err != nil {
 			return err
 		}
+	}
+	if err := c.RestartOperator(); err != nil {
+		return err
 	}
 	for i, node := range c.Nodes {
 		k := NewKubelet(node, cs)
@@ -125,19 +128,19 @@ func (c *Cluster) up(ctx context.Context) error {
 }
 
 // start runs a component in the root namespace, logging to Dir/<binary>.log; Failed
-// tells when it ends before ctx.
-func (c *Cluster) start(ctx context.Context, cmd *exec.Cmd) error {
+// tells when it ends before ctx, unless it was stopped.
+func (c *Cluster) start(ctx context.Context, cmd *exec.Cmd) (*Process, error) {
 	name := filepath.Base(cmd.Path)
 	path := filepath.Join(c.cfg.Dir, name+".log")
 	log, err := os.OpenFile(path, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
-		return fmt.Errorf("log: %w", err)
+		return nil, fmt.Errorf("log: %w", err)
 	}
 	defer log.Close()
 	cmd.Stdout, cmd.Stderr = log, log
 	p, err := startIn(cmd, "")
 	if err != nil {
-		return fmt.Errorf("start %s: %w", name, err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	c.procs = append(c.procs, p)
 	c.wg.Add(1)
@@ -145,10 +148,29 @@ func (c *Cluster) start(ctx context.Context, cmd *exec.Cmd) error {
 		defer c.wg.Done()
 		select {
 		case <-p.Exited():
-			c.errs <- fmt.Errorf("%s exited: %s (log: %s)", name, p.cmd.ProcessState, path)
+			if !p.stopped.Load() {
+				c.errs <- fmt.Errorf("%s exited: %s (log: %s)", name, p.cmd.ProcessState, path)
+			}
 		case <-ctx.Done():
 		}
 	}()
+	return p, nil
+}
+
+// RestartOperator starts the operator, or stops it (SIGTERM, as a rollout does) and starts
+// it again.
+func (c *Cluster) RestartOperator() error {
+	if c.operator != nil {
+		if err := c.operator.Stop(); err != nil {
+			return err
+		}
+	}
+	p, err := c.start(c.ctx, exec.Command(c.cfg.Operator, "--kubeconfig="+c.Kubeconfig, "--claim-classless-services",
+		"--agent-namespace="+AgentNamespace, "--metrics-bind-address=0", "--health-probe-bind-address=0"))
+	if err != nil {
+		return err
+	}
+	c.operator = p
 	return nil
 }
 
