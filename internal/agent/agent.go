@@ -260,12 +260,37 @@ func keepWhatIsRead(obj any) (any, error) {
 		n.Status.Images = nil
 	}
 	if es, ok := obj.(*discoveryv1.EndpointSlice); ok {
+		// Only the Service's name is read of the labels (the cache's index), nothing of
+		// the owner.
+		if name, ok := es.Labels[discoveryv1.LabelServiceName]; ok {
+			es.Labels = map[string]string{discoveryv1.LabelServiceName: name}
+		} else {
+			es.Labels = nil
+		}
+		es.OwnerReferences = nil
 		for i := range es.Endpoints {
 			ep := &es.Endpoints[i]
 			ep.TargetRef, ep.Hostname, ep.Zone, ep.DeprecatedTopology = nil, nil, nil, nil
+			c := &ep.Conditions
+			c.Ready, c.Serving, c.Terminating = shared(c.Ready), shared(c.Serving), shared(c.Terminating)
 		}
 	}
 	return obj, nil
+}
+
+// yes and no are what every cached endpoint condition points to: 200,000 endpoints hold
+// three conditions each, a small allocation apiece otherwise. Nothing writes through them
+// (cached objects are read-only).
+var yes, no = true, false
+
+func shared(b *bool) *bool {
+	switch {
+	case b == nil:
+		return nil
+	case *b:
+		return &yes
+	}
+	return &no
 }
 
 // reconciler programs one Service at a time, once the first sync is done.

@@ -38,8 +38,8 @@ type tables struct {
 	// Frontend numbers are never reused, so that affinity entries of a deleted frontend
 	// cannot apply to a new one.
 	lastFrontend uint32
-	applied4     map[sockLBSvc4Key]sockLBSvcValue
-	applied6     map[sockLBSvc6Key]sockLBSvcValue
+	applied4     *mirror[sockLBSvc4Key]
+	applied6     *mirror[sockLBSvc6Key]
 	ranges       map[uint32][]netip.Prefix // source ranges written, by frontend number
 	maglevOf     map[uint32]string         // whose Maglev table each frontend's table was built from
 	// pend4 and pend6 collect the writes of an Apply into empty maps (nil otherwise).
@@ -60,9 +60,26 @@ type pending[K comparable, B any] struct {
 	slotVals, headVals []sockLBSvcValue
 }
 
+// backendRef is a backend's address, port and protocol, without pointers (netip.Addr has
+// one): the garbage collector does not scan a map of hundreds of thousands of them.
 type backendRef struct {
-	addr  netip.AddrPort
+	addr  [16]byte // IPv4 as IPv4-mapped
+	port  uint16
 	proto loadbalancer.Protocol
+	is4   bool
+}
+
+func refOf(a netip.AddrPort, proto loadbalancer.Protocol) backendRef {
+	return backendRef{a.Addr().As16(), a.Port(), proto, a.Addr().Is4()}
+}
+
+// address is the backend's address and port.
+func (r backendRef) address() netip.AddrPort {
+	a := netip.AddrFrom16(r.addr)
+	if r.is4 {
+		a = a.Unmap()
+	}
+	return netip.AddrPortFrom(a, r.port)
 }
 
 // numbered is what a backend number stands for.
@@ -75,25 +92,25 @@ type numbered struct {
 }
 
 func newTables() tables {
-	return tables{ids: map[backendRef]uint32{}, numbered: make([]numbered, 1), applied4: map[sockLBSvc4Key]sockLBSvcValue{},
-		applied6: map[sockLBSvc6Key]sockLBSvcValue{}, ranges: map[uint32][]netip.Prefix{}, maglevOf: map[uint32]string{}}
+	return tables{ids: map[backendRef]uint32{}, numbered: make([]numbered, 1), applied4: newMirror(ipv4.slot, ipv4.withSlot),
+		applied6: newMirror(ipv6.slot, ipv6.withSlot), ranges: map[uint32][]netip.Prefix{}, maglevOf: map[uint32]string{}}
 }
 
 // adopt rebuilds the mirror and the numbering from adopted maps.
 func (d *Datapath) adopt() error {
-	if err := errors.Join(mirror(d.sock.PorticoSvc4, d.applied4), mirror(d.sock.PorticoSvc6, d.applied6)); err != nil {
+	if err := errors.Join(readMirror(d.sock.PorticoSvc4, d.applied4), readMirror(d.sock.PorticoSvc6, d.applied6)); err != nil {
 		return fmt.Errorf("read adopted service maps: %w", err)
 	}
 	var id uint32
 	var b4 sockLBBackend4
 	it4 := d.sock.PorticoBe4.Iterate()
 	for it4.Next(&id, &b4) {
-		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), loadbalancer.Protocol(b4.Proto)}, b4.Flags)
+		d.adoptID(id, refOf(netip.AddrPortFrom(netip.AddrFrom4(bytes4(b4.Address)), unport(b4.Port)), loadbalancer.Protocol(b4.Proto)), b4.Flags)
 	}
 	var b6 sockLBBackend6
 	it6 := d.sock.PorticoBe6.Iterate()
 	for it6.Next(&id, &b6) {
-		d.adoptID(id, backendRef{netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), loadbalancer.Protocol(b6.Proto)}, b6.Flags)
+		d.adoptID(id, refOf(netip.AddrPortFrom(netip.AddrFrom16(bytes16(b6.Address)), unport(b6.Port)), loadbalancer.Protocol(b6.Proto)), b6.Flags)
 	}
 	var r4 sockLBSrcrange4Key
 	var r6 sockLBSrcrange6Key
@@ -108,8 +125,8 @@ func (d *Datapath) adopt() error {
 	if err := errors.Join(it4.Err(), it6.Err(), itr4.Err(), itr6.Err()); err != nil {
 		return fmt.Errorf("read adopted backends and source ranges: %w", err)
 	}
-	adoptSlots(d, d.applied4, func(k sockLBSvc4Key) uint16 { return k.Slot })
-	adoptSlots(d, d.applied6, func(k sockLBSvc6Key) uint16 { return k.Slot })
+	adoptSlots(d, d.applied4)
+	adoptSlots(d, d.applied6)
 	for i := 1; i < len(d.numbered); i++ {
 		if !d.numbered[i].inUse {
 			d.free = append(d.free, uint32(i))
@@ -118,22 +135,25 @@ func (d *Datapath) adopt() error {
 	return nil
 }
 
-func adoptSlots[K comparable](d *Datapath, applied map[K]sockLBSvcValue, slot func(K) uint16) {
-	for k, v := range applied {
-		if slot(k) > 0 {
-			d.count(v.BackendId, 1)
-		} else {
-			d.lastFrontend = max(d.lastFrontend, v.Id)
+func adoptSlots[K comparable](d *Datapath, applied *mirror[K]) {
+	for _, f := range applied.frontends {
+		if f.hasHead {
+			d.lastFrontend = max(d.lastFrontend, f.head.Id)
+		}
+		for _, id := range f.slots {
+			if id != 0 {
+				d.count(id, 1)
+			}
 		}
 	}
 }
 
-func mirror[K comparable](m *ebpf.Map, into map[K]sockLBSvcValue) error {
+func readMirror[K comparable](m *ebpf.Map, into *mirror[K]) error {
 	var k K
 	var v sockLBSvcValue
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		into[k] = v
+		into.set(k, v)
 	}
 	return it.Err()
 }
@@ -152,7 +172,7 @@ func (d *Datapath) adoptID(id uint32, ref backendRef, flags uint8) {
 // family describes one IP family's maps and how its keys and entries are laid out.
 type family[K comparable, B any, R any] struct {
 	svc, be, srcrange *ebpf.Map
-	applied           map[K]sockLBSvcValue
+	applied           *mirror[K]
 	pend              *pending[K, B]
 	fault             func() error
 	is                func(netip.Addr) bool
@@ -227,7 +247,7 @@ func (d *Datapath) Apply(frontends []loadbalancer.Frontend) error {
 
 func (d *Datapath) apply(frontends []loadbalancer.Frontend) error {
 	keep := frontends
-	if len(d.applied4) == 0 && len(d.applied6) == 0 {
+	if d.applied4.entries == 0 && d.applied6.entries == 0 {
 		written, err := d.applyIntoEmpty(frontends)
 		if written || err != nil {
 			return err
@@ -286,7 +306,7 @@ func (d *Datapath) applyIntoEmpty(frontends []loadbalancer.Frontend) (written bo
 func sweep[K comparable, B any, R any](d *Datapath, fam family[K, B, R]) error {
 	var ids []uint32
 	for id, n := range d.numbered {
-		if n.inUse && n.refs == 0 && fam.is(n.ref.addr.Addr()) {
+		if n.inUse && n.refs == 0 && fam.is(n.ref.address().Addr()) {
 			ids = append(ids, uint32(id))
 		}
 	}
@@ -405,14 +425,14 @@ func update[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f load
 // then its entry, then removes what it no longer uses; ids collects the backend numbers it
 // took. On a failed write it stops: the mirror says what the maps hold.
 func writeFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R], f loadbalancer.Frontend, head K, slots []loadbalancer.Backend, count int, ids *[]uint32) error {
-	prev, exists := fam.applied[head]
+	prev, exists := fam.applied.get(head)
 	id := prev.Id
 	if !exists {
 		d.lastFrontend++
 		id = d.lastFrontend
 	}
 	for i, b := range slots {
-		n := d.id(backendRef{b.Address, f.Protocol})
+		n := d.id(refOf(b.Address, f.Protocol))
 		*ids = append(*ids, n)
 		var flags uint8
 		if b.Local {
@@ -455,7 +475,7 @@ func writeFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R],
 	}
 	// Slots beyond the new ones go from the last, so that a failure leaves no gap.
 	last := uint16(len(slots))
-	for _, ok := fam.applied[fam.withSlot(head, last+1)]; ok; _, ok = fam.applied[fam.withSlot(head, last+1)] {
+	for _, ok := fam.applied.get(fam.withSlot(head, last+1)); ok; _, ok = fam.applied.get(fam.withSlot(head, last+1)) {
 		last++
 	}
 	for i := last; i > uint16(len(slots)); i-- {
@@ -531,7 +551,7 @@ func deleteRanges[K comparable, B any, R any](d *Datapath, fam family[K, B, R], 
 // that is gone, then its slots from the last (what a failed delete leaves is slots 1 to k,
 // which a retry finds), its table, ranges and the backends nothing else uses.
 func deleteFrontend[K comparable, B any, R any](d *Datapath, fam family[K, B, R], head K) error {
-	prev, ok := fam.applied[head]
+	prev, ok := fam.applied.get(head)
 	old := slotBackends(fam, head)
 	var err error
 	if ok {
@@ -555,8 +575,8 @@ func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R]
 	}
 	// A slot whose frontend entry is gone (a delete that failed halfway) goes too.
 	unlisted := map[K]bool{}
-	for k := range fam.applied {
-		if head := fam.withSlot(k, 0); !listed[head] {
+	for head := range fam.applied.heads() {
+		if !listed[head] {
 			unlisted[head] = true
 		}
 	}
@@ -572,7 +592,7 @@ func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R]
 func slotBackends[K comparable, B any, R any](fam family[K, B, R], head K) []uint32 {
 	var out []uint32
 	for i := uint16(1); ; i++ {
-		slot, ok := fam.applied[fam.withSlot(head, i)]
+		slot, ok := fam.applied.get(fam.withSlot(head, i))
 		if !ok {
 			return out
 		}
@@ -595,7 +615,7 @@ func release[K comparable, B any, R any](d *Datapath, fam family[K, B, R], ids [
 		}
 		if n.written {
 			if err := fam.be.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				errs = append(errs, fmt.Errorf("delete backend %s: %w", n.ref.addr, err))
+				errs = append(errs, fmt.Errorf("delete backend %s: %w", n.ref.address(), err))
 				continue
 			}
 		}
@@ -607,7 +627,7 @@ func release[K comparable, B any, R any](d *Datapath, fam family[K, B, R], ids [
 // put writes a service entry unless the map already holds that value; for a slot, it moves
 // the reference from the backend the slot named to the one it names now.
 func put[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K, v sockLBSvcValue) error {
-	old, had := fam.applied[k]
+	old, had := fam.applied.get(k)
 	if had && old == v {
 		return nil
 	}
@@ -624,7 +644,7 @@ func put[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K, v so
 			return full(err)
 		}
 	}
-	fam.applied[k] = v
+	fam.applied.set(k, v)
 	if fam.slot(k) > 0 {
 		if had {
 			d.count(old.BackendId, -1)
@@ -679,10 +699,10 @@ func del[K comparable, B any, R any](d *Datapath, fam family[K, B, R], k K) erro
 	if err := fam.svc.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service entry: %w", err)
 	}
-	if old, had := fam.applied[k]; had && fam.slot(k) > 0 {
+	if old, had := fam.applied.get(k); had && fam.slot(k) > 0 {
 		d.count(old.BackendId, -1)
 	}
-	delete(fam.applied, k)
+	fam.applied.del(k)
 	return nil
 }
 

@@ -395,7 +395,7 @@ func TestRestartKeepsTranslationAndEstablishedConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	current = second
-	if len(second.ids) != 1 || second.ids[backendRef{backend, loadbalancer.TCP}] == 0 {
+	if len(second.ids) != 1 || second.ids[refOf(backend, loadbalancer.TCP)] == 0 {
 		t.Fatalf("adopted backend ids %v, want the one backend", second.ids)
 	}
 	dns := netip.MustParseAddrPort("10.96.0.53:53")
@@ -425,7 +425,7 @@ func TestUpdateAndDeleteKeepBackendsWhileUsed(t *testing.T) {
 		if n4, n6, nb := entries(t, s.sock.PorticoSvc4), entries(t, s.sock.PorticoSvc6), entries(t, s.sock.PorticoBe4)+entries(t, s.sock.PorticoBe6); n4 != svc4 || n6 != svc6 || nb != backends {
 			t.Fatalf("%s: service entries %d+%d, backends %d; want %d+%d, %d", step, n4, n6, nb, svc4, svc6, backends)
 		}
-		if len(s.applied4) != svc4 || len(s.applied6) != svc6 || len(s.ids) != backends {
+		if s.applied4.entries != svc4 || s.applied6.entries != svc6 || len(s.ids) != backends {
 			t.Fatalf("%s: the mirror disagrees with the maps", step)
 		}
 	}

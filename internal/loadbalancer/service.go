@@ -118,6 +118,13 @@ func Frontends(node Node, svc *corev1.Service, endpointSlices []*discoveryv1.End
 	externalLocal := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
 	internalLocal := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
 
+	// Frontends per port: one per ClusterIP, two per node address (NodePort), two per
+	// externalIP and LoadBalancer address. Counted first: the slice is kept, one per Service.
+	perPort := len(clusterIPs) + 2*len(external) + 2*len(lbIPs)
+	if svc.Spec.Type != corev1.ServiceTypeClusterIP {
+		perPort += 2 * len(node.Addresses)
+	}
+	frontends = make([]Frontend, 0, perPort*len(svc.Spec.Ports))
 	for _, port := range svc.Spec.Ports {
 		var proto Protocol
 		switch port.Protocol {
@@ -378,7 +385,7 @@ func PortEndpoints(node Node, svc *corev1.Service, endpointSlices []*discoveryv1
 	forZone := func(e endpoint) bool {
 		return e.hints != nil && slices.ContainsFunc(e.hints.ForZones, func(z discoveryv1.ForZone) bool { return z.Name == node.Zone })
 	}
-	var out Endpoints
+	out := Endpoints{All: make([]Backend, 0, len(eps))}
 	allNodeHints, allZoneHints, anyReady, anyForNode, anyForZone := true, true, false, false, false
 	for _, e := range eps {
 		out.All = append(out.All, e.Backend)

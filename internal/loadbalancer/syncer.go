@@ -1,6 +1,7 @@
 package loadbalancer
 
 import (
+	"bytes"
 	"cmp"
 	"errors"
 	"fmt"
@@ -21,17 +22,33 @@ type Programmer interface {
 	Delete(addr netip.AddrPort, proto Protocol, scope Scope) error
 }
 
-// slot is one frontend entry of the datapath: two Services cannot both have it.
+// slot is one frontend entry of the datapath: two Services cannot both have it. It holds
+// no pointer (netip.Addr has one): the garbage collector does not scan the maps keyed by
+// the slots of 10,000 Services.
 type slot struct {
-	addr  netip.AddrPort
+	addr  [16]byte // IPv4 as IPv4-mapped
+	port  uint16
+	is4   bool
 	proto Protocol
 	scope Scope
 }
 
-func slotOf(f Frontend) slot { return slot{f.Address, f.Protocol, f.Scope} }
+func slotOf(f Frontend) slot {
+	a := f.Address.Addr()
+	return slot{a.As16(), f.Address.Port(), a.Is4(), f.Protocol, f.Scope}
+}
+
+// address is the slot's address and port.
+func (s slot) address() netip.AddrPort {
+	a := netip.AddrFrom16(s.addr)
+	if s.is4 {
+		a = a.Unmap()
+	}
+	return netip.AddrPortFrom(a, s.port)
+}
 
 func (s slot) String() string {
-	return fmt.Sprintf("%s/%s", s.addr, map[Protocol]string{TCP: "TCP", UDP: "UDP"}[s.proto])
+	return fmt.Sprintf("%s/%s", s.address(), map[Protocol]string{TCP: "TCP", UDP: "UDP"}[s.proto])
 }
 
 // Claim is what one Service asks for: its frontends, and its age, which settles conflicts
@@ -139,7 +156,7 @@ func (s *Syncer) Resync(claims []Claim) (incomplete []types.NamespacedName, err 
 		case ca.Service != cb.Service:
 			return 1
 		}
-		return cmp.Or(a.addr.Compare(b.addr), cmp.Compare(a.proto, b.proto), cmp.Compare(a.scope, b.scope))
+		return cmp.Or(bytes.Compare(a.addr[:], b.addr[:]), cmp.Compare(a.port, b.port), cmp.Compare(a.proto, b.proto), cmp.Compare(a.scope, b.scope))
 	})
 	all := make([]Frontend, len(keys))
 	for i, k := range keys {
@@ -202,7 +219,7 @@ func (s *Syncer) Set(c Claim) (lost []string, affected []types.NamespacedName, e
 			if _, had := s.programmed[k]; !had {
 				continue
 			}
-			if err := s.dp.Delete(k.addr, k.proto, k.scope); err != nil {
+			if err := s.dp.Delete(k.address(), k.proto, k.scope); err != nil {
 				errs = append(errs, fmt.Errorf("delete %s: %w", k, err))
 				continue
 			}
