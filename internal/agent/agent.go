@@ -262,10 +262,10 @@ func keepWhatIsRead(obj any) (any, error) {
 	if es, ok := obj.(*discoveryv1.EndpointSlice); ok {
 		// Only the Service's name is read of the labels (the cache's index), nothing of
 		// the owner.
-		if name, ok := es.Labels[discoveryv1.LabelServiceName]; ok {
-			es.Labels = map[string]string{discoveryv1.LabelServiceName: name}
-		} else {
+		if name, ok := es.Labels[discoveryv1.LabelServiceName]; !ok {
 			es.Labels = nil
+		} else if len(es.Labels) > 1 {
+			es.Labels = map[string]string{discoveryv1.LabelServiceName: name}
 		}
 		es.OwnerReferences = nil
 		for i := range es.Endpoints {

@@ -125,8 +125,9 @@ func BenchmarkAgentSync(b *testing.B) {
 	}
 	agent := exec.Command(bin, "--node-name=bench-node", "--cgroup-root="+pair.Cgroup, "--bpffs="+nstest.BPFFS(b),
 		"--metrics-bind-address="+metricsAddr, "--health-probe-bind-address="+probeAddr, "--zap-log-level=error", "--profiling")
-	// As deployed (internal/controller/agentds): a soft memory limit under the container's.
-	agent.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig, "GOMEMLIMIT="+agentds.MemoryLimit)
+	// As deployed (internal/controller/agentds): a soft memory limit under the container's
+	// (BENCH_AGENT_GOMEMLIMIT tries another).
+	agent.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig, "GOMEMLIMIT="+cmp.Or(os.Getenv("BENCH_AGENT_GOMEMLIMIT"), agentds.MemoryLimit))
 	agent.Stderr = os.Stderr
 	t0 = time.Now()
 	if err := agent.Start(); err != nil {
