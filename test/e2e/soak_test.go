@@ -29,8 +29,10 @@ import (
 // restarted, a node cut off from the API server and back. After each change settles it
 // checks the invariants: no address is held by two Services; every Service answers from
 // the client through each of its addresses and through every node's NodePort, from one
-// of its endpoints, within wait.Timeout; every NodeAgent is Ready with every Service
-// programmed. A client meanwhile dials every Service continuously; its failures are
+// of its endpoints; every NodeAgent is Ready with every Service
+// programmed. The bound is settle (75 s), not wait.Timeout: an agent cut off from the API
+// server again and again resumes its watches when client-go's backoff says, which grows
+// with each failed attempt up to 30 s. A client meanwhile dials every Service continuously; its failures are
 // counted, not asserted (a change takes the time it takes). node-3's agent is never
 // restarted: its goroutines and memory at the end are checked against the first settle.
 // SOAK_SEED replays a run.
@@ -244,12 +246,16 @@ func (s *soak) cutNode(t *testing.T) string {
 	return fmt.Sprintf("%s cut off from the API server while %s, and back", s.c.net.Nodes[i].Name, what)
 }
 
-// check waits for the invariants to hold (each within wait.Timeout).
+// settle bounds how long each invariant may take to hold again after a change: the
+// change's own propagation, plus up to 30 s of a cut-off agent's watch backoff.
+const settle = 75 * time.Second
+
+// check waits for the invariants to hold (each within settle).
 func (s *soak) check(t *testing.T) {
 	t.Helper()
 	ctx := context.Background()
 	services := map[string]*corev1.Service{}
-	wait.For(t, "every Service with an address per family, none held twice", func() error {
+	wait.Within(t, settle, "every Service with an address per family, none held twice", func() error {
 		var list corev1.ServiceList
 		if err := s.c.c.List(ctx, &list, client.InNamespace("default")); err != nil {
 			return err
@@ -275,7 +281,7 @@ func (s *soak) check(t *testing.T) {
 		return nil
 	})
 	for _, node := range s.c.net.Nodes {
-		wait.For(t, node.Name+"'s NodeAgent Ready with every Service", func() error {
+		wait.Within(t, settle, node.Name+"'s NodeAgent Ready with every Service", func() error {
 			var agent lbv1.NodeAgent
 			if err := s.c.c.Get(ctx, client.ObjectKey{Name: node.Name}, &agent); err != nil {
 				return err
@@ -302,7 +308,7 @@ func (s *soak) check(t *testing.T) {
 				targets = append(targets, netip.AddrPortFrom(node.IPs[f], uint16(svc.Spec.Ports[0].NodePort)))
 			}
 			for _, to := range targets {
-				wait.For(t, fmt.Sprintf("%s through %s", name, to), func() error {
+				wait.Within(t, settle, fmt.Sprintf("%s through %s", name, to), func() error {
 					answer, err := s.c.dial(netip.AddrPort{}, to)
 					if err != nil {
 						return err

@@ -15,8 +15,14 @@ const Timeout = 30 * time.Second
 // error when it has not within Timeout.
 func For(t testing.TB, what string, check func() error) {
 	t.Helper()
+	Within(t, Timeout, what, check)
+}
+
+// Within is For with another time limit, for what has a bound of its own to wait out.
+func Within(t testing.TB, limit time.Duration, what string, check func() error) {
+	t.Helper()
 	var err error
-	for deadline := time.Now().Add(Timeout); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(limit); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if err = check(); err == nil {
 			return
 		}
