@@ -223,8 +223,10 @@ func (m *Members) send(last bool) {
 	}
 	m.mu.Lock()
 	hb := heartbeat{name: m.cfg.Self, ready: m.ready && !last, leaving: last, signed: m.cfg.Key != nil, Peer: m.self}
-	if last && m.hold > 0 {
-		hb.ready, hb.leaving, hb.hold = m.ready, false, m.hold
+	if last && m.hold > 0 && m.ready {
+		// Only an agent that served asks its peers to keep it: one that never became
+		// ready has nothing to hold.
+		hb.ready, hb.leaving, hb.hold = true, false, m.hold
 	}
 	msg := encode(hb)
 	m.stamp = max(m.stamp+1, uint64(time.Now().UnixNano()))
@@ -297,7 +299,7 @@ func (m *Members) heard(b []byte, from netip.Addr) {
 		p.seen = now
 	default:
 		p.seen, p.ready, p.Peer, p.heldUntil = now, hb.ready, hb.Peer, time.Time{}
-		if hb.hold > 0 {
+		if hb.hold > 0 && hb.ready {
 			p.heldUntil = now.Add(hb.hold)
 		}
 	}

@@ -365,3 +365,17 @@ func TestKeyRotationKeepsPeersHeard(t *testing.T) {
 		})
 	}
 }
+
+// An agent that stops before it was ever ready leaves at once, whatever hold it was given:
+// it served nothing its peers should keep for it.
+func TestNeverReadyPeerIsNotHeld(t *testing.T) {
+	g := startGroup(t, 2, testKey)
+	g.m[0].SetSelf(true, Peer{})
+	g.waitLive(t, 1, map[string][]netip.Addr{"node-1": nil})
+	g.m[1].RestartOnStop(time.Minute)
+	g.stop(t, 1)
+	time.Sleep(300 * time.Millisecond) // three times DeadAfter
+	if got := g.m[0].Live(); len(got) != 0 {
+		t.Fatalf("node-1 sees %v live after node-2, never ready, stopped", got)
+	}
+}
