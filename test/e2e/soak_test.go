@@ -334,6 +334,8 @@ func (s *soak) probe(t *testing.T) (stop func() (dials, failed int, longest time
 		defer wg.Done()
 		failingSince := map[netip.AddrPort]time.Time{}
 		for {
+			// An address no Service holds any more has no run of failures going on.
+			dialed := map[netip.AddrPort]bool{}
 			for _, name := range s.names() {
 				select {
 				case <-done:
@@ -346,6 +348,7 @@ func (s *soak) probe(t *testing.T) (stop func() (dials, failed int, longest time
 				}
 				for _, a := range loadbalancer.IngressIPs(&svc) {
 					to := netip.AddrPortFrom(a, 80)
+					dialed[to] = true
 					conn, err := s.c.connectWithin(netip.AddrPort{}, to, 500*time.Millisecond)
 					if err == nil {
 						_, err = exchange(conn)
@@ -361,6 +364,11 @@ func (s *soak) probe(t *testing.T) (stop func() (dials, failed int, longest time
 					} else {
 						delete(failingSince, to)
 					}
+				}
+			}
+			for a := range failingSince {
+				if !dialed[a] {
+					delete(failingSince, a)
 				}
 			}
 			time.Sleep(100 * time.Millisecond)
