@@ -87,8 +87,22 @@ type Speaker struct {
 	told      notice.Last[types.NamespacedName]
 }
 
+// addressedIndex indexes the Services that have LoadBalancer addresses: the only ones the
+// speaker reads, so that a sync costs what the LoadBalancer Services cost, not every
+// Service of the cluster (a list copies each).
+const addressedIndex = "portico.l2.addressed"
+
 // New returns a speaker reading mgr's cache; add it to mgr to run it.
 func New(mgr ctrl.Manager, c Config) (*Speaker, error) {
+	err := mgr.GetFieldIndexer().IndexField(context.Background(), &corev1.Service{}, addressedIndex, func(obj client.Object) []string {
+		if svc := obj.(*corev1.Service); svc.Spec.Type == corev1.ServiceTypeLoadBalancer && len(svc.Status.LoadBalancer.Ingress) > 0 {
+			return []string{"true"}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("index Services with LoadBalancer addresses: %w", err)
+	}
 	rejected := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portico_l2_heartbeats_rejected_total",
 		Help: "Heartbeats from a peer's address refused: unauthenticated (not signed), forged (signed with another key) or stale (replayed)."},
 		[]string{"reason"})
@@ -303,10 +317,13 @@ func (s *Speaker) inputs(ctx context.Context) (announce.Inputs, error) {
 	var pools lbv1.LBPoolList
 	var services corev1.ServiceList
 	var nodes corev1.NodeList
-	for _, l := range []client.ObjectList{&pools, &services, &nodes} {
+	for _, l := range []client.ObjectList{&pools, &nodes} {
 		if err := s.client.List(ctx, l); err != nil {
 			return announce.Inputs{}, fmt.Errorf("list for L2 announcement: %w", err)
 		}
+	}
+	if err := s.client.List(ctx, &services, client.MatchingFields{addressedIndex: "true"}); err != nil {
+		return announce.Inputs{}, fmt.Errorf("list LoadBalancer Services for L2 announcement: %w", err)
 	}
 	in := announce.Inputs{Pools: poolconfig.Parse(pools.Items), ProxyName: s.ProxyName,
 		Slices: map[types.NamespacedName][]*discoveryv1.EndpointSlice{}}
