@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
-	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -78,17 +77,7 @@ func main() {
 	}
 	got := dp.Capacity()
 	log.Info("Loaded the datapath", "serviceEntries", got.ServiceEntries, "backends", got.Backends, "conntrack", got.Conntrack)
-	// The packet layer's flow table: its fill level, counted at each scrape.
-	crmetrics.Registry.MustRegister(
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_entries",
-			Help: "Entries of confirmed flows in the packet layer's conntrack table (two per flow), counted at each scrape."},
-			func() float64 { n, _, _ := dp.ConntrackEntries(); return float64(n) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_new_entries",
-			Help: "Entries of flows not confirmed yet (no reply past the handshake), in their own table of a quarter of the conntrack size."},
-			func() float64 { _, n, _ := dp.ConntrackEntries(); return float64(n) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "portico_agent_conntrack_capacity",
-			Help: "Size of the packet layer's conntrack table (--conntrack-size, or the pinned table's)."},
-			func() float64 { return float64(got.Conntrack) }))
+	crmetrics.Registry.MustRegister(newConntrackCollector(dp, got.Conntrack))
 	differs := func(asked, got uint32) bool { return asked != 0 && asked != got }
 	if differs(size.ServiceEntries, got.ServiceEntries) || differs(size.Backends, got.Backends) || differs(size.ConntrackSize, got.Conntrack) {
 		log.Info("The node's pinned maps keep the sizes they were made with; uninstall Portico from the node to change them",

@@ -161,18 +161,27 @@ func (d *Datapath) load(opts Options) error {
 func makeMaps(specs map[string]*ebpf.MapSpec) (map[string]*ebpf.Map, error) {
 	maps := map[string]*ebpf.Map{}
 	for name, ms := range specs {
-		fresh := ms.Copy()
-		fresh.Pinning = ebpf.PinNone
-		m, err := ebpf.NewMap(fresh)
+		m, err := newMap(name, ms)
 		if err != nil {
 			for _, m := range maps {
 				m.Close()
 			}
-			return nil, fmt.Errorf("make map %s: %w", name, err)
+			return nil, err
 		}
 		maps[name] = m
 	}
 	return maps, nil
+}
+
+// newMap makes a map of spec ms without pinning it (its caller pins it, or not).
+func newMap(name string, ms *ebpf.MapSpec) (*ebpf.Map, error) {
+	fresh := ms.Copy()
+	fresh.Pinning = ebpf.PinNone
+	m, err := ebpf.NewMap(fresh)
+	if err != nil {
+		return nil, fmt.Errorf("make map %s: %w", name, err)
+	}
+	return m, nil
 }
 
 // Capacity is what a loaded datapath's maps hold, per family for the first two.

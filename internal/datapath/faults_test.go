@@ -211,21 +211,29 @@ func applyWhatFits(t *testing.T, size Options) {
 // A node keeps the map sizes its pins were made with: an agent asking for others (a new
 // default, another flag) loads, adopts what is pinned, and says what it holds; after an
 // uninstall the sizes asked for apply.
-func TestPinnedMapsKeepTheirSize(t *testing.T) {
-	nstest.NeedRoot(t, "loads BPF programs")
-	pins := filepath.Join(nstest.BPFFS(t), "node")
-	d, err := Load(Options{PinDir: pins, ServiceEntries: 1024, Backends: 512, ConntrackSize: 2048})
+// leavePinned loads a datapath with opts, programs one ClusterIP frontend with one backend,
+// and closes it: its pins stay, as an agent leaves them when it stops.
+func leavePinned(t *testing.T, opts Options) (vip, backend netip.AddrPort) {
+	t.Helper()
+	d, err := Load(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	vip, backend := netip.MustParseAddrPort("10.96.0.1:80"), netip.MustParseAddrPort("10.0.0.1:80")
+	vip, backend = netip.MustParseAddrPort("10.96.0.1:80"), netip.MustParseAddrPort("10.0.0.1:80")
 	if err := d.Apply([]loadbalancer.Frontend{internal(vip, loadbalancer.TCP, backend)}); err != nil {
 		t.Fatal(err)
 	}
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	d, err = Load(Options{PinDir: pins})
+	return vip, backend
+}
+
+func TestPinnedMapsKeepTheirSize(t *testing.T) {
+	nstest.NeedRoot(t, "loads BPF programs")
+	pins := filepath.Join(nstest.BPFFS(t), "node")
+	vip, backend := leavePinned(t, Options{PinDir: pins, ServiceEntries: 1024, Backends: 512, ConntrackSize: 2048})
+	d, err := Load(Options{PinDir: pins})
 	if err != nil {
 		t.Fatalf("an agent with other sizes than the pins: %v", err)
 	}

@@ -575,7 +575,7 @@ func deleteUnlisted[K comparable, B any, R any](d *Datapath, fam family[K, B, R]
 	}
 	// A slot whose frontend entry is gone (a delete that failed halfway) goes too.
 	unlisted := map[K]bool{}
-	for head := range fam.applied.heads() {
+	for head := range fam.applied.frontends {
 		if !listed[head] {
 			unlisted[head] = true
 		}

@@ -1,12 +1,12 @@
 package datapath
 
-import "iter"
-
 // mirror is what one family's service map holds, as the tables wrote it, grouped by
 // frontend: its entry (slot 0) and the backend numbers its slots 1..n name. One Go map
 // entry per frontend rather than per slot: at 10 backends a frontend, a fifth of the
 // memory (docs/benchmarks.md, the agent at 10,000 LoadBalancer Services).
 type mirror[K comparable] struct {
+	// frontends are keyed by their entry's key (slot 0), whether that entry is there or
+	// not (a delete that failed halfway leaves slots).
 	frontends map[K]*mirrored
 	entries   int // service map entries, slots included
 	slot      func(K) uint16
@@ -75,17 +75,5 @@ func (m *mirror[K]) del(k K) {
 	}
 	if !f.hasHead && len(f.slots) == 0 {
 		delete(m.frontends, head)
-	}
-}
-
-// heads are the frontends with any entry, their slot-0 keys (the entry itself may be gone:
-// a delete that failed halfway).
-func (m *mirror[K]) heads() iter.Seq[K] {
-	return func(yield func(K) bool) {
-		for k := range m.frontends {
-			if !yield(k) {
-				return
-			}
-		}
 	}
 }

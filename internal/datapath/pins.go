@@ -100,7 +100,11 @@ func openMaps(dir string, specs map[string]*ebpf.MapSpec) (set pinSet, err error
 	for _, e := range entries {
 		present = append(present, e.Name())
 	}
-	pin := func(name string) string { return name + "-" + layout(specs[name]) }
+	pins := map[string]string{} // each map's pin name: its name and layout
+	for name, ms := range specs {
+		pins[name] = name + "-" + layout(ms)
+	}
+	pin := func(name string) string { return pins[name] }
 	// Adopt every map pinned with our layout; a service-state map missing rebuilds the set.
 	adopted := map[string]*ebpf.Map{}
 	for name := range specs {
@@ -125,10 +129,8 @@ func openMaps(dir string, specs map[string]*ebpf.MapSpec) (set pinSet, err error
 	for name, ms := range specs {
 		m := adopted[name]
 		if m == nil {
-			fresh := ms.Copy()
-			fresh.Pinning = ebpf.PinNone
-			if m, err = ebpf.NewMap(fresh); err != nil {
-				return set, fmt.Errorf("make map %s: %w", name, err)
+			if m, err = newMap(name, ms); err != nil {
+				return set, err
 			}
 			if err := m.Pin(filepath.Join(dir, pin(name))); err != nil {
 				return set, errors.Join(fmt.Errorf("pin map %s: %w", name, err), m.Close())

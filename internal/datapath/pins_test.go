@@ -10,7 +10,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 
-	"github.com/portico-dev/portico/internal/loadbalancer"
 	"github.com/portico-dev/portico/test/harness/nstest"
 )
 
@@ -50,17 +49,7 @@ func TestLayoutFollowsKeyAndValueTypes(t *testing.T) {
 func TestBarePinsAreAdopted(t *testing.T) {
 	nstest.NeedRoot(t, "loads BPF programs")
 	pins := filepath.Join(nstest.BPFFS(t), "node")
-	d, err := Load(Options{PinDir: pins})
-	if err != nil {
-		t.Fatal(err)
-	}
-	vip, backend := netip.MustParseAddrPort("10.96.0.1:80"), netip.MustParseAddrPort("10.0.0.1:80")
-	if err := d.Apply([]loadbalancer.Frontend{internal(vip, loadbalancer.TCP, backend)}); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.Close(); err != nil {
-		t.Fatal(err)
-	}
+	vip, backend := leavePinned(t, Options{PinDir: pins})
 	entries, err := os.ReadDir(pins)
 	if err != nil {
 		t.Fatal(err)
@@ -72,7 +61,7 @@ func TestBarePinsAreAdopted(t *testing.T) {
 			}
 		}
 	}
-	d, err = Load(Options{PinDir: pins})
+	d, err := Load(Options{PinDir: pins})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -285,7 +285,6 @@ func (s *Speaker) event(ctx context.Context, name types.NamespacedName, kind, re
 	s.recorder.Event(&svc, kind, reason, msg)
 }
 
-// inputs reads what the decision needs from the cache.
 // setPeers tells the heartbeats where every other agent is, from the Nodes.
 func (s *Speaker) setPeers(ctx context.Context) error {
 	var nodes corev1.NodeList
@@ -313,6 +312,7 @@ func (s *Speaker) peers(nodes []*corev1.Node) (self *corev1.Node) {
 	return self
 }
 
+// inputs reads what the decision needs from the cache.
 func (s *Speaker) inputs(ctx context.Context) (announce.Inputs, error) {
 	var pools lbv1.LBPoolList
 	var services corev1.ServiceList

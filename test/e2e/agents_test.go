@@ -23,7 +23,6 @@ import (
 	lbv1 "github.com/portico-dev/portico/apis/lb/v1alpha1"
 	"github.com/portico-dev/portico/internal/datapath"
 	"github.com/portico-dev/portico/test/harness/lab"
-	"github.com/portico-dev/portico/test/harness/nstest"
 	"github.com/portico-dev/portico/test/harness/wait"
 )
 
@@ -532,28 +531,34 @@ func (c *cluster) apiDown(t *testing.T) {
 	reach(t, c.web[2])
 }
 
+// agentGet asks one of the agent's endpoints in the node's namespace (addr) for path, and
+// returns the status line and the body. The socket is made on a thread in the node's
+// namespace (http.Get would dial from another); HTTP/1.0, so that the agent closes it after
+// the response.
+func agentGet(node *lab.Node, addr, path string) (status, body string, err error) {
+	var conn net.Conn
+	if err := lab.In(node.NS, func() (err error) { conn, err = net.Dial("tcp", addr); return err }); err != nil {
+		return "", "", err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(conn, "GET "+path+" HTTP/1.0\r\nHost: agent\r\n\r\n"); err != nil {
+		return "", "", err
+	}
+	b, err := io.ReadAll(conn)
+	status, body, _ = strings.Cut(string(b), "\r\n")
+	return status, body, err
+}
+
 // agentMetric reads a gauge from the metrics the node's agent serves on 127.0.0.1:9090 in
 // the node's namespace.
 func agentMetric(t *testing.T, node *lab.Node, name string) float64 {
 	t.Helper()
-	// The socket is made on a thread in the node's namespace (http.Get would dial from
-	// another); HTTP/1.0, so that the agent closes it after the response.
-	var conn net.Conn
-	var err error
-	nstest.Enter(t, node.NS)(func() { conn, err = net.Dial("tcp", "127.0.0.1:9090") })
+	_, body, err := agentGet(node, "127.0.0.1:9090", "/metrics")
 	if err != nil {
 		t.Fatalf("%s: scrape the agent: %v", node.Name, err)
 	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-	var body []byte
-	if _, err = io.WriteString(conn, "GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n"); err == nil {
-		body, err = io.ReadAll(conn)
-	}
-	if err != nil {
-		t.Fatalf("%s: scrape the agent: %v", node.Name, err)
-	}
-	for _, line := range strings.Split(string(body), "\n") {
+	for _, line := range strings.Split(body, "\n") {
 		if v, ok := strings.CutPrefix(line, name+" "); ok {
 			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
 			if err != nil {

@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 
@@ -92,12 +91,9 @@ func (c *cluster) upgrade(t *testing.T) {
 					t.Fatal(err)
 				}
 				held(t, node.Name+"'s agent stopped")
-				if err := c.lab.StartAgent(i, version.args...); err != nil {
-					t.Fatal(err)
-				}
 				// As a DaemonSet's rolling update does (maxUnavailable 1), the next node
 				// waits until this one's agent is ready.
-				wait.For(t, node.Name+"'s agent to be ready", func() error { return agentReady(node) })
+				c.restartAgent(t, i, version.args...)
 				wait.For(t, node.Name+"'s maps to swap to the new layout", func() error {
 					if now := c.maglevPins(t, i); len(now) != 1 || slices.Equal(now, before) {
 						return fmt.Errorf("Maglev pins %v (before: %v)", now, before)
@@ -124,27 +120,11 @@ func (c *cluster) upgrade(t *testing.T) {
 
 // agentReady asks a node's agent for /readyz, as the kubelet's readiness probe does.
 func agentReady(node *lab.Node) error {
-	var conn net.Conn
-	err := lab.In(node.NS, func() (err error) {
-		conn, err = net.Dial("tcp", "127.0.0.1:9091")
-		return err
-	})
-	if err != nil {
-		return err
+	status, _, err := agentGet(node, "127.0.0.1:9091", "/readyz")
+	if err == nil && !strings.Contains(status, " 200 ") {
+		err = fmt.Errorf("readyz: %s", status)
 	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
-	if _, err := io.WriteString(conn, "GET /readyz HTTP/1.0\r\nHost: agent\r\n\r\n"); err != nil {
-		return err
-	}
-	status, err := bufio.NewReader(conn).ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if !strings.Contains(status, " 200 ") {
-		return fmt.Errorf("readyz: %s", strings.TrimSpace(status))
-	}
-	return nil
+	return err
 }
 
 // maglevPins lists node i's pins of the Maglev map, one per layout.
